@@ -1,0 +1,119 @@
+"""The one checkpoint format: atomic save, verified load, discovery of a run's checkpoints.
+
+A checkpoint is a single `torch.save` file holding plain data only (tensors, dicts, numbers,
+strings), so it loads with `weights_only=True`:
+  format, format_version, gptkit_version
+  config      the fully resolved RunConfig, as a dict
+  tokenizer   the tokenizer description (rebuilt with gptkit.tokenizer.from_description)
+  model       the model's state_dict, without wrapper prefixes (_orig_mod., module.)
+  progress    counters such as step and tokens seen
+  state       everything else a resume needs (optimiser, schedule, loader, RNG, ...)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import gptkit
+from gptkit.errors import GptkitError
+
+FORMAT = "gptkit-checkpoint"
+FORMAT_VERSION = 1
+SUFFIX = ".pt"
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def clean_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    """Strip the prefixes torch.compile and DDP add, so any checkpoint loads into a plain model."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        out[key] = value
+    return out
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model_state: dict[str, Any],
+    config: dict[str, Any],
+    tokenizer: dict[str, Any],
+    progress: dict[str, Any] | None = None,
+    state: dict[str, Any] | None = None,
+) -> Path:
+    """Write atomically: temporary file, fsync, rename. A crash at any moment leaves the old file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "gptkit_version": gptkit.__version__,
+        "config": config,
+        "tokenizer": tokenizer,
+        "model": clean_state_dict(model_state),
+        "progress": progress or {},
+        "state": state or {},
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and verify; a missing, truncated or foreign file is a one-line error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise GptkitError(f"checkpoint {str(path)!r} not found; pass a checkpoint file or a run folder")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for damaged files
+        first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise GptkitError(
+            f"checkpoint {str(path)!r} is corrupt or truncated ({first}); use another one"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise GptkitError(
+            f"{str(path)!r} is not a gptkit checkpoint; import foreign weights with gptkit import"
+        )
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise GptkitError(
+            f"checkpoint {str(path)!r} has format version {payload.get('format_version')}, "
+            f"this gptkit reads version {FORMAT_VERSION}; use a matching gptkit version"
+        )
+    return payload
+
+
+def run_checkpoints(run: str | Path) -> list[Path]:
+    """A run folder's checkpoint files, oldest first (by their recorded order in the name, then time)."""
+    folder = Path(run) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    files = [p for p in folder.iterdir() if p.suffix == SUFFIX and not p.name.startswith(".")]
+    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def is_run(path: str | Path) -> bool:
+    return (Path(path) / "checkpoints").is_dir()

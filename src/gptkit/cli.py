@@ -1,0 +1,133 @@
+"""`gptkit <command>`: argument parsing only; every command calls the Python API.
+
+Each command is a pair of functions, `add_<command>` (its arguments) and `run_<command>` (the
+call into gptkit.api), registered in COMMANDS; a new command adds one pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from gptkit.config import PrepareConfig
+from gptkit.errors import GptkitError
+
+
+class Formatter(argparse.HelpFormatter):
+    """Shows every option's default, including options given no help text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        shown = action.default not in (None, argparse.SUPPRESS) and not action.required
+        if shown and "%(default)" not in help_text and action.option_strings:
+            help_text += " (default: %(default)s)"
+        return help_text.strip()
+
+
+def _default(field: str) -> Any:
+    return PrepareConfig.model_fields[field].default
+
+
+def add_prepare(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "sources",
+        nargs="*",
+        metavar="SOURCE",
+        help="text files, folders, .jsonl/.parquet files or hf:NAME[:CONFIG][@SPLIT]; "
+        "none: Python's documentation (built in)",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for shards and meta.json")
+    p.add_argument(
+        "--tokenizer", choices=["gpt2", "char", "bpe"], default=_default("tokenizer"), help="tokenizer to use"
+    )
+    p.add_argument("--vocab-size", type=int, default=None, help="bpe vocabulary size (default: 8192)")
+    p.add_argument("--text-field", default=_default("text_field"), help="text field of .jsonl/.parquet rows")
+    p.add_argument(
+        "--val-fraction", type=float, default=_default("val_fraction"), help="share of documents in val"
+    )
+    p.add_argument("--seed", type=int, default=_default("seed"), help="seed of the train/val split")
+    p.add_argument("--workers", type=int, default=_default("workers"), help="tokenizer processes")
+    p.add_argument("--shard-tokens", type=int, default=_default("shard_tokens"), help="tokens per shard")
+    p.add_argument("--skip-bad", action="store_true", help="count and skip bad documents instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="replace existing prepared data in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from gptkit.api import prepare
+
+    settings = dict(
+        tokenizer=args.tokenizer,
+        text_field=args.text_field,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        workers=args.workers,
+        shard_tokens=args.shard_tokens,
+        skip_bad=args.skip_bad,
+    )
+    if args.vocab_size is not None:
+        settings["vocab_size"] = args.vocab_size
+    prepare(args.sources, args.out, overwrite=args.overwrite, progress=not args.no_progress, **settings)
+    return 0
+
+
+def add_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "target",
+        metavar="PRESET|RUN|CHECKPOINT",
+        help="a preset name, run folder, checkpoint, prepared data folder or config file",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from gptkit.api import info
+    from gptkit.describe import format_info
+
+    result = info(args.target)
+    print(json.dumps(result, indent=1) if args.json else format_info(result))
+    return 0
+
+
+COMMANDS: dict[
+    str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+] = {
+    "prepare": ("tokenize text into token shards for training", add_prepare, run_prepare),
+    "info": ("describe a preset, run, checkpoint, prepared data or config", add_info, run_info),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gptkit import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="gptkit",
+        description="Train GPT-2-style language models from scratch and put them to use.",
+        formatter_class=Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"gptkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=Formatter)
+        add(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except GptkitError as e:
+        print(f"gptkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gptkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

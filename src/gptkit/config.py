@@ -1,0 +1,219 @@
+"""Typed configuration: pydantic schemas, YAML files, dotted command-line overrides and presets.
+
+Every value is validated before any work starts; errors name the dotted key and, for a typo,
+the closest valid key. Configs are data (YAML), never code.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gptkit.errors import GptkitError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# GPT-2's published shapes, and small shapes that train in minutes on a laptop CPU.
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+}
+GPT2_VOCAB_SIZE = 50257
+
+
+class ModelConfig(Section):
+    """Shape of the GPT; `preset` fills in the shape fields that are not given explicitly."""
+
+    preset: str | None = Field(None, description="one of " + ", ".join(MODEL_PRESETS))
+    n_layer: int = Field(6, ge=1, le=256)
+    n_head: int = Field(6, ge=1, le=256)
+    n_embd: int = Field(384, ge=1, le=65536)
+    block_size: int = Field(256, ge=1, le=1_048_576, description="context length in tokens")
+    vocab_size: int | None = Field(None, ge=1, description="None: taken from the data's tokenizer")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: bool = Field(True, description="biases in Linear and LayerNorm layers, as in GPT-2")
+    pad_vocab_multiple: int = Field(64, ge=1, description="embedding rows padded for fast matmuls")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            name = data["preset"]
+            if name not in MODEL_PRESETS:
+                raise ValueError(f"unknown preset {name!r}{did_you_mean(str(name), MODEL_PRESETS)}")
+            data = {**MODEL_PRESETS[name], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+    @property
+    def padded_vocab_size(self) -> int:
+        if self.vocab_size is None:
+            raise GptkitError("model.vocab_size is not set; set it or take it from the data's tokenizer")
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+
+class DataConfig(Section):
+    """Where the prepared token shards are (a folder written by `gptkit prepare`)."""
+
+    path: str = Field("data/default", description="folder with meta.json and token shards")
+
+
+class PrepareConfig(Section):
+    """Settings of `gptkit prepare`; saved in the prepared data's meta.json."""
+
+    tokenizer: Literal["gpt2", "char", "bpe"] = "gpt2"
+    vocab_size: int | None = Field(None, ge=260, le=4_294_967_295, description="bpe only")
+    text_field: str = Field("text", min_length=1, description="field of .jsonl/.parquet/HF rows")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 1337
+    workers: int = Field(2, ge=1, le=512)
+    shard_tokens: int = Field(100_000_000, ge=1024, description="tokens per shard file at most")
+    skip_bad: bool = Field(False, description="count and skip bad documents instead of stopping")
+
+    @model_validator(mode="after")
+    def _vocab_only_for_bpe(self) -> PrepareConfig:
+        if self.tokenizer == "bpe" and self.vocab_size is None:
+            self.__dict__["vocab_size"] = 8192
+        if self.tokenizer != "bpe" and self.vocab_size is not None:
+            raise ValueError(f"vocab_size applies to the bpe tokenizer only, not to {self.tokenizer!r}")
+        return self
+
+
+class RunConfig(Section):
+    """A whole run: the unit saved with every run folder and checkpoint."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
+T = TypeVar("T", bound=BaseModel)
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overriding, reporting errors
+
+
+def did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _fields_at(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) section that `loc` points into, for typo suggestions."""
+    for part in loc:
+        field = schema.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        schema = ann
+    return list(schema.model_fields)
+
+
+def format_validation_error(err: ValidationError, schema: type[BaseModel], source: str) -> str:
+    """One line per problem, each naming the dotted key; joined into a single message."""
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            hint = did_you_mean(str(loc[-1]), _fields_at(schema, loc[:-1]))
+            problems.append(f"unknown key {key!r}{hint}")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {msg}{shown}")
+    return f"invalid config in {source}: " + "; ".join(problems)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=1` strings → nested dict; values are parsed as YAML scalars (so 4 is an int)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise GptkitError(f"override {item!r} is not of the form key=value (e.g. model.n_layer=4)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise GptkitError(f"override {item!r} conflicts with an earlier override of {part!r}")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; `extra` wins. Non-dict values replace whole subtrees."""
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise GptkitError(f"config file {str(path)!r} not found; pass a YAML file such as configs/tiny.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GptkitError(f"config file {str(path)!r} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise GptkitError(
+            f"config file {str(path)!r} must hold a mapping of sections, not {type(data).__name__}"
+        )
+    return data
+
+
+def validate(schema: type[T], data: dict[str, Any], source: str = "config") -> T:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise GptkitError(format_validation_error(e, schema, source)) from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    schema: type[T] = RunConfig,  # type: ignore[assignment]
+) -> T:
+    """YAML file (optional) + dotted overrides → validated config of `schema`."""
+    data = read_yaml(path) if path is not None else {}
+    data = merge(data, parse_overrides(overrides or []))
+    source = str(path) if path is not None else "overrides"
+    return validate(schema, data, source)
+
+
+def to_yaml(config: BaseModel) -> str:
+    """The fully resolved config, as saved with runs and checkpoints."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data: sources, preparation into token shards, and readers of prepared data."""

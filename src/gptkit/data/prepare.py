@@ -1,0 +1,379 @@
+"""`gptkit prepare`: text sources → token shards + meta.json, streamed and in parallel.
+
+The pipeline: sources stream pieces (documents or chunks of large files); each piece is put in
+train or val by a seeded hash of its key; batches of pieces go to worker processes that
+tokenize them; the main process appends the tokens to bounded shard files. At most a few
+batches are in flight, so memory stays flat however large the corpus is.
+
+Everything is written to a hidden `.NAME.partial-PID` folder beside the output and renamed into
+place only when complete (meta.json last), so an interrupted run leaves nothing that a later run
+or a loader would take for finished output.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from tqdm import tqdm
+
+import gptkit
+from gptkit.config import PrepareConfig
+from gptkit.console import notice
+from gptkit.data.shards import FORMAT, FORMAT_VERSION, SPLITS, shard_name, token_dtype
+from gptkit.data.sources import Piece, SkipLog, Source, resolve_sources
+from gptkit.errors import GptkitError
+from gptkit.tokenizer import (
+    BPETokenizer,
+    CharTokenizer,
+    GPT2Tokenizer,
+    Tokenizer,
+    from_description,
+    gpt2_tokenizer,
+)
+
+BATCH_CHARS = 1 << 20  # characters sent to a worker at a time
+INFLIGHT_PER_WORKER = 3  # batches queued per worker: enough to keep it busy, bounded memory
+
+Batch = tuple[list[str], list[bool], list[bool]]  # texts, ends-of-document, is-val
+
+
+def prepare_data(
+    specs: list[str], out: Path, config: PrepareConfig, *, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    sources = resolve_sources(specs)
+    final = _check_output(out, overwrite)
+    skips = SkipLog(config.skip_bad)
+    tokenizer = _build_tokenizer(sources, config, skips, progress)
+    dtype = token_dtype(tokenizer.vocab_size)
+
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    _remove_stale_partials(out)
+    tmp.mkdir(parents=True)
+    try:
+        writers = {split: ShardWriter(tmp, split, dtype, config.shard_tokens) for split in SPLITS}
+        skips = SkipLog(config.skip_bad)  # count again: the tokenizer pass saw the same documents
+        pieces = _split_pieces(sources, config, skips)
+        batches = _batches(pieces)
+        with tqdm(desc="prepare", unit="tok", unit_scale=True, disable=not progress, smoothing=0.1) as bar:
+            for train, val, n_train, n_val in _tokenize(batches, tokenizer, dtype, config.workers):
+                writers["train"].write(train, n_train)
+                writers["val"].write(val, n_val)
+                bar.update(len(train) + len(val))
+                bar.set_postfix(docs=writers["train"].documents + writers["val"].documents, refresh=False)
+        splits = {split: w.close() for split, w in writers.items()}
+        _check_nonempty(splits, sources)
+        meta = _meta(tokenizer, dtype, splits, sources, config, skips)
+        if tokenizer.kind == "bpe":
+            (tmp / "tokenizer.json").write_text(tokenizer.describe()["hf_json"], encoding="utf-8")
+        _write_json_durably(tmp / "meta.json", meta)
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _report(meta, skips, final)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folder
+
+
+def _check_output(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not out.is_dir():
+        raise GptkitError(f"output {str(out)!r} is a file; choose a folder with --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "meta.json").is_file():
+            raise GptkitError(
+                f"output folder {str(out)!r} is not empty and holds no prepared data; "
+                "choose another --out (nothing was deleted)"
+            )
+        if not overwrite:
+            raise GptkitError(f"{str(out)!r} already holds prepared data; pass --overwrite to replace it")
+    return out
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove what killed runs left behind (their process is gone), saying so."""
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            notice(f"removing {stale}, left by an interrupted prepare")
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Swap the finished folder into place; an old one is only deleted after the swap."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        final.rename(old)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_json_durably(path: Path, obj: Any) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class ShardWriter:
+    """Appends tokens of one split to shard files of at most `shard_tokens` tokens."""
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self.documents = 0
+        self._file: BinaryIO | None = None
+
+    def write(self, tokens: np.ndarray, documents: int) -> None:
+        self.documents += documents
+        while len(tokens):
+            if self._file is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self._open_next()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            part, tokens = tokens[:room], tokens[room:]
+            assert self._file is not None
+            self._file.write(part.tobytes())
+            self.shards[-1]["tokens"] += len(part)
+
+    def _open_next(self) -> None:
+        self._close_file()
+        name = shard_name(self.split, len(self.shards))
+        self._file = (self.folder / name).open("wb")
+        self.shards.append({"file": name, "tokens": 0})
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def close(self) -> dict[str, Any]:
+        self._close_file()
+        tokens = sum(s["tokens"] for s in self.shards)
+        return {"tokens": tokens, "documents": self.documents, "shards": self.shards}
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting, batching, tokenizing
+
+
+def is_val(key: str, seed: int, val_fraction: float) -> bool:
+    """Seeded, order-independent split: the same piece lands in the same split every run."""
+    h = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2.0**64 < val_fraction
+
+
+def _all_pieces(sources: list[Source], config: PrepareConfig, skips: SkipLog) -> Iterator[Piece]:
+    for src in sources:
+        yield from src.pieces(config.text_field, skips)
+
+
+def _split_pieces(
+    sources: list[Source], config: PrepareConfig, skips: SkipLog
+) -> Iterator[tuple[Piece, bool]]:
+    for piece in _all_pieces(sources, config, skips):
+        yield piece, is_val(piece.key, config.seed, config.val_fraction)
+
+
+def _batches(pieces: Iterable[tuple[Piece, bool]]) -> Iterator[Batch]:
+    texts: list[str] = []
+    lasts: list[bool] = []
+    vals: list[bool] = []
+    size = 0
+    for piece, val in pieces:
+        texts.append(piece.text)
+        lasts.append(piece.last)
+        vals.append(val)
+        size += len(piece.text)
+        if size >= BATCH_CHARS:
+            yield texts, lasts, vals
+            texts, lasts, vals, size = [], [], [], 0
+    if texts:
+        yield texts, lasts, vals
+
+
+_worker_tokenizer: Tokenizer | None = None
+_worker_dtype: np.dtype | None = None
+
+
+def _init_worker(description: dict[str, Any], dtype: str) -> None:
+    global _worker_tokenizer, _worker_dtype
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process, one core
+    _worker_tokenizer = from_description(description)
+    _worker_dtype = np.dtype(dtype)
+
+
+def _encode_batch(batch: Batch) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Tokenize a batch into one train and one val array, with end-of-text after each document."""
+    assert _worker_tokenizer is not None and _worker_dtype is not None
+    texts, lasts, vals = batch
+    arrays = _encode_arrays(_worker_tokenizer, texts, _worker_dtype)
+    eot = np.array([_worker_tokenizer.eot_id], dtype=_worker_dtype)
+    out = []
+    for want_val in (False, True):
+        parts: list[np.ndarray] = []
+        for ids, last, val in zip(arrays, lasts, vals, strict=True):
+            if val == want_val:
+                parts.append(ids)
+                if last:
+                    parts.append(eot)
+        out.append(
+            np.concatenate(parts, dtype=_worker_dtype, casting="same_kind")
+            if parts
+            else np.empty(0, _worker_dtype)
+        )
+    n_val = sum(vals)
+    return out[0], out[1], len(vals) - n_val, n_val
+
+
+def _encode_arrays(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> list[np.ndarray]:
+    """The ids of `tokenizer.encode_batch(texts)` as arrays, without a Python int per token for gpt2.
+
+    tiktoken's `encode_to_numpy` with no special tokens allowed is `encode_ordinary` (special-token
+    strings are text) returning the Rust buffer itself: no list of ints to build, then iterate.
+    Text that UTF-8 cannot encode (lone surrogates, e.g. from JSON "\\ud800") goes through
+    `encode`, which repairs it as tiktoken's `encode_ordinary` does.
+    """
+    if isinstance(tokenizer, GPT2Tokenizer):
+        enc = tokenizer._enc
+        arrays = []
+        for text in texts:
+            try:
+                arrays.append(enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()))
+            except UnicodeEncodeError:
+                arrays.append(np.array(tokenizer.encode(text), dtype=dtype))
+        return arrays
+    return [np.array(ids, dtype=dtype) for ids in tokenizer.encode_batch(texts)]
+
+
+def _tokenize(
+    batches: Iterator[Batch], tokenizer: Tokenizer, dtype: np.dtype, workers: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, int, int]]:
+    """Results in input order; at most a few batches per worker in flight."""
+    init_args = (tokenizer.describe(), dtype.str)
+    if workers == 1:
+        _init_worker(*init_args)
+        yield from map(_encode_batch, batches)
+        return
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        # Workers then fork from a server that imported this module (numpy, tiktoken, tokenizers,
+        # pydantic) once, instead of each importing it (~0.5 s of CPU per worker). No effect if this
+        # process already started its forkserver; "__main__" is multiprocessing's default preload.
+        ctx.set_forkserver_preload(["__main__", __name__])
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init_args) as pool:
+        inflight: deque[Future[tuple[np.ndarray, np.ndarray, int, int]]] = deque()
+        try:
+            for batch in batches:
+                inflight.append(pool.submit(_encode_batch, batch))
+                if len(inflight) >= workers * INFLIGHT_PER_WORKER:
+                    yield inflight.popleft().result()
+            while inflight:
+                yield inflight.popleft().result()
+        except BaseException:
+            for f in inflight:
+                f.cancel()
+            raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer, checks and report
+
+
+def _build_tokenizer(
+    sources: list[Source], config: PrepareConfig, skips: SkipLog, progress: bool
+) -> Tokenizer:
+    """gpt2 is fixed; char and bpe are built from the text first (a streaming pass)."""
+    if config.tokenizer == "gpt2":
+        return gpt2_tokenizer()
+    if config.tokenizer == "char":
+        notice("building the character vocabulary (first pass over the text)")
+        return CharTokenizer.train(p.text for p in _all_pieces(sources, config, skips))
+    notice(f"training a byte-level BPE tokenizer of {config.vocab_size} tokens on the train split")
+    train_texts = (
+        p.text for p, val in _split_pieces(sources, config, skips) if not val or config.val_fraction == 0
+    )
+    assert config.vocab_size is not None
+    return BPETokenizer.train(train_texts, config.vocab_size)
+
+
+def _check_nonempty(splits: dict[str, dict[str, Any]], sources: list[Source]) -> None:
+    if splits["train"]["documents"] + splits["val"]["documents"] == 0:
+        names = ", ".join(s.spec for s in sources[:3])
+        raise GptkitError(f"no text found in {names}; check the files, or --text-field for .jsonl/.parquet")
+    if splits["train"]["tokens"] == 0:
+        raise GptkitError("every document fell in the val split; lower --val-fraction or add more documents")
+
+
+def _meta(
+    tokenizer: Tokenizer,
+    dtype: np.dtype,
+    splits: dict[str, dict[str, Any]],
+    sources: list[Source],
+    config: PrepareConfig,
+    skips: SkipLog,
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "gptkit_version": gptkit.__version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "tokenizer": tokenizer.describe(),
+        "tokenizer_fingerprint": tokenizer.fingerprint(),
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "dtype": dtype.name,
+        "splits": splits,
+        "sources": [s.record() for s in sources],
+        "settings": config.model_dump(mode="json"),
+        "skipped": {"documents": skips.count, "examples": skips.examples},
+    }
+
+
+def _report(meta: dict[str, Any], skips: SkipLog, out: Path) -> None:
+    parts = [
+        f"{s}: {meta['splits'][s]['tokens']:,} tokens in {meta['splits'][s]['documents']:,} documents"
+        for s in SPLITS
+    ]
+    notice(f"wrote {out} ({'; '.join(parts)}; tokenizer {meta['tokenizer']['type']}, {meta['dtype']})")
+    if meta["splits"]["val"]["tokens"] == 0 and meta["settings"]["val_fraction"] > 0:
+        notice("the val split is empty: too few documents for --val-fraction; add data or raise it")
+    if skips.count:
+        notice(f"skipped {skips.count} bad documents, e.g. {skips.examples[0]}")

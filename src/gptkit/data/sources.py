@@ -1,0 +1,308 @@
+"""Text sources for `gptkit prepare`, streamed as pieces of documents.
+
+A source is a text file, a folder of them, a .jsonl or .parquet file with a text field, an
+`hf:NAME[:CONFIG][@SPLIT]` dataset, or the built-in corpus. Every source yields `Piece`s: a
+document, or for a large text file a contiguous chunk of it, so that a single big file can
+still be split into train and val. Nothing holds a whole file in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gptkit.errors import GptkitError
+
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst"}
+TABLE_SUFFIXES = {".jsonl", ".parquet"}
+BUILTIN = "builtin:pydoc"
+
+# Text files are cut into about 128 chunks (between 4 KiB and 1 MiB each) so that the val
+# fraction holds for a single large file too.
+MIN_CHUNK, MAX_CHUNK, CHUNKS_PER_FILE = 4 << 10, 1 << 20, 128
+
+
+@dataclass(slots=True)
+class Piece:
+    """A unit of the train/val split: a document or a chunk of one."""
+
+    key: str  # stable identity, hashed with the seed to pick the split
+    text: str
+    last: bool  # the end of its document: an end-of-text token follows it
+
+
+@dataclass
+class SkipLog:
+    """Bad documents met with --skip-bad: counted, and the first few reported."""
+
+    skip_bad: bool
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def bad(self, where: str, why: str) -> None:
+        if not self.skip_bad:
+            raise GptkitError(f"{where}: {why}; fix the data, or pass --skip-bad to count and skip it")
+        self.count += 1
+        if len(self.examples) < 5:
+            self.examples.append(f"{where}: {why}")
+
+
+@dataclass
+class Source:
+    """One resolved input; `pieces()` streams it and records its checksum when done."""
+
+    spec: str
+    kind: str  # text | jsonl | parquet | hf | builtin
+    path: Path | None = None
+    name: str = ""  # stable name used in piece keys
+    sha256: str | None = None
+    nbytes: int | None = None
+
+    def pieces(self, text_field: str, skips: SkipLog) -> Iterator[Piece]:
+        readers: dict[str, Callable[..., Iterator[Piece]]] = {
+            "text": _text_pieces,
+            "jsonl": _jsonl_pieces,
+            "parquet": _parquet_pieces,
+            "hf": _hf_pieces,
+            "builtin": _builtin_pieces,
+        }
+        return readers[self.kind](self, text_field, skips)
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"source": self.spec, "kind": self.kind}
+        if self.sha256:
+            out["sha256"] = self.sha256
+        if self.nbytes is not None:
+            out["bytes"] = self.nbytes
+        return out
+
+
+def resolve_sources(specs: list[str]) -> list[Source]:
+    """Check every source before any work starts; folders expand to their files, sorted."""
+    if not specs:
+        return [Source(BUILTIN, "builtin", name="pydoc")]
+    out: list[Source] = []
+    for spec in specs:
+        if spec == BUILTIN:
+            out.append(Source(spec, "builtin", name="pydoc"))
+        elif spec.startswith("hf:"):
+            if not spec[3:]:
+                raise GptkitError("source 'hf:' names no dataset; write hf:NAME[:CONFIG][@SPLIT]")
+            out.append(Source(spec, "hf", name=spec))
+        else:
+            out.extend(_resolve_path(spec))
+    return out
+
+
+def _resolve_path(spec: str) -> list[Source]:
+    path = Path(spec)
+    if not path.exists():
+        raise GptkitError(
+            f"source {spec!r} not found; pass text files, folders, .jsonl or .parquet files, or hf:NAME"
+        )
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in TEXT_SUFFIXES | TABLE_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not files:
+            kinds = ", ".join(sorted(TEXT_SUFFIXES | TABLE_SUFFIXES))
+            raise GptkitError(f"folder {spec!r} holds no readable files ({kinds})")
+        return [_file_source(p, f"{path.name}/{p.relative_to(path).as_posix()}") for p in files]
+    return [_file_source(path, path.name)]
+
+
+def _file_source(path: Path, name: str) -> Source:
+    suffix = path.suffix.lower()
+    kind = {".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix, "text")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as e:
+        raise GptkitError(f"cannot read source {str(path)!r}: {e.strerror}; check its permissions") from None
+    return Source(str(path), kind, path=path, name=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+
+
+def _text_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Piece]:
+    """A text file is one document, cut after newlines into chunks of a size set by the file."""
+    assert src.path is not None
+    size = src.path.stat().st_size
+    chunk = min(MAX_CHUNK, max(MIN_CHUNK, size // CHUNKS_PER_FILE))
+    digest, nbytes, index, offset = hashlib.sha256(), 0, 0, 0
+    buffer = b""
+    pending: Piece | None = None  # held back one step so the final piece can be marked `last`
+    with src.path.open("rb") as f:
+        while True:
+            block = f.read(chunk)
+            digest.update(block)
+            nbytes += len(block)
+            buffer += block
+            if block and len(buffer) < chunk:
+                continue
+            cut = _cut_point(buffer, final=not block)
+            raw, buffer = buffer[:cut], buffer[cut:]
+            if raw:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    skips.bad(f"{src.path} (byte {offset + e.start})", "invalid UTF-8")
+                    text = ""
+                offset += len(raw)
+                if text:
+                    if pending is not None:
+                        yield pending
+                    pending = Piece(f"{src.name}#{index}", text, last=False)
+                    index += 1
+            if not block and not buffer:
+                break
+    if pending is not None:
+        pending.last = True
+        yield pending
+    src.sha256, src.nbytes = digest.hexdigest(), nbytes
+
+
+def _cut_point(buffer: bytes, final: bool) -> int:
+    """Cut after the last newline (never inside a UTF-8 character or a line)."""
+    if final:
+        return len(buffer)
+    nl = buffer.rfind(b"\n")
+    if nl >= 0:
+        return nl + 1
+    cut = len(buffer)
+    while cut > 0 and (buffer[cut - 1] & 0xC0) == 0x80:  # back off UTF-8 continuation bytes
+        cut -= 1
+    if cut > 0 and buffer[cut - 1] >= 0xC0:  # and the lead byte of the cut character
+        cut -= 1
+    return cut
+
+
+def _jsonl_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Piece]:
+    assert src.path is not None
+    digest, nbytes = hashlib.sha256(), 0
+    with src.path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            digest.update(raw)
+            nbytes += len(raw)
+            if not raw.strip():
+                continue
+            where = f"{src.path}:{lineno}"
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                skips.bad(where, "invalid UTF-8")
+                continue
+            except json.JSONDecodeError as e:
+                skips.bad(where, f"not valid JSON ({e.msg})")
+                continue
+            text = _field_text(record, text_field, where, skips)
+            if text:
+                yield Piece(f"{src.name}:{lineno}", text, last=True)
+    src.sha256, src.nbytes = digest.hexdigest(), nbytes
+
+
+def _field_text(record: Any, text_field: str, where: str, skips: SkipLog) -> str | None:
+    if not isinstance(record, dict):
+        skips.bad(where, f"expected a JSON object with field {text_field!r}, got {type(record).__name__}")
+        return None
+    if text_field not in record:
+        fields = ", ".join(list(record)[:8])
+        skips.bad(
+            where, f"missing text field {text_field!r} (fields: {fields}); choose one with --text-field"
+        )
+        return None
+    text = record[text_field]
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        skips.bad(where, f"field {text_field!r} holds {type(text).__name__}, not text")
+        return None
+    return text
+
+
+def _parquet_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Piece]:
+    assert src.path is not None
+    pq = _optional("pyarrow.parquet", "pyarrow", "to read .parquet files")
+    try:
+        pf = pq.ParquetFile(src.path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise GptkitError(f"cannot read parquet file {str(src.path)!r}: {str(e).splitlines()[0]}") from None
+    columns = pf.schema_arrow.names
+    if text_field not in columns:
+        names = ", ".join(columns)
+        raise GptkitError(f"{src.path}: no column {text_field!r} (columns: {names}); set --text-field")
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            text = _field_text({text_field: text}, text_field, f"{src.path} row {row}", skips)
+            if text:
+                yield Piece(f"{src.name}:{row}", text, last=True)
+    src.sha256, src.nbytes = _sha256_file(src.path), src.path.stat().st_size
+
+
+def _hf_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Piece]:
+    """`hf:NAME[:CONFIG][@SPLIT]`: a HuggingFace dataset name or a local dataset folder, streamed."""
+    datasets = _optional("datasets", "datasets", "to read hf: sources")
+    spec = src.spec[3:]
+    spec, _, split = spec.partition("@")
+    name, _, config = spec.partition(":")
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+        rows = iter(ds)
+        first = next(rows, None)
+    except Exception as e:  # network, missing dataset, bad config: all surface here
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GptkitError(f"cannot load dataset {src.spec!r}: {msg}") from None
+    if first is not None and text_field not in first:
+        fields = ", ".join(first)
+        raise GptkitError(
+            f"{src.spec}: no field {text_field!r} (fields: {fields}); choose one with --text-field"
+        )
+    head = [first] if first is not None else []
+    for n, record in enumerate(itertools.chain(head, rows), start=1):
+        text = _field_text(record, text_field, f"{src.spec} row {n}", skips)
+        if text:
+            yield Piece(f"{src.name}:{n}", text, last=True)
+
+
+def _builtin_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Piece]:
+    """The English text of Python's documentation, which every Python installation carries."""
+    from pydoc_data.topics import topics
+
+    digest = hashlib.sha256()
+    for name in sorted(topics):
+        digest.update(topics[name].encode("utf-8"))
+        yield Piece(f"pydoc:{name}", topics[name], last=True)
+    src.sha256 = digest.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _optional(module: str, package: str, why: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise GptkitError(f"{package} is needed {why}; install it with: pip install 'gptkit[data]'") from None
+
+
+__all__ = ["Piece", "SkipLog", "Source", "resolve_sources"]

@@ -1,0 +1,96 @@
+"""The CLI: help lists each option with its default, commands call the API, errors are one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gptkit.cli import COMMANDS, Formatter, build_parser
+
+
+def gptkit(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gptkit", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_top_level_help_lists_the_commands() -> None:
+    out = gptkit("--help")
+    assert out.returncode == 0
+    for name in COMMANDS:
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_option_shows_its_default(name: str) -> None:
+    parser = subparsers()[name]
+    assert parser.formatter_class is Formatter
+    text = parser.format_help()
+    for action in parser._actions:
+        if not action.option_strings or action.required or action.dest == "help":
+            continue
+        formatter = parser._get_formatter()
+        help_text = formatter._expand_help(action) if action.help else ""
+        assert "default: " in help_text, f"{name} {action.option_strings[0]} shows no default"
+        assert help_text.split("(default")[0].strip(), f"{name} {action.option_strings[0]} has no help text"
+    shown = gptkit(name, "--help").stdout
+    assert shown.count("(default: ") == text.count("(default: ") > 0
+
+
+def test_prepare_then_info_through_the_cli(tmp_path: Path) -> None:
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"body": f"hello number {i}"}) + "\n" for i in range(50)))
+    out = gptkit(
+        "prepare",
+        str(src),
+        "--out",
+        str(tmp_path / "d"),
+        "--text-field",
+        "body",
+        "--tokenizer",
+        "char",
+        "--val-fraction",
+        "0.2",
+        "--workers",
+        "2",
+        "--no-progress",
+    )
+    assert out.returncode == 0, out.stderr
+    assert "train:" in out.stderr and out.stdout == ""
+    info = json.loads(gptkit("info", str(tmp_path / "d"), "--json").stdout)
+    assert info["kind"] == "data" and info["tokenizer"]["type"] == "char"
+    assert info["splits"]["train"]["documents"] + info["splits"]["val"]["documents"] == 50
+    text = gptkit("info", str(tmp_path / "d")).stdout
+    assert "tokenizer: char" in text and "documents" in text
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
+    out = gptkit("prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "d"))
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("gptkit: error: source ")
+    out = gptkit("prepare", "--out", str(tmp_path / "d"), "--workers", "0")
+    assert out.returncode == 2 and "workers: Input should be greater than or equal to 1" in out.stderr
+    out = gptkit("prepare", "--out", str(tmp_path / "d"), "--tokenizer", "char", "--vocab-size", "500")
+    assert out.returncode == 2 and "vocab_size applies to the bpe tokenizer only" in out.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_info_on_a_preset() -> None:
+    out = gptkit("info", "gpt2", "--json")
+    info = json.loads(out.stdout)
+    assert info["params"] == 124_439_808 and info["model"]["n_layer"] == 12
+    assert info["params_without_position"] == 124_439_808 - 1024 * 768
+    assert "124,439,808" in gptkit("info", "gpt2").stdout
+    bad = gptkit("info", "gpt-2")
+    assert bad.returncode == 2 and "did you mean 'gpt2'" in bad.stderr

@@ -1,0 +1,73 @@
+"""The README's commands run, so the docs cannot rot."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def quick_start_commands() -> list[str]:
+    section = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block, "the quick start has a bash block"
+    return [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_quick_start_is_exactly_two_commands_and_ci_runs_the_second() -> None:
+    commands = quick_start_commands()
+    assert commands == ["bash scripts/quickstart.sh", "bash scripts/test.sh"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert commands[1] in ci
+
+
+@pytest.mark.slow
+def test_quick_start_main_job_runs(tmp_path: Path) -> None:
+    """The first command, with its data written to a temporary folder."""
+    env = {**os.environ, "GPTKIT_WORKDIR": str(tmp_path)}
+    out = subprocess.run(
+        quick_start_commands()[0].split(), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "train:" in out.stdout and "tokenizer: char" in out.stdout
+    assert (tmp_path / "data" / "default" / "meta.json").is_file()
+
+
+def test_readme_error_example_is_what_gptkit_prints(tmp_path: Path) -> None:
+    example = next(line for line in README.splitlines() if line.startswith("gptkit: error: invalid config"))
+    config = tmp_path / "configs" / "tiny.yaml"
+    config.parent.mkdir()
+    config.write_text("model:\n  n_layr: 4\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "gptkit", "info", "configs/tiny.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == example
+
+
+def test_readme_python_api_example(tmp_path: Path) -> None:
+    import gptkit
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("Some notes about tokenizers and models.\n" * 200)
+    meta = gptkit.prepare(
+        [str(tmp_path / "notes")],
+        tmp_path / "data",
+        tokenizer="bpe",
+        vocab_size=300,
+        progress=False,
+        workers=1,
+    )
+    assert meta["tokenizer"]["type"] == "bpe"
+    assert gptkit.info("gpt2-medium")["params"] == 354823168
+    assert 'print(gptkit.info("gpt2-medium")["params"])   # 354823168' in README
