@@ -7,4 +7,9 @@ PYTHON="${PYTHON:-python3}"
 # torch first, pinned: a plain range would let pip pick a much larger CUDA build on Linux.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "${GPTKIT_TORCH:-torch==2.13.0}"
 extras="${1:-}"
-.venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+# Reinstall only when the dependencies or extras changed since the last install.
+stamp=".venv/.gptkit-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras:-core}"
+if [ ! -f "$stamp" ]; then
+    .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+    touch "$stamp"
+fi

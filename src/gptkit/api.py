@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gptkit.train.trainer import TrainResult
 
 
 def prepare(
@@ -24,6 +27,21 @@ def prepare(
 
     config = validate(PrepareConfig, settings, "prepare settings")
     return prepare_data(sources or [], Path(out), config, overwrite=overwrite, progress=progress)
+
+
+def train(
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    resume: str | None = None,
+    stop_at: int | None = None,
+) -> TrainResult:
+    """Pre-train from a YAML config plus dotted overrides; `resume` is "latest" or a checkpoint path;
+    `stop_at` checkpoints and returns at that step (the schedule still spans train.max_steps)."""
+    from gptkit.config import load_config
+    from gptkit.train.launch import train as run_training
+
+    return run_training(load_config(config, overrides), config_path=config, resume=resume, stop_at=stop_at)
 
 
 def info(target: str) -> dict[str, Any]:

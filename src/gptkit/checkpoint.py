@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -39,6 +39,24 @@ def clean_state_dict(state: dict[str, Any]) -> dict[str, Any]:
                     key, changed = key[len(prefix) :], True
         out[key] = value
     return out
+
+
+class _Writer:
+    """A file wrapper that remembers the OSError of a failed write (torch.save replaces it)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def save_checkpoint(
@@ -66,7 +84,13 @@ def save_checkpoint(
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("wb") as f:
-            torch.save(payload, f)
+            writer = _Writer(f)
+            try:
+                torch.save(payload, writer)
+            except RuntimeError:
+                if writer.error is not None:  # torch hides e.g. ENOSPC behind a RuntimeError: show it
+                    raise writer.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

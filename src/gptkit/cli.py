@@ -74,6 +74,35 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="CONFIG", help="YAML config, e.g. configs/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="latest|PATH",
+        help="continue the run from its newest intact checkpoint, or from a checkpoint file (default: start)",
+    )
+    p.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="checkpoint and exit at this step; the schedule still spans train.max_steps (default: the end)",
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from gptkit.api import train
+
+    result = train(args.config, args.overrides, resume=args.resume, stop_at=args.stop_at)
+    for prompt, text in result.samples.items():
+        print(f"--- sample at step {result.step} ---\n{prompt}{text}\n")
+    best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
+    print(f"run folder: {result.run_dir} (step {result.step}, {result.tokens:,} tokens{best})")
+    return 0
+
+
 def add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "target",
@@ -96,6 +125,7 @@ COMMANDS: dict[
     str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 ] = {
     "prepare": ("tokenize text into token shards for training", add_prepare, run_prepare),
+    "train": ("pre-train a model on prepared data", add_train, run_train),
     "info": ("describe a preset, run, checkpoint, prepared data or config", add_info, run_info),
 }
 

@@ -72,9 +72,80 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    """Where the prepared token shards are (a folder written by `gptkit prepare`)."""
+    """Where the prepared token shards are (a folder written by `gptkit prepare`), and how to read them."""
 
     path: str = Field("data/default", description="folder with meta.json and token shards")
+    sampling: Literal["random", "ordered"] = Field(
+        "random", description="random windows, or ordered passes with the shard order reshuffled each epoch"
+    )
+
+
+class TrainConfig(Section):
+    """The optimisation: steps, batch, optimiser, schedule, precision."""
+
+    max_steps: int = Field(1000, ge=1, description="optimiser steps")
+    micro_batch_size: int | Literal["auto"] = Field(16, description="sequences per forward pass, or auto")
+    tokens_per_step: int | None = Field(
+        None,
+        ge=1,
+        description="tokens per optimiser step; a multiple of micro-batch x block_size (None: one)",
+    )
+    lr: float = Field(6e-4, gt=0)
+    min_lr: float = Field(6e-5, ge=0)
+    schedule: Literal["cosine", "constant", "wsd"] = Field(
+        "cosine", description="cosine: warm-up then cosine to min_lr; wsd: warm-up, stable, linear decay"
+    )
+    warmup_steps: int = Field(100, ge=0)
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of steps spent decaying")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = no clipping")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast where the device multiplies bf16 natively, else fp32"
+    )
+    compile: bool = Field(False, description="torch.compile the model")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    seed: int = 1337
+    max_bad_steps: int = Field(5, ge=1, description="stop after this many NaN/inf steps in a row")
+
+    @model_validator(mode="after")
+    def _check_lr(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+class EvalConfig(Section):
+    """Validation loss on fixed batches, and samples from prompts, every N steps."""
+
+    every: int = Field(100, ge=0, description="steps between evaluations; 0 = only at the end")
+    batches: int = Field(20, ge=1, description="fixed val batches (the same ones each time)")
+    prompts: list[str] = Field(default_factory=lambda: ["\n"], description="prompts to sample from")
+    sample_tokens: int = Field(200, ge=0, description="tokens per sample; 0 = no samples")
+    temperature: float = Field(0.8, gt=0)
+    top_k: int | None = Field(200, ge=1)
+
+
+class CheckpointConfig(Section):
+    """When to save, and how many to keep (the best by val loss is always kept)."""
+
+    every_steps: int = Field(500, ge=0, description="0 = not by steps")
+    every_minutes: float = Field(10.0, ge=0, description="at most this much work lost; 0 = not by time")
+    keep_last: int = Field(3, ge=1)
+
+
+class LogConfig(Section):
+    """Where metrics go besides metrics.jsonl and the progress bar."""
+
+    every: int = Field(10, ge=1, description="steps between metrics.jsonl lines")
+    tensorboard: bool = False
+    mlflow: bool = False
+    mlflow_tracking_uri: str | None = Field(
+        None, description="None: a SQLite store (mlflow.db) in the run folder"
+    )
+    wandb: bool = Field(False, description="Weights & Biases in offline mode, if installed")
 
 
 class PrepareConfig(Section):
@@ -101,8 +172,14 @@ class PrepareConfig(Section):
 class RunConfig(Section):
     """A whole run: the unit saved with every run folder and checkpoint."""
 
+    name: str | None = Field(None, description="run folder name (default: the config file's name)")
+    runs_dir: str = Field("runs", description="folder that holds run folders")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
 
 T = TypeVar("T", bound=BaseModel)

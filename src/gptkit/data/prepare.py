@@ -266,21 +266,21 @@ def _encode_batch(batch: Batch) -> tuple[np.ndarray, np.ndarray, int, int]:
 def _encode_arrays(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> list[np.ndarray]:
     """The ids of `tokenizer.encode_batch(texts)` as arrays, without a Python int per token for gpt2.
 
-    tiktoken's `encode_to_numpy` with no special tokens allowed is `encode_ordinary` (special-token
-    strings are text) returning the Rust buffer itself: no list of ints to build, then iterate.
-    Text that UTF-8 cannot encode (lone surrogates, e.g. from JSON "\\ud800") goes through
-    `encode`, which repairs it as tiktoken's `encode_ordinary` does.
+    tiktoken's `encode_to_numpy` (tiktoken >= 0.9) with no special tokens allowed is
+    `encode_ordinary` (special-token strings are text) returning the Rust buffer itself: no list of
+    ints to build, then iterate. Text that UTF-8 cannot encode (lone surrogates, e.g. from JSON
+    "\\ud800") goes through `encode`, which repairs it as tiktoken's `encode_ordinary` does.
     """
-    if isinstance(tokenizer, GPT2Tokenizer):
-        enc = tokenizer._enc
-        arrays = []
-        for text in texts:
-            try:
-                arrays.append(enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()))
-            except UnicodeEncodeError:
-                arrays.append(np.array(tokenizer.encode(text), dtype=dtype))
-        return arrays
-    return [np.array(ids, dtype=dtype) for ids in tokenizer.encode_batch(texts)]
+    to_numpy = getattr(getattr(tokenizer, "_enc", None), "encode_to_numpy", None)
+    if not isinstance(tokenizer, GPT2Tokenizer) or to_numpy is None:
+        return [np.array(ids, dtype=dtype) for ids in tokenizer.encode_batch(texts)]
+    arrays = []
+    for text in texts:
+        try:
+            arrays.append(to_numpy(text, allowed_special=set(), disallowed_special=()))
+        except UnicodeEncodeError:
+            arrays.append(np.array(tokenizer.encode(text), dtype=dtype))
+    return arrays
 
 
 def _tokenize(

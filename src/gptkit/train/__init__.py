@@ -1,0 +1,1 @@
+"""The one trainer: pre-training and fine-tuning share this loop."""

@@ -1,0 +1,150 @@
+"""`gptkit train`: from a config to a running Trainer — data, model, run folder, resume.
+
+Every check that can fail runs here, before the first step: the data folder, its tokenizer, the
+model shape against a checkpoint's, the batch arithmetic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptkit.checkpoint import load_checkpoint
+from gptkit.config import RunConfig, validate
+from gptkit.console import notice
+from gptkit.data.shards import PreparedData
+from gptkit.device import pick_device, pick_precision
+from gptkit.errors import GptkitError
+from gptkit.model import GPT
+from gptkit.tokenizer import from_description
+from gptkit.train.batches import ShardBatches, fixed_batches
+from gptkit.train.budget import available_memory, memory_estimate
+from gptkit.train.checkpoints import load_latest, step_files
+from gptkit.train.trainer import Trainer, TrainResult, accumulation_steps, seed_everything
+
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "pad_vocab_multiple")
+
+
+def run_name(config: RunConfig, config_path: str | Path | None) -> str:
+    if config.name:
+        return config.name
+    if config_path is not None:
+        stem = Path(config_path).stem
+        return "run" if stem == "config" else stem
+    return "run"
+
+
+def find_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, dict[str, Any] | None]:
+    """`latest`: the run's newest intact checkpoint; a path: that checkpoint; None: a fresh run."""
+    if resume is None:
+        if step_files(run_dir):
+            raise GptkitError(
+                f"run folder {str(run_dir)!r} already holds checkpoints; continue it with --resume latest, "
+                "or choose another run name (name=...)"
+            )
+        return None, None
+    if resume == "latest":
+        path, payload = load_latest(run_dir)
+    else:
+        path = Path(resume)
+        if path.is_dir():
+            path, payload = load_latest(path)
+        else:
+            payload = load_checkpoint(path)
+        newer = [p for s, p in step_files(run_dir) if s > payload["progress"]["step"]]
+        if newer and path.parent.parent.resolve() == run_dir.resolve():
+            raise GptkitError(
+                f"run {str(run_dir)!r} has checkpoints newer than {path.name} ({newer[-1].name}); to branch "
+                "from an older checkpoint, give the run a new name (name=...)"
+            )
+    notice(f"resuming from {path} (step {payload['progress']['step']})")
+    return path, payload
+
+
+def check_same_shape(config: RunConfig, payload: dict[str, Any], path: Path) -> None:
+    saved = validate(RunConfig, payload["config"], f"checkpoint {path}").model
+    diffs = [
+        f"{k} {getattr(saved, k)} -> {getattr(config.model, k)}"
+        for k in SHAPE_KEYS
+        if getattr(saved, k) != getattr(config.model, k)
+    ]
+    if diffs:
+        raise GptkitError(
+            f"the config's model shape differs from checkpoint {path} ({', '.join(diffs)}); "
+            "resume with the checkpoint's model settings"
+        )
+
+
+def resolve_micro_batch(config: RunConfig, n_params: int) -> int:
+    """`auto`: the largest micro-batch whose memory estimate fits in 70% of the free memory and that
+    divides the step's tokens, so the global batch is kept through accumulation."""
+    mb = config.train.micro_batch_size
+    if mb != "auto":
+        return int(mb)
+    device = pick_device(config.train.device)
+    precision = pick_precision(config.train.precision, device)
+    budget = 0.7 * available_memory(device)
+    per_step = config.train.tokens_per_step
+    block = config.model.block_size
+    best = 1
+    for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
+        if per_step is not None and per_step % (b * block):
+            continue
+        if sum(memory_estimate(config.model, n_params, b, precision).values()) <= budget:
+            best = b
+    notice(f"micro_batch_size=auto: {best} (estimated to fit in {budget / 2**30:.1f} GiB)")
+    return best
+
+
+def train(
+    config: RunConfig,
+    config_path: str | Path | None = None,
+    resume: str | None = None,
+    stop_at: int | None = None,
+) -> TrainResult:
+    """Pre-train a GPT on prepared shards as the config says; returns what the run reached.
+
+    `stop_at` ends this process at that step with a checkpoint, keeping max_steps' schedule, so that
+    a long run can be done in slices (`--resume latest` continues it).
+    """
+    data = PreparedData.open(config.data.path)
+    name = run_name(config, config_path)
+    config = config.model_copy(update={"name": name})  # so the saved config.yaml resumes the same run
+    run_dir = Path(config.runs_dir) / name
+    path, payload = find_resume(run_dir, resume)
+    if payload is not None:  # the tokenizer first: it explains a vocabulary mismatch too
+        data.check_tokenizer(from_description(payload["tokenizer"]).fingerprint(), f"checkpoint {path}")
+    if config.model.vocab_size is None:
+        config = config.model_copy(
+            update={"model": config.model.model_copy(update={"vocab_size": data.vocab_size})}
+        )
+    elif config.model.vocab_size != data.vocab_size:
+        raise GptkitError(
+            f"model.vocab_size is {config.model.vocab_size} but the data's tokenizer has {data.vocab_size} "
+            "ids; leave model.vocab_size unset to take it from the data"
+        )
+    if payload is not None:
+        assert path is not None
+        check_same_shape(config, payload, path)
+    tokenizer = data.tokenizer()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    seed_everything(config.train.seed)
+    with torch.device("meta"):
+        n_params = GPT(config.model).num_params()
+    micro = resolve_micro_batch(config, n_params)
+    config = config.model_copy(update={"train": config.train.model_copy(update={"micro_batch_size": micro})})
+    accumulation_steps(config, micro)  # fail on bad batch arithmetic before building anything
+
+    block = config.model.block_size
+    source = ShardBatches(data.shards("train"), micro, block, config.data.sampling, config.train.seed)
+    val = None
+    if data.tokens("val") > block:
+        val = fixed_batches(data.shards("val"), config.eval.batches, micro, block)
+    else:
+        notice(f"no val loss: the val split of {config.data.path} has fewer than {block + 1} tokens")
+    model = GPT(config.model)
+    trainer = Trainer(config, run_dir, name, model, tokenizer, source, val, resume=payload)
+    return trainer.run(stop_at)

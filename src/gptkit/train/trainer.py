@@ -1,0 +1,377 @@
+"""The one training loop. Pre-training and fine-tuning both run it.
+
+A `Trainer` composes separate parts: a model, a `TokenSource` of training batches, fixed
+validation batches, an optimiser with its schedule, and the run's checkpoints. Everything a
+resume needs goes through `_state()` into one checkpoint, so that N steps, a stop, and N more
+give the same losses and weights as 2N steps in one go.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptkit.config import RunConfig, to_yaml
+from gptkit.console import notice
+from gptkit.device import autocast, fast_matmul, pick_device, pick_precision
+from gptkit.errors import GptkitError
+from gptkit.generate import sample_text
+from gptkit.model import GPT
+from gptkit.tokenizer import Tokenizer
+from gptkit.train.batches import Batch, TokenSource
+from gptkit.train.budget import (
+    available_memory,
+    flops_per_token,
+    format_bytes,
+    matmul_ceiling,
+    memory_estimate,
+)
+from gptkit.train.checkpoints import RunCheckpoints
+from gptkit.train.optim import learning_rate, make_optimizer, set_learning_rate
+from gptkit.train.report import write_report
+from gptkit.train.runlog import RunLog
+from gptkit.train.signals import StopRequest
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    train_losses: list[float] = field(default_factory=list)  # one per step run in this process
+    val_loss: float | None = None
+    best_val_loss: float | None = None
+    samples: dict[str, str] = field(default_factory=dict)  # the last ones, by prompt
+    checkpoint: Path | None = None
+    stopped_early: bool = False
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global generator, as plain data (tensors, ints, lists) so checkpoints load weights-only."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Runs optimiser steps until `config.train.max_steps` or a stop request."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        run_name: str,
+        model: GPT,
+        tokenizer: Tokenizer,
+        train_source: TokenSource,
+        val_batches: list[Batch] | None,
+        resume: dict[str, Any] | None = None,
+        world_size: int = 1,
+    ) -> None:
+        self.config, self.run_dir, self.run_name = config, run_dir, run_name
+        self.tokenizer, self.train_source, self.val_batches = tokenizer, train_source, val_batches
+        tc = config.train
+        self.device = pick_device(tc.device)
+        self.precision = pick_precision(tc.precision, self.device)
+        self.model = model.to(self.device)
+        self.micro_batch = int(tc.micro_batch_size)  # resolved from "auto" by the caller
+        self.accum = accumulation_steps(config, self.micro_batch, world_size)
+        self.tokens_per_step = self.micro_batch * config.model.block_size * self.accum * world_size
+        self.optimizer = make_optimizer(self.model, tc, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.step_model = torch.compile(self.model) if tc.compile else self.model
+        self.checkpoints = RunCheckpoints(run_dir, config.checkpoint.keep_last)
+        self.n_params = self.model.num_params()
+        self.step, self.tokens, self.wall_seconds, self.bad_steps = 0, 0, 0.0, 0
+        self.best_val_loss: float | None = None
+        self.last_val_loss: float | None = None
+        self.last_samples: dict[str, str] = {}
+        self._val_step = -1  # the step the last val loss was measured at
+        if resume is not None:
+            self._restore(resume)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        """Everything a resume needs, as plain data for one checkpoint file."""
+        return {
+            "model_state": self.model.state_dict(),
+            "config": self.config.model_dump(mode="json"),
+            "tokenizer": self.tokenizer.describe(),
+            "progress": {
+                "step": self.step,
+                "tokens": self.tokens,
+                "wall_seconds": self.wall_seconds,
+                "best_val_loss": self.best_val_loss,
+                "val_loss": self.last_val_loss,
+            },
+            "state": {
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "data": self.train_source.state_dict(),
+                "rng": rng_state(),
+                "bad_steps": self.bad_steps,
+            },
+        }
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        state, progress = payload["state"], payload["progress"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.train_source.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.bad_steps = state["bad_steps"]
+        self.step, self.tokens = progress["step"], progress["tokens"]
+        self.wall_seconds = progress["wall_seconds"]
+        self.best_val_loss, self.last_val_loss = progress["best_val_loss"], progress["val_loss"]
+
+    def save(self, reason: str) -> Path | None:
+        """Save a checkpoint; a full disk is reported, and the previous checkpoint stays usable."""
+        try:
+            return self.checkpoints.save(self.step, val_loss=self.last_val_loss_if_fresh(), **self._state())
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            previous = self.checkpoints.folder
+            notice(
+                f"could not save the {reason} checkpoint at step {self.step}: no space left on device; "
+                f"earlier checkpoints in {previous} stay usable; free space to save the next one"
+            )
+            return None
+
+    def last_val_loss_if_fresh(self) -> float | None:
+        """The val loss counts for 'best' only on the step it was measured."""
+        return self.last_val_loss if self._val_step == self.step else None
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, stop_at: int | None = None) -> TrainResult:
+        """Train to max_steps; `stop_at` pauses earlier (checkpoint and exit), as a signal would."""
+        tc = self.config.train
+        self._print_budget()
+        (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
+        ceiling = matmul_ceiling(self.device.type, self.precision)
+        flops_token = flops_per_token(self.config.model, self.n_params)
+        log = RunLog(self.run_dir, self.config, self.run_name, self.step, tc.max_steps)
+        result = TrainResult(self.run_dir, self.step, self.tokens)
+        last_save = time.monotonic()
+        stopped = False
+        try:
+            with StopRequest() as stop, fast_matmul(self.device):
+                self.model.train()
+                while self.step < tc.max_steps:
+                    t0 = time.perf_counter()
+                    loss, grad_norm, lr = self.train_step()
+                    dt = time.perf_counter() - t0
+                    result.train_losses.append(loss)
+                    tps = self.tokens_per_step / dt
+                    log.train(
+                        self.step,
+                        {
+                            "loss": loss,
+                            "lr": lr,
+                            "grad_norm": grad_norm,
+                            "tokens_per_sec": tps,
+                            "mfu": flops_token * tps / ceiling,
+                            "tokens": self.tokens,
+                        },
+                    )
+                    every = self.config.eval.every
+                    if (every and self.step % every == 0) or self.step == tc.max_steps:
+                        self.evaluate(log)
+                    if self._checkpoint_due(last_save) or stop.requested:
+                        self.save("emergency" if stop.requested else "periodic")
+                        last_save = time.monotonic()
+                    self.wall_seconds += time.perf_counter() - t0  # the step, its eval and its save
+                    if stop_at is not None and self.step >= stop_at and self.step < tc.max_steps:
+                        stop.requested = True
+                        self.save("requested")
+                    if stop.requested:
+                        stopped = True
+                        break
+                if not stopped and self._val_step != self.step:
+                    self.evaluate(log)
+                if not stopped:
+                    result.checkpoint = self.save("final")
+        finally:
+            log.close("stopped" if stopped else None)  # None: "failed" if an exception is on its way
+        result.step, result.tokens = self.step, self.tokens
+        result.val_loss, result.best_val_loss = self.last_val_loss, self.best_val_loss
+        result.stopped_early = stopped
+        result.samples = self.last_samples
+        self._report(stopped)
+        if stopped:
+            notice(f"stopped at step {self.step}; resume with: {self.resume_command()}")
+        return result
+
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimiser step over `accum` micro-batches; returns (loss, pre-clip grad norm, lr)."""
+        tc = self.config.train
+        lr = learning_rate(self.step, tc)
+        set_learning_rate(self.optimizer, lr)
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.accum):
+            x, y = (t.to(self.device, non_blocking=True) for t in self.train_source.next_batch())
+            with autocast(self.device, self.precision):
+                _, loss = self.step_model(x, y)
+            assert loss is not None
+            # Each micro-batch's mean loss, divided by accum: the gradient of the mean over all of them.
+            self.scaler.scale(loss / self.accum).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        loss = float(total) / self.accum
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.scaler.step(self.optimizer)
+            self.bad_steps = 0
+        else:
+            self._bad_step(loss, grad_norm)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        return loss, grad_norm, lr
+
+    def _bad_step(self, loss: float, grad_norm: float) -> None:
+        """Skip an update whose loss or gradient is NaN/inf; give up after too many in a row."""
+        self.bad_steps += 1
+        limit = self.config.train.max_bad_steps
+        if self.precision == "fp16" and math.isfinite(loss):
+            return  # the gradient scaler found an overflow; it lowers its scale and this is normal
+        notice(f"step {self.step + 1}: loss {loss}, grad norm {grad_norm}: skipping this update")
+        if self.bad_steps >= limit:
+            raise GptkitError(
+                f"{self.bad_steps} steps in a row had NaN/inf loss or gradients (to step {self.step + 1}); "
+                "lower train.lr, raise train.warmup_steps or use train.precision=fp32, and resume"
+            )
+
+    @torch.no_grad()
+    def evaluate(self, log: RunLog) -> None:
+        """Val loss on the fixed batches, and samples from the configured prompts."""
+        metrics: dict[str, float] = {}
+        if self.val_batches:
+            self.model.eval()
+            losses = []
+            for x, y in self.val_batches:
+                with autocast(self.device, self.precision):
+                    _, loss = self.model(x.to(self.device), y.to(self.device))
+                assert loss is not None
+                losses.append(float(loss))
+            self.model.train()
+            self.last_val_loss = sum(losses) / len(losses)
+            self._val_step = self.step
+            if self.best_val_loss is None or self.last_val_loss < self.best_val_loss:
+                self.best_val_loss = self.last_val_loss
+            metrics = {"val_loss": self.last_val_loss, "val_ppl": math.exp(min(self.last_val_loss, 50.0))}
+        ec = self.config.eval
+        samples = {}
+        if ec.sample_tokens:
+            for i, prompt in enumerate(ec.prompts):
+                with autocast(self.device, self.precision):
+                    samples[prompt] = sample_text(
+                        self.model,
+                        self.tokenizer,
+                        prompt,
+                        ec.sample_tokens,
+                        ec.temperature,
+                        ec.top_k,
+                        seed=self.config.train.seed + i,  # fixed per prompt: changes show learning
+                    )
+            self.last_samples = samples
+        log.eval(self.step, metrics, samples)
+
+    def _checkpoint_due(self, last_save: float) -> bool:
+        cc = self.config.checkpoint
+        by_steps = cc.every_steps > 0 and self.step % cc.every_steps == 0
+        by_time = cc.every_minutes > 0 and time.monotonic() - last_save >= 60 * cc.every_minutes
+        fresh_best = self._val_step == self.step and self.last_val_loss == self.best_val_loss
+        return (by_steps or by_time or fresh_best) and self.step < self.config.train.max_steps
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def resume_command(self) -> str:
+        return f"gptkit train {self.run_dir / 'config.yaml'} --resume latest"
+
+    def _print_budget(self) -> None:
+        est = memory_estimate(self.config.model, self.n_params, self.micro_batch, self.precision)
+        total = sum(est.values())
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in est.items())
+        notice(
+            f"{self.run_name}: {self.n_params / 1e6:.2f}M parameters on {self.device} ({self.precision}); "
+            f"micro-batch {self.micro_batch} x {self.config.model.block_size} tokens, {self.accum} "
+            f"accumulation step(s), {self.tokens_per_step:,} tokens per step"
+        )
+        free = format_bytes(available_memory(self.device))
+        notice(f"memory estimate: {format_bytes(total)} ({parts}); {free} free")
+
+    def _report(self, stopped: bool) -> None:
+        seconds = self.wall_seconds
+        write_report(
+            self.run_dir,
+            {
+                "run_name": self.run_name,
+                "status": "stopped early (emergency checkpoint)" if stopped else "finished",
+                "resume_command": self.resume_command() if stopped else None,
+                "config": self.config.model_dump(mode="json"),
+                "params": self.n_params,
+                "tokenizer": self.tokenizer.kind,
+                "device": str(self.device),
+                "precision": self.precision,
+                "micro_batch_size": self.micro_batch,
+                "grad_accum": self.accum,
+                "tokens_per_step": self.tokens_per_step,
+                "steps": self.step,
+                "tokens": self.tokens,
+                "wall_seconds": seconds,
+                "tokens_per_sec": self.tokens / seconds if seconds else None,
+                "best_val_loss": self.best_val_loss,
+                "samples": self.last_samples,
+            },
+        )
+
+
+def accumulation_steps(config: RunConfig, micro_batch: int, world_size: int = 1) -> int:
+    """Micro-batches per optimiser step so that each step sees `train.tokens_per_step` tokens."""
+    per_micro = micro_batch * config.model.block_size * world_size
+    wanted = config.train.tokens_per_step
+    if wanted is None:
+        return 1
+    if wanted % per_micro:
+        raise GptkitError(
+            f"train.tokens_per_step ({wanted}) is not a multiple of micro-batch x block_size"
+            f"{' x processes' if world_size > 1 else ''} ({per_micro}); choose a multiple such as "
+            f"{max(1, round(wanted / per_micro)) * per_micro}"
+        )
+    return wanted // per_micro
