@@ -412,3 +412,22 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(
         assert not [p for p in folder.iterdir() if p.name.startswith(".")], "no temporary file is left"
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_auto_micro_batch_fits_memory_and_keeps_the_step(tmp_path: Path, char_data: Path) -> None:
+    result = train(
+        config(
+            tmp_path,
+            char_data,
+            "name=auto",
+            "train.micro_batch_size=auto",
+            "train.tokens_per_step=1024",
+            "train.max_steps=2",
+            "eval.every=0",
+        )
+    )
+    saved = load_config(tmp_path / "runs" / "auto" / "config.yaml")
+    micro = saved.train.micro_batch_size
+    assert isinstance(micro, int) and 1 <= micro <= 32 and 1024 % (micro * 32) == 0
+    assert result.tokens == 2 * 1024
+    assert micro == 32, "a 30k-parameter model fits the largest micro-batch that divides the step"

@@ -88,14 +88,37 @@ def resolve_micro_batch(config: RunConfig, n_params: int) -> int:
     budget = 0.7 * available_memory(device)
     per_step = config.train.tokens_per_step
     block = config.model.block_size
-    best = 1
-    for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
-        if per_step is not None and per_step % (b * block):
-            continue
-        if sum(memory_estimate(config.model, n_params, b, precision).values()) <= budget:
-            best = b
-    notice(f"micro_batch_size=auto: {best} (estimated to fit in {budget / 2**30:.1f} GiB)")
+    fits = [
+        b
+        for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+        if (per_step is None or per_step % (b * block) == 0)
+        and sum(memory_estimate(config.model, n_params, b, precision).values()) <= budget
+    ] or [1]
+    if device.type == "cuda":  # estimates are rough on GPUs: try the candidates, largest first
+        best = next((b for b in reversed(fits) if _fits_on_cuda(config, b, device, precision)), 1)
+    else:
+        best = fits[-1]
+    notice(f"micro_batch_size=auto: {best} (fits in {budget / 2**30:.1f} GiB, the step keeps its tokens)")
     return best
+
+
+def _fits_on_cuda(config: RunConfig, micro_batch: int, device: torch.device, precision: str) -> bool:
+    """One forward and backward pass at this micro-batch, without running out of memory."""
+    from gptkit.device import autocast
+
+    model = GPT(config.model).to(device)
+    try:
+        x = torch.zeros(micro_batch, config.model.block_size, dtype=torch.long, device=device)
+        with autocast(device, precision):
+            _, loss = model(x, x)
+        assert loss is not None
+        loss.backward()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        del model
+        torch.cuda.empty_cache()
 
 
 def train(
