@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from gptkit.api import prepare
@@ -278,8 +279,12 @@ def test_killed_run_leaves_nothing_a_loader_or_rerun_accepts(tmp_path: Path) -> 
         time.sleep(0.02)
     else:
         pytest.fail("prepare never started writing shards")
+    helpers = psutil.Process(proc.pid).children(recursive=True)  # the forkserver and the workers
+    assert helpers
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    _, alive = psutil.wait_procs(helpers, timeout=15)
+    assert not alive, "worker processes leave when the prepare that started them is killed"
     assert not out.exists()
     with pytest.raises(GptkitError, match=r"an interrupted prepare left"):
         PreparedData.open(out)

@@ -18,6 +18,8 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -233,11 +235,20 @@ _worker_tokenizer: Tokenizer | None = None
 _worker_dtype: np.dtype | None = None
 
 
-def _init_worker(description: dict[str, Any], dtype: str) -> None:
+def _init_worker(description: dict[str, Any], dtype: str, parent: int | None = None) -> None:
     global _worker_tokenizer, _worker_dtype
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process, one core
     _worker_tokenizer = from_description(description)
     _worker_dtype = np.dtype(dtype)
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """A worker outlives a killed `prepare` (it would wait for work forever): leave when it is gone."""
+    while _alive(parent):
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _encode_batch(batch: Batch) -> tuple[np.ndarray, np.ndarray, int, int]:
@@ -298,6 +309,7 @@ def _tokenize(
         # pydantic) once, instead of each importing it (~0.5 s of CPU per worker). No effect if this
         # process already started its forkserver; "__main__" is multiprocessing's default preload.
         ctx.set_forkserver_preload(["__main__", __name__])
+    init_args = (*init_args, os.getpid())
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init_args) as pool:
         inflight: deque[Future[tuple[np.ndarray, np.ndarray, int, int]]] = deque()
         try:
