@@ -189,6 +189,10 @@ def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
         ),
         (lambda d: _file(d / "bad2.jsonl", b'{"text": "a"}\n{oops\n'), r"bad2.jsonl:2: not valid JSON"),
         (lambda d: _file(d / "bad3.jsonl", b'{"text": 5}\n'), r"bad3.jsonl:1: field 'text' holds int"),
+        (
+            lambda d: _file(d / "bad4.jsonl", b'{"text": "a\\ud800b"}\n'),
+            r"bad4.jsonl:1: invalid Unicode .*surrogate",
+        ),
         (lambda d: _file(d / "x.parquet", b"not parquet"), r"cannot read parquet file"),
         (lambda d: _empty_dir(d / "nothing"), r"holds no readable files"),
     ],

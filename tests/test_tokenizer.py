@@ -289,3 +289,20 @@ def test_bpe_description_without_endoftext_is_rejected(bpe: BPETokenizer) -> Non
     del hf["model"]["vocab"][EOT]
     with pytest.raises(GptkitError, match="endoftext"):
         from_description({"type": "bpe", "hf_json": json.dumps(hf)})
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "char", "bpe"])
+def test_encode_arrays_equals_encode_batch(kind: str) -> None:
+    import numpy as np
+
+    from gptkit.tokenizer import BPETokenizer, CharTokenizer, gpt2_tokenizer
+
+    texts = ["Hello world<|endoftext|>", "", "ünïcödé ✓ 日本語 🙂", "a\n\n  b"]
+    tok = {
+        "gpt2": gpt2_tokenizer,
+        "char": lambda: CharTokenizer.train(texts),
+        "bpe": lambda: BPETokenizer.train(texts * 50, 300),
+    }[kind]()
+    arrays = tok.encode_arrays(texts, np.dtype(np.uint16))
+    assert [a.dtype for a in arrays] == [np.dtype(np.uint16)] * len(texts)
+    assert [a.tolist() for a in arrays] == tok.encode_batch(texts)

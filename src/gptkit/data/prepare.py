@@ -38,7 +38,6 @@ from gptkit.errors import GptkitError
 from gptkit.tokenizer import (
     BPETokenizer,
     CharTokenizer,
-    GPT2Tokenizer,
     Tokenizer,
     from_description,
     gpt2_tokenizer,
@@ -255,7 +254,7 @@ def _encode_batch(batch: Batch) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Tokenize a batch into one train and one val array, with end-of-text after each document."""
     assert _worker_tokenizer is not None and _worker_dtype is not None
     texts, lasts, vals = batch
-    arrays = _encode_arrays(_worker_tokenizer, texts, _worker_dtype)
+    arrays = _worker_tokenizer.encode_arrays(texts, _worker_dtype)
     eot = np.array([_worker_tokenizer.eot_id], dtype=_worker_dtype)
     out = []
     for want_val in (False, True):
@@ -272,26 +271,6 @@ def _encode_batch(batch: Batch) -> tuple[np.ndarray, np.ndarray, int, int]:
         )
     n_val = sum(vals)
     return out[0], out[1], len(vals) - n_val, n_val
-
-
-def _encode_arrays(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> list[np.ndarray]:
-    """The ids of `tokenizer.encode_batch(texts)` as arrays, without a Python int per token for gpt2.
-
-    tiktoken's `encode_to_numpy` (tiktoken >= 0.9) with no special tokens allowed is
-    `encode_ordinary` (special-token strings are text) returning the Rust buffer itself: no list of
-    ints to build, then iterate. Text that UTF-8 cannot encode (lone surrogates, e.g. from JSON
-    "\\ud800") goes through `encode`, which repairs it as tiktoken's `encode_ordinary` does.
-    """
-    to_numpy = getattr(getattr(tokenizer, "_enc", None), "encode_to_numpy", None)
-    if not isinstance(tokenizer, GPT2Tokenizer) or to_numpy is None:
-        return [np.array(ids, dtype=dtype) for ids in tokenizer.encode_batch(texts)]
-    arrays = []
-    for text in texts:
-        try:
-            arrays.append(to_numpy(text, allowed_special=set(), disallowed_special=()))
-        except UnicodeEncodeError:
-            arrays.append(np.array(tokenizer.encode(text), dtype=dtype))
-    return arrays
 
 
 def _tokenize(

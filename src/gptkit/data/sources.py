@@ -228,6 +228,11 @@ def _field_text(record: Any, text_field: str, where: str, skips: SkipLog) -> str
     if not isinstance(text, str):
         skips.bad(where, f"field {text_field!r} holds {type(text).__name__}, not text")
         return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, e.g. JSON "\ud800": not text any tokenizer takes
+        skips.bad(where, f"invalid Unicode in field {text_field!r} (lone surrogate at character {e.start})")
+        return None
     return text
 
 
