@@ -15,11 +15,11 @@ from gptkit.train.report import write_report
 from gptkit.train.runlog import (
     RunLog,
     format_postfix,
-    mlflow_local_uri,
     plot_loss_curve,
     read_metrics,
     sample_sections,
 )
+from gptkit.train.trackers import mlflow_local_uri
 
 PROMPTS = ["\n", "ROMEO:"]
 

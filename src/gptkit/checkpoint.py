@@ -20,6 +20,7 @@ import torch
 
 import gptkit
 from gptkit.errors import GptkitError
+from gptkit.files import fsync_dir
 
 FORMAT = "gptkit-checkpoint"
 FORMAT_VERSION = 1
@@ -97,12 +98,7 @@ def save_checkpoint(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fsync_dir(path.parent)
     return path
 
 

@@ -28,6 +28,7 @@ from gptkit.errors import GptkitError
 
 IGNORE_INDEX = -100  # targets with this value are left out of the loss (F.cross_entropy's default)
 LAYER_NORM_EPS = 1e-5  # GPT-2's value
+LOSS_CHUNK_ELEMENTS = 2**27  # fused loss: logits of at most this many entries exist at a time (512 MiB fp32)
 
 
 class KVCache:
@@ -89,6 +90,70 @@ def causal_mask(t_new: int, t_past: int, device: torch.device) -> tuple[Tensor |
     # query i sits at absolute position t_past + i and may see keys 0 .. t_past + i (True = attend)
     mask = torch.ones(t_new, t_past + t_new, dtype=torch.bool, device=device).tril(diagonal=t_past)
     return mask, False
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits `x @ weight[:vocab_size].T`, with its gradient found in forward.
+
+    The same numbers as `F.cross_entropy(F.linear(x, weight[:vocab_size]), targets)`, but cheaper in
+    training: the logits (N x vocab, the largest tensor of a small GPT) are made a chunk of rows at a
+    time and turned in place into their gradient, softmax - one_hot, right away, so nothing of that
+    size is kept for backward or copied between dtypes more than once. Backward only scales the two
+    gradients by the incoming one. `dtype` is the matmul precision (bf16 under autocast); the softmax
+    is computed in fp32 as with autocast. The gradient of padding rows (>= vocab_size) is zero.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        vocab_size: int,
+        dtype: torch.dtype,
+        chunk_elements: int = LOSS_CHUNK_ELEMENTS,
+    ) -> Tensor:
+        n = x.size(0)
+        w = weight[:vocab_size].to(dtype)  # a contiguous view in fp32; the copy autocast would make in bf16
+        valid = (targets != IGNORE_INDEX).unsqueeze(1)
+        safe = targets.unsqueeze(1).masked_fill(~valid, 0)
+        xd = (x * valid).to(dtype)  # ignored rows zeroed: they add nothing to the weight's gradient
+        grad_x = torch.empty_like(xd)
+        grad_w = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
+        grad_w[vocab_size:].zero_()
+        total = torch.zeros((), device=x.device, dtype=torch.float32)
+        rows = max(1, chunk_elements // vocab_size)
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            logp = torch.log_softmax(xd[s:e] @ w.T, dim=1, dtype=torch.float32)
+            logp_t = logp.gather(1, safe[s:e])
+            total -= (logp_t * valid[s:e]).sum()
+            if dtype == torch.float32:
+                grad = logp.exp_()  # softmax, in place
+            else:
+                grad = torch.exp(logp, out=torch.empty(logp.shape, device=x.device, dtype=dtype))
+            del logp
+            grad.scatter_(1, safe[s:e], torch.expm1(logp_t).to(dtype))  # p - 1 at the target, precisely
+            torch.mm(grad, w, out=grad_x[s:e])
+            if s == 0 and grad_w.dtype == dtype:
+                torch.mm(grad.T, xd[s:e], out=grad_w[:vocab_size])
+            elif s == 0:
+                grad_w[:vocab_size].copy_(grad.T @ xd[s:e])
+            else:
+                grad_w[:vocab_size] += grad.T @ xd[s:e]
+        count = valid.sum()
+        # Kept as attributes, not saved tensors: backward scales them in place and lets them go.
+        ctx.grads = (grad_x.mul_(valid), grad_w, count, x.dtype)
+        return total / count
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if ctx.grads is None:
+            raise RuntimeError("the fused loss can be differentiated once (retain_graph is not supported)")
+        grad_x, grad_w, count, x_dtype = ctx.grads
+        ctx.grads = None
+        scale = grad_loss / count
+        return grad_x.to(x_dtype).mul_(scale), grad_w.mul_(scale), None, None, None, None
 
 
 class CausalSelfAttention(nn.Module):
@@ -238,10 +303,14 @@ class GPT(nn.Module):
         idx: Tensor,
         targets: Tensor | None = None,
         cache: KVCache | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+        *,
+        return_logits: bool = True,
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T), and the mean loss if `targets` given.
 
         With a `cache`, `idx` holds only the new tokens; they are placed after the cached positions.
+        `return_logits=False` with `targets` returns (None, loss), computed by `LinearCrossEntropy`
+        without keeping the logits: what a training step wants (the same loss, a faster step).
         """
         B, T = idx.shape
         pos = self._check_length(B, T, cache)
@@ -255,14 +324,25 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(T)  # every layer has written its keys/values for these T positions
 
-        # Cut off the padding columns so that softmax, loss and sampling never see padded ids.
-        logits = self.lm_head(x)[..., : self.config.vocab_size]
+        # Only the first vocab_size rows of the (padded) head: softmax, loss and sampling never see
+        # padded ids. A row slice is contiguous, so the logits come out contiguous too (cutting
+        # columns off padded logits instead would make the loss copy them).
+        head = self.lm_head.weight[: self.config.vocab_size]
+        if targets is not None and not return_logits and torch.is_grad_enabled() and x.requires_grad:
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            with torch.autocast(device, enabled=False):
+                loss = LinearCrossEntropy.apply(
+                    x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size, dtype
+                )
+            return None, loss
+        logits = F.linear(x, head)
 
         loss = None
         if targets is not None:
             # upcast: cross-entropy of fp16/bf16 logits loses precision (a no-op for fp32)
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return logits, loss
+        return (logits if return_logits or targets is None else None), loss
 
     def _check_length(self, batch_size: int, t_new: int, cache: KVCache | None) -> int:
         """Raise a clear error if the tokens do not fit; return the position of the first new token."""

@@ -35,6 +35,7 @@ from gptkit.console import notice
 from gptkit.data.shards import FORMAT, FORMAT_VERSION, SPLITS, shard_name, token_dtype
 from gptkit.data.sources import Piece, SkipLog, Source, resolve_sources
 from gptkit.errors import GptkitError
+from gptkit.files import fsync_dir, write_atomic
 from gptkit.tokenizer import (
     BPETokenizer,
     CharTokenizer,
@@ -77,7 +78,7 @@ def prepare_data(
         meta = _meta(tokenizer, dtype, splits, sources, config, skips)
         if tokenizer.kind == "bpe":
             (tmp / "tokenizer.json").write_text(tokenizer.describe()["hf_json"], encoding="utf-8")
-        _write_json_durably(tmp / "meta.json", meta)
+        write_atomic(tmp / "meta.json", json.dumps(meta, indent=1) + "\n", durable=True)
         _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -130,26 +131,9 @@ def _publish(tmp: Path, final: Path) -> None:
         old = final.parent / f".{final.name}.old-{os.getpid()}"
         final.rename(old)
     tmp.rename(final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_json_durably(path: Path, obj: Any) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class ShardWriter:

@@ -8,7 +8,6 @@ takes the newest file that loads, and says so when it has to skip a damaged one.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from gptkit.checkpoint import load_checkpoint, save_checkpoint
 from gptkit.console import notice
 from gptkit.errors import GptkitError
+from gptkit.files import write_atomic
 
 NAME = re.compile(r"^step_(\d+)\.pt$")
 
@@ -66,9 +66,7 @@ class RunCheckpoints:
         return path
 
     def _write_best(self, best: dict[str, Any]) -> None:
-        tmp = self.best_file.with_name(".best.json.tmp")
-        tmp.write_text(json.dumps(best))
-        os.replace(tmp, self.best_file)
+        write_atomic(self.best_file, json.dumps(best), durable=True)
 
     def _rotate(self) -> None:
         best = self.best()

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gptkit.config import RunConfig
+from gptkit.files import write_atomic
 from gptkit.train.runlog import (
     LOSS_PNG,
     METRICS_FILE,
@@ -18,7 +19,6 @@ from gptkit.train.runlog import (
     read_metrics,
     sample_sections,
     si,
-    write_atomic,
 )
 
 REPORT_FILE = "report.md"

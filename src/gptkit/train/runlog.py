@@ -14,47 +14,30 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import math
 import os
 import re
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 from tqdm import tqdm
 
 from gptkit.config import RunConfig
 from gptkit.console import notice
-from gptkit.errors import GptkitError
+from gptkit.files import write_atomic
+from gptkit.train.trackers import MLflowTracker, Status, TensorBoardTracker, WandbTracker
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.md"
 LOSS_PNG = "loss.png"
-MLFLOW_RUN_ID_FILE = "mlflow_run_id"
-WANDB_RUN_ID_FILE = "wandb_run_id"
 NO_PROGRESS_ENV = "GPTKIT_NO_PROGRESS"  # 1: no progress bar (tests, scripts)
 
-Status = Literal["finished", "stopped", "failed"]
 
 # ---------------------------------------------------------------------------------------------
 # Files
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Temp file beside `path`, then rename: readers and crashes see the old file or the new, never half."""
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(raw)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -157,159 +140,6 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _tag(split: str, key: str) -> str:
-    """TensorBoard/W&B name: train/loss, val/loss (not val/val_loss)."""
-    return f"{split}/{key.removeprefix('val_') if split == 'val' else key}"
-
-
-def _mlflow_key(split: str, key: str) -> str:
-    """MLflow name: train_loss, val_loss."""
-    return key if split == "val" and key.startswith("val_") else f"{split}_{key}"
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"model": {"n_layer": 4}} → {"model.n_layer": 4}."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Optional trackers: each one is imported only when switched on, and copies what metrics.jsonl gets.
-
-
-def _missing(option: str, package: str) -> GptkitError:
-    return GptkitError(
-        f"log.{option} is on but {package} is not installed; "
-        f"pip install 'gptkit[{option}]' or set log.{option}=false"
-    )
-
-
-class _TensorBoard:
-    def __init__(self, run_dir: Path, start_step: int) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise _missing("tensorboard", "tensorboard") from None
-        # Purging from start_step + 1 hides what a crashed run wrote past its checkpoint, as in metrics.jsonl.
-        self.writer = SummaryWriter(
-            str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
-        )
-
-    def log(self, split: str, step: int, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            self.writer.add_scalar(_tag(split, key), value, step)
-        if split == "val":
-            self.writer.flush()
-
-    def close(self, status: Status) -> None:
-        self.writer.close()
-
-
-@contextmanager
-def _quiet(*loggers: str) -> Iterator[None]:
-    """Hide libraries' INFO chatter (e.g. MLflow creating its tables) for a moment."""
-    saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
-    for logger, _ in saved:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in saved:
-            logger.setLevel(level)
-
-
-def mlflow_local_uri(run_dir: Path) -> str:
-    """MLflow's store when log.mlflow_tracking_uri is unset: SQLite in the run folder (MLflow 3 refuses
-    its old file store unless told otherwise, and SQLite needs no server)."""
-    return f"sqlite:///{(run_dir / 'mlflow.db').resolve().as_posix()}"
-
-
-class _MLflow:
-    EXPERIMENT = "gptkit"
-    STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
-
-    def __init__(self, run_dir: Path, config: RunConfig, run_name: str, resume: bool) -> None:
-        try:
-            from mlflow.entities import Metric, Param
-            from mlflow.exceptions import MlflowException
-            from mlflow.tracking import MlflowClient
-        except ImportError:
-            raise _missing("mlflow", "mlflow") from None
-        self._metric = Metric
-        uri = config.log.mlflow_tracking_uri or mlflow_local_uri(run_dir)
-        id_file = run_dir / MLFLOW_RUN_ID_FILE
-        try:
-            with _quiet("mlflow.store.db.utils", "alembic"):
-                self.client = MlflowClient(tracking_uri=uri)
-            self.run_id = id_file.read_text().strip() if resume and id_file.is_file() else ""
-            if self.run_id:
-                try:
-                    self.client.update_run(self.run_id, status="RUNNING")
-                except MlflowException:
-                    notice(f"MLflow run {self.run_id} is not in {uri}; starting a new MLflow run")
-                    self.run_id = ""
-            if not self.run_id:
-                experiment = self.client.get_experiment_by_name(self.EXPERIMENT)
-                if experiment is not None:
-                    experiment_id = experiment.experiment_id
-                else:
-                    local = config.log.mlflow_tracking_uri is None
-                    artifacts = (run_dir / "mlartifacts").resolve().as_uri() if local else None
-                    experiment_id = self.client.create_experiment(
-                        self.EXPERIMENT, artifact_location=artifacts
-                    )
-                run = self.client.create_run(experiment_id, run_name=run_name)
-                self.run_id = run.info.run_id
-                params = [Param(k, str(v)[:500]) for k, v in flatten(config.model_dump(mode="json")).items()]
-                for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-                    self.client.log_batch(self.run_id, params=params[i : i + 100])
-                write_atomic(id_file, self.run_id + "\n")
-        except MlflowException as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise GptkitError(
-                f"MLflow at {uri} failed: {first}; check log.mlflow_tracking_uri or set log.mlflow=false"
-            ) from None
-
-    def log(self, split: str, step: int, metrics: dict[str, float]) -> None:
-        now = int(time.time() * 1000)
-        batch = [self._metric(_mlflow_key(split, k), v, now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
-
-    def close(self, status: Status) -> None:
-        self.client.set_terminated(self.run_id, status=self.STATUS[status])
-
-
-class _WandB:
-    def __init__(self, run_dir: Path, config: RunConfig, run_name: str, resume: bool) -> None:
-        try:
-            import wandb
-        except ImportError:
-            raise _missing("wandb", "wandb") from None
-        id_file = run_dir / WANDB_RUN_ID_FILE
-        run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
-        self.run = wandb.init(
-            mode="offline",
-            dir=str(run_dir),
-            project="gptkit",
-            name=run_name,
-            id=run_id,
-            resume="allow" if run_id else None,
-            config=config.model_dump(mode="json"),
-        )
-        write_atomic(id_file, self.run.id + "\n")
-
-    def log(self, split: str, step: int, metrics: dict[str, float]) -> None:
-        self.run.log({_tag(split, k): v for k, v in metrics.items()}, step=step)
-
-    def close(self, status: Status) -> None:
-        self.run.finish(exit_code=0 if status == "finished" else 1)
-
-
 # ---------------------------------------------------------------------------------------------
 # The run log
 
@@ -341,15 +171,15 @@ class RunLog:
             self._track_best(record["step"], record.get("val_loss"))
         self._file = self.metrics_path.open("a", encoding="utf-8")
         self._bar: tqdm | None = None
-        self._trackers: list[_TensorBoard | _MLflow | _WandB] = []
+        self._trackers: list[TensorBoardTracker | MLflowTracker | WandbTracker] = []
         try:
             resume = start_step > 0
             if config.log.tensorboard:
-                self._trackers.append(_TensorBoard(self.run_dir, start_step))
+                self._trackers.append(TensorBoardTracker(self.run_dir, start_step))
             if config.log.mlflow:
-                self._trackers.append(_MLflow(self.run_dir, config, run_name, resume))
+                self._trackers.append(MLflowTracker(self.run_dir, config, run_name, resume))
             if config.log.wandb:
-                self._trackers.append(_WandB(self.run_dir, config, run_name, resume))
+                self._trackers.append(WandbTracker(self.run_dir, config, run_name, resume))
         except BaseException:
             self.close("failed")
             raise
