@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -327,9 +328,10 @@ def test_sigint_saves_an_emergency_checkpoint_that_resumes_exactly(tmp_path: Pat
     assert "stopped early" in (run / "report.md").read_text()
 
     total = stopped_at + 5
-    resumed = subprocess.run(
-        cli(tmp_path, char_data, "train.max_steps=400", *args)
-        + ["--resume", "latest", "--stop-at", str(total)],
+    printed = re.search(r"resume with: gptkit (train .*--resume latest)", err)
+    assert printed, err
+    resumed = subprocess.run(  # the command it printed, as a user would paste it
+        [sys.executable, "-m", "gptkit", *printed.group(1).split(), "--stop-at", str(total)],
         env=env,
         capture_output=True,
         text=True,
