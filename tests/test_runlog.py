@@ -253,3 +253,23 @@ def test_wandb_missing_names_the_fix(tmp_path: Path) -> None:
         GptkitError, match=r"log.wandb is on but wandb is not installed; pip install 'gptkit\[wandb\]'"
     ):
         RunLog(tmp_path, make_config(wandb=True), "w", start_step=0, max_steps=30)
+
+
+def test_wandb_offline_run_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb", reason="wandb is not installed (extra gptkit[wandb])")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = RunLog(tmp_path, make_config(wandb=True), "w", start_step=0, max_steps=6)
+    for step in range(1, 4):
+        log.train(step, {"loss": 4.0 - step, "lr": 1e-3})
+    log.close("stopped")
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    log = RunLog(tmp_path, make_config(wandb=True), "w", start_step=3, max_steps=6)
+    for step in range(4, 7):
+        log.train(step, {"loss": 4.0 - step, "lr": 1e-3})
+    log.eval(6, {"val_loss": 1.5})
+    log.close()
+    assert (tmp_path / "wandb_run_id").read_text().strip() == run_id, "a resumed run continues the W&B run"
+    files = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert files, "offline records of the run, under its id"
+    data = b"".join(f.read_bytes() for f in files)
+    assert b"train/loss" in data, "the logged series are in the offline records"
