@@ -296,3 +296,23 @@ def test_cache_beyond_block_size_or_max_len_raises() -> None:
         model(torch.zeros(2, 1, dtype=torch.long), cache=small)
     with pytest.raises(GptkitError, match="block_size"):
         model.new_cache(batch_size=1, max_len=65)
+
+
+def test_fused_loss_matches_logits_loss_and_gradients() -> None:
+    """return_logits=False (the trainer's path) gives the same loss and gradients as the plain path."""
+    torch.manual_seed(0)
+    config = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=101)
+    idx = torch.randint(0, 101, (3, 16))
+    targets = torch.randint(0, 101, (3, 16))
+    targets[0, :5] = -100
+    model = GPT(config)
+    _, plain = model(idx, targets)
+    plain.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits, fused = model(idx, targets, return_logits=False)
+    fused.backward()
+    assert logits is None
+    assert float(fused) == pytest.approx(float(plain), abs=1e-5)
+    for name, p in model.named_parameters():
+        assert float((p.grad - expected[name]).abs().max()) < 1e-5, name

@@ -1,17 +1,25 @@
 """Device and precision choices, made once here so that training and inference agree.
 
 The same config runs on CUDA, MPS and CPU: "auto" picks the best device present, and
-"auto" precision picks bf16 autocast only where the device multiplies bf16 natively.
+"auto" precision picks bf16 autocast only where the device multiplies bf16 natively (on a CPU, only
+for models wide enough to gain from it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import platform
+import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from gptkit.errors import GptkitError
+
+if TYPE_CHECKING:
+    from gptkit.config import ModelConfig
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -44,10 +52,25 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def pick_precision(name: str, device: torch.device) -> str:
-    """Resolve `auto`; refuse fp16 on CPU (no speed-up there, and the gradient scaler is CUDA-first)."""
+# On CPU, bf16 autocast pays off from this model width on (bench/train_throughput.py --precision-only:
+# 1.13x at width 64, 1.3x at 96-128, 1.5x at 256-384; 0.7x at width 32, where casts cost more than
+# the matmuls save).
+CPU_BF16_MIN_WIDTH = 128
+
+
+def pick_precision(name: str, device: torch.device, model: ModelConfig | None = None) -> str:
+    """Resolve `auto`; refuse fp16 on CPU (no speed-up there, and the gradient scaler is CUDA-first).
+
+    auto: bf16 autocast where the device multiplies bf16 natively (CUDA with bf16, CPUs with
+    AVX512-BF16 or AMX), except on a CPU for a `model` narrower than CPU_BF16_MIN_WIDTH: fp32 there.
+    Without `model`, auto picks by the device alone.
+    """
     if name == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
+        if not native_bf16(device):
+            return "fp32"
+        if device.type == "cpu" and model is not None and model.n_embd < CPU_BF16_MIN_WIDTH:
+            return "fp32"
+        return "bf16"
     if name == "fp16" and device.type == "cpu":
         raise GptkitError("precision fp16 is not supported on CPU; use bf16 or fp32")
     return name
@@ -63,7 +86,15 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 @contextlib.contextmanager
 def fast_matmul(device: torch.device) -> Iterator[None]:
-    """TF32 matmuls on CUDA (Ampere and newer): much faster, and precise enough for training."""
+    """Speed settings for a training loop on `device`, undone on exit.
+
+    CUDA (Ampere and newer): TF32 matmuls, much faster and precise enough for training.
+    CPU: freed memory is kept for reuse (`reuse_freed_memory`).
+    """
+    if device.type == "cpu":
+        with reuse_freed_memory():
+            yield
+        return
     if device.type != "cuda":
         yield
         return
@@ -73,3 +104,48 @@ def fast_matmul(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+# glibc's mallopt parameters and their defaults
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_reuse_depth = 0
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def reuse_freed_memory() -> Iterator[None]:
+    """Keep freed memory in the process instead of giving it back to the OS (glibc; else a no-op).
+
+    glibc serves every allocation above 32 MB (logits, their gradient, the fp32 copy of bf16 logits
+    ...) with a fresh mmap and unmaps it when freed, so each training step page-faults its big
+    tensors in again, zero-filled by the kernel: that costs as much as the softmax over the logits
+    itself. Without mmap and without trimming, the heap grows to the step's peak once and each
+    step reuses it (what jemalloc or tcmalloc, the usual LD_PRELOAD advice for PyTorch on CPU,
+    achieve). The memory stays with the process until the context exits. Nestable.
+    """
+    global _reuse_depth
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    if _reuse_depth == 0:
+        libc.mallopt(_M_MMAP_MAX, 0)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    _reuse_depth += 1
+    try:
+        yield
+    finally:
+        _reuse_depth -= 1
+        if _reuse_depth == 0:
+            libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+            libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+            libc.malloc_trim(0)

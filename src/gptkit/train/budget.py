@@ -19,20 +19,29 @@ def flops_per_token(config: ModelConfig, n_params: int) -> int:
 
 @functools.cache
 def matmul_ceiling(device_type: str, precision: str) -> float:
-    """Measured FLOP/s of large matmuls in `precision` on this device: the physical ceiling MFU refers to."""
+    """Measured FLOP/s of large matmuls in `precision` on this device: the physical ceiling MFU refers to.
+
+    5 to 20 timed 2048^3 matmuls (about a second at most, into a preallocated output); the median of
+    the fastest three: fast ones, so that other work on a shared machine does not lower the ceiling
+    (which would inflate MFU), but not a single outlier.
+    """
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     n = 2048
     g = torch.Generator(device_type).manual_seed(0)  # its own generator: training's RNG stays untouched
     a = torch.randn(n, n, device=device_type, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device_type, dtype=dtype, generator=g)
-    best = float("inf")
-    for _ in range(4):
+    out = torch.mm(a, b)  # warm-up: the first call may set kernels up
+    times = []
+    start = time.perf_counter()
+    for i in range(20):
         _sync(device_type)
-        start = time.perf_counter()
-        a @ b
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
         _sync(device_type)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+        times.append(time.perf_counter() - t0)
+        if i >= 4 and time.perf_counter() - start > 1.0:
+            break
+    return 2 * n**3 / sorted(times)[1]
 
 
 def _sync(device_type: str) -> None:

@@ -243,7 +243,7 @@ class Trainer:
         for _ in range(self.accum):
             x, y = (t.to(self.device, non_blocking=True) for t in self.train_source.next_batch())
             with autocast(self.device, self.precision):
-                _, loss = self.step_model(x, y)
+                _, loss = self.step_model(x, y, return_logits=False)  # fused loss: no logits kept
             assert loss is not None
             # Each micro-batch's mean loss, divided by accum: the gradient of the mean over all of them.
             self.scaler.scale(loss / self.accum).backward()
