@@ -15,27 +15,35 @@ For each configuration this script builds
   gives HF our allocator setting (`reuse_freed_memory`) too;
 
 all fed the same batches of real text (tiny Shakespeare, ../shared/data beside the project root,
-GPT-2 tokens; random windows from a seeded generator).
+GPT-2 tokens, or character ids for the "char" configurations whose model vocabulary is 104 like
+the quick start's; random windows from a seeded generator).
+
+Until `Trainer.train_step` calls the model with `return_logits=False` (the fused loss), the gptkit
+rows get that call through `functools.partial` on the trainer's `step_model`, and the rows
+"trainer as is" time the step exactly as the trainer runs it today.
 
 Timing: after `--warmup` untimed steps each, the variants take turns in `--rounds` rounds; in each
 round a variant runs one untimed step and then `--steps` timed full training steps (wall time of
 `train_step()`, which ends with `float(loss)`); tokens/s is batch x T over the median step time.
 Taking turns spreads a shared machine's load over all variants alike; the load average is printed.
-MFU = flops_per_token (gptkit.train.budget: 6N + 12 L C T) x tokens/s / the measured matmul ceiling
+gpt2 (124M) takes 1 warm-up step and 2 rounds of 1 + 2 steps. MFU = flops_per_token
+(gptkit.train.budget: 6N + 12 L C T) x tokens/s / the measured matmul ceiling
 (`budget.matmul_ceiling`) of the precision the run multiplies in. "x HF fp32" is tokens/s over
 HF fp32's tokens/s of the same configuration.
 
-With `--curve`, gptkit's default precision ("auto") and fp32 are each trained for `--curve-steps`
-steps (default 300, the learning-rate schedule over those steps) from the same seed on the same
-batches of the small configuration; the losses are smoothed by a trailing 20-step mean, and the
-maximum relative difference of the smoothed curves and the relative difference of the final
-smoothed loss are printed.
+With `--curve`, gptkit's default precision ("auto", as `pick_precision` resolves it for the model)
+and fp32 are each trained for `--curve-steps` steps (default 300; warm-up 10%, cosine schedule)
+from the same seed on the same batches of each `--curve-configs` configuration; the losses are
+smoothed by a trailing 20-step mean, and the maximum relative difference of the smoothed curves
+and the relative difference of the final smoothed loss are printed. `--curve-losses FILE` keeps
+finished runs' losses, so that a long comparison survives an interruption.
 
-    .venv/bin/python bench/train_throughput.py                  # small and gpt2 (124M), ~12 min
-    .venv/bin/python bench/train_throughput.py --configs small --curve          # + 300-step curves
-    .venv/bin/python bench/train_throughput.py --configs tiny,tiny-gpt2vocab,w256,small --precision-only
+    .venv/bin/python bench/train_throughput.py             # small and gpt2 (124M): about 7 minutes
+    .venv/bin/python bench/train_throughput.py --configs none --curve --curve-losses curves.json
+        # the 300-step curves of the small configuration: about 25 minutes
+    .venv/bin/python bench/train_throughput.py --configs w32,w64,tiny,w256,w256-T128,small --precision-only
 
-`--precision-only` times gptkit fp32 against bf16 only (the data behind precision "auto" on CPU).
+`--precision-only` times gptkit fp32 against bf16 only, the data behind precision "auto" on CPU.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import argparse
 import contextlib
 import functools
 import inspect
+import json
 import os
 import platform
 import statistics
@@ -74,12 +83,15 @@ SMOOTH = 20  # loss curves: trailing mean over this many steps
 # name: model shape, micro-batch, vocabulary ("gpt2": GPT-2's 50257 tokens; "char": 104 ids, the
 # quick start's character vocabulary)
 CONFIGS: dict[str, dict[str, Any]] = {
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch=8, vocab="gpt2"),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch=1, vocab="gpt2"),
+    # for precision "auto" on CPU: widths 32 (the tests' size) to 256
+    "w32": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch=4, vocab="char"),
+    "w64": dict(n_layer=4, n_head=2, n_embd=64, block_size=128, batch=32, vocab="char"),
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch=32, vocab="char"),
     "tiny-gpt2vocab": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch=32, vocab="gpt2"),
     "w256": dict(n_layer=4, n_head=4, n_embd=256, block_size=256, batch=16, vocab="char"),
-    "w256-gpt2vocab": dict(n_layer=4, n_head=4, n_embd=256, block_size=256, batch=16, vocab="gpt2"),
-    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch=8, vocab="gpt2"),
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch=1, vocab="gpt2"),
+    "w256-T128": dict(n_layer=4, n_head=8, n_embd=256, block_size=128, batch=32, vocab="char"),
 }
 CHAR_VOCAB = 104
 
@@ -350,14 +362,23 @@ def smooth(losses: list[float], window: int = SMOOTH) -> np.ndarray:
     return (c[window:] - c[:-window]) / window
 
 
-def curve(name: str, n: int, tmp: Path) -> str:
+def curve(name: str, n: int, tmp: Path, saved: Path | None) -> str:
+    """`saved`: a JSON file of finished runs' losses, reused when present (a long comparison can be
+    split over several invocations) and written after each run."""
     shape = CONFIGS[name]
     batches = make_batches(shape["vocab"], shape["batch"], shape["block_size"], n, seed=1)
-    out = {}
+    runs = json.loads(saved.read_text()) if saved is not None and saved.exists() else {}
     # "auto" as pick_precision resolves it for this model (what the trainer picks once it passes the model)
     auto = pick_precision("auto", torch.device("cpu"), run_config(shape, "auto", tmp, n).model)
+    out = {}
     for precision in ("auto", "fp32"):
-        cfg = run_config(shape, auto if precision == "auto" else precision, tmp / f"curve-{precision}", n)
+        resolved = auto if precision == "auto" else precision
+        key = f"{name}/{resolved}/{n}"
+        if key in runs:
+            out[precision] = (resolved, runs[key]["losses"], runs[key]["seconds"])
+            progress(f"  curve {precision} ({resolved}): {n} steps read from {saved}")
+            continue
+        cfg = run_config(shape, resolved, tmp / f"curve-{precision}", n)
         t = ours(cfg, batches, tmp / f"curve-{precision}", seed=1337)
         start = time.perf_counter()
         losses = []
@@ -367,6 +388,9 @@ def curve(name: str, n: int, tmp: Path) -> str:
                 if (i + 1) % 25 == 0:
                     progress(f"  curve {precision} ({t.precision}): step {i + 1}/{n}, loss {losses[-1]:.3f}")
         out[precision] = (t.precision, losses, time.perf_counter() - start)
+        if saved is not None:
+            runs[key] = {"losses": losses, "seconds": out[precision][2]}
+            saved.write_text(json.dumps(runs))
     (p_auto, a, ta), (_, b, tb) = out["auto"], out["fp32"]
     sa, sb = smooth(a), smooth(b)
     rel = np.abs(sa - sb) / sb
@@ -389,13 +413,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="small,gpt2", help="comma-separated: " + ", ".join(CONFIGS))
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per variant and round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision-only", action="store_true", help="gptkit fp32 vs bf16 only")
     parser.add_argument("--curve", action="store_true", help="also the loss-curve comparison")
     parser.add_argument("--curve-steps", type=int, default=300)
     parser.add_argument("--curve-configs", default="small", help="configs of the loss-curve comparison")
+    parser.add_argument("--curve-losses", type=Path, help="JSON file keeping finished curve runs (reused)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     configs = [c for c in args.configs.split(",") if c and c != "none"]
@@ -436,7 +461,7 @@ def main() -> None:
                 )
         for name in args.curve_configs.split(",") if args.curve else []:
             print()
-            print(curve(name, args.curve_steps, Path(tmp)))
+            print(curve(name, args.curve_steps, Path(tmp), args.curve_losses))
     print(f"\nload average at end {os.getloadavg()[0]:.2f}; {time.perf_counter() - start:.0f} s in all")
 
 

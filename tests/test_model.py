@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gptkit import fused_loss
 from gptkit.config import MODEL_PRESETS, ModelConfig
 from gptkit.errors import GptkitError
 from gptkit.model import GPT, KVCache
@@ -298,8 +299,13 @@ def test_cache_beyond_block_size_or_max_len_raises() -> None:
         model.new_cache(batch_size=1, max_len=65)
 
 
-def test_fused_loss_matches_logits_loss_and_gradients() -> None:
-    """return_logits=False (the trainer's path) gives the same loss and gradients as the plain path."""
+@pytest.mark.parametrize("chunk_elements", [2**27, 101 * 7])
+def test_fused_loss_matches_logits_loss_and_gradients(
+    monkeypatch: pytest.MonkeyPatch, chunk_elements: int
+) -> None:
+    """return_logits=False (the trainer's path) gives the same loss and gradients as the plain path,
+    whether the logits fit one chunk or are cut into many (7 rows per chunk, the last one short)."""
+    monkeypatch.setattr(fused_loss, "LOSS_CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(0)
     config = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=101)
     idx = torch.randint(0, 101, (3, 16))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gptkit.config import ModelConfig, TrainConfig
+from gptkit.device import native_bf16, pick_precision
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
 from gptkit.train.batches import ShardBatches, fixed_batches
@@ -135,3 +136,16 @@ def test_fixed_val_batches_are_fixed_and_spread() -> None:
 def test_too_little_data_is_a_clear_error() -> None:
     with pytest.raises(GptkitError, match=r"fewer than block_size \+ 1 \(65\)"):
         ShardBatches(shards(40, 30), batch_size=1, block_size=64)
+
+
+def test_auto_precision_follows_device_and_model_width() -> None:
+    """auto is bf16 only where the CPU multiplies bf16 natively and the model is wide enough to gain."""
+    cpu = torch.device("cpu")
+    narrow, wide = ModelConfig(n_layer=2, n_head=2, n_embd=64), ModelConfig(preset="small")
+    native = native_bf16(cpu)
+    assert pick_precision("auto", cpu, narrow) == "fp32"
+    assert pick_precision("auto", cpu, wide) == ("bf16" if native else "fp32")
+    assert pick_precision("fp32", cpu, wide) == "fp32"
+    assert pick_precision("bf16", cpu, narrow) == "bf16"  # an explicit choice is kept
+    with pytest.raises(GptkitError, match="fp16 is not supported on CPU"):
+        pick_precision("fp16", cpu, wide)

@@ -25,10 +25,9 @@ from torch import Tensor, nn
 
 from gptkit.config import ModelConfig, validate
 from gptkit.errors import GptkitError
+from gptkit.fused_loss import IGNORE_INDEX, linear_cross_entropy
 
-IGNORE_INDEX = -100  # targets with this value are left out of the loss (F.cross_entropy's default)
 LAYER_NORM_EPS = 1e-5  # GPT-2's value
-LOSS_CHUNK_ELEMENTS = 2**27  # fused loss: logits of at most this many entries exist at a time (512 MiB fp32)
 
 
 class KVCache:
@@ -37,6 +36,10 @@ class KVCache:
     Preallocated once: layer i's keys live in `k[i]` of shape (B, n_head, max_len, head_dim), and the
     first `pos` positions along dim 2 are filled. A forward pass with T new tokens writes positions
     [pos, pos + T) in every layer, then `advance(T)` moves the counter (done by `GPT.forward`).
+
+    Prompts of different lengths share one cache by left padding: `pad[b]` is the number of padding
+    positions in front of sequence b. They are never attended to, and position embeddings count
+    from each sequence's first real token, so a padded sequence gets the logits it would get alone.
     """
 
     def __init__(
@@ -53,6 +56,11 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.pos = 0  # number of positions already stored
+        self.pad: Tensor | None = None  # (B,) left-padding lengths; None: no padding
+
+    def set_padding(self, pad: Tensor | None) -> None:
+        """Declare `pad[b]` leading padding positions in sequence b (before the first forward)."""
+        self.pad = None if pad is None or not bool(pad.any()) else pad.to(self.k[0].device)
 
     @property
     def batch_size(self) -> int:
@@ -75,85 +83,30 @@ class KVCache:
     def reset(self) -> None:
         """Forget everything (the tensors are reused; stale values are never read)."""
         self.pos = 0
+        self.pad = None
 
 
-def causal_mask(t_new: int, t_past: int, device: torch.device) -> tuple[Tensor | None, bool]:
-    """(attn_mask, is_causal) for scaled_dot_product_attention: t_new queries after t_past cached keys.
+def attention_mask(t_new: int, cache: KVCache | None, device: torch.device) -> Tensor | None:
+    """Boolean mask (True = attend) for t_new queries after the cache's positions, or None.
 
-    SDPA's `is_causal=True` aligns the triangle to the top-left corner, which is only right when
-    queries and keys start at the same position, i.e. with no past keys. Otherwise we build the mask.
+    None means "plain causal" when nothing is cached (SDPA's `is_causal=True`, whose triangle is
+    aligned to the top-left corner: right only without past keys) and "everything" for a single new
+    token. With left padding every query also skips the padding keys, except a padding query's own
+    key: a query that sees no key at all would give NaN, which the values of later layers would carry.
     """
-    if t_past == 0:
-        return None, True
-    if t_new == 1:  # the newest token may look at every key, including itself
-        return None, False
-    # query i sits at absolute position t_past + i and may see keys 0 .. t_past + i (True = attend)
+    t_past = 0 if cache is None else cache.pos
+    pad = None if cache is None else cache.pad
+    if pad is None and (t_past == 0 or t_new == 1):
+        return None
+    # query i sits at absolute position t_past + i and may see keys 0 .. t_past + i
     mask = torch.ones(t_new, t_past + t_new, dtype=torch.bool, device=device).tril(diagonal=t_past)
-    return mask, False
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of the logits `x @ weight[:vocab_size].T`, with its gradient found in forward.
-
-    The same numbers as `F.cross_entropy(F.linear(x, weight[:vocab_size]), targets)`, but cheaper in
-    training: the logits (N x vocab, the largest tensor of a small GPT) are made a chunk of rows at a
-    time and turned in place into their gradient, softmax - one_hot, right away, so nothing of that
-    size is kept for backward or copied between dtypes more than once. Backward only scales the two
-    gradients by the incoming one. `dtype` is the matmul precision (bf16 under autocast); the softmax
-    is computed in fp32 as with autocast. The gradient of padding rows (>= vocab_size) is zero.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x: Tensor,
-        weight: Tensor,
-        targets: Tensor,
-        vocab_size: int,
-        dtype: torch.dtype,
-        chunk_elements: int = LOSS_CHUNK_ELEMENTS,
-    ) -> Tensor:
-        n = x.size(0)
-        w = weight[:vocab_size].to(dtype)  # a contiguous view in fp32; the copy autocast would make in bf16
-        valid = (targets != IGNORE_INDEX).unsqueeze(1)
-        safe = targets.unsqueeze(1).masked_fill(~valid, 0)
-        xd = (x * valid).to(dtype)  # ignored rows zeroed: they add nothing to the weight's gradient
-        grad_x = torch.empty_like(xd)
-        grad_w = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
-        grad_w[vocab_size:].zero_()
-        total = torch.zeros((), device=x.device, dtype=torch.float32)
-        rows = max(1, chunk_elements // vocab_size)
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
-            logp = torch.log_softmax(xd[s:e] @ w.T, dim=1, dtype=torch.float32)
-            logp_t = logp.gather(1, safe[s:e])
-            total -= (logp_t * valid[s:e]).sum()
-            if dtype == torch.float32:
-                grad = logp.exp_()  # softmax, in place
-            else:
-                grad = torch.exp(logp, out=torch.empty(logp.shape, device=x.device, dtype=dtype))
-            del logp
-            grad.scatter_(1, safe[s:e], torch.expm1(logp_t).to(dtype))  # p - 1 at the target, precisely
-            torch.mm(grad, w, out=grad_x[s:e])
-            if s == 0 and grad_w.dtype == dtype:
-                torch.mm(grad.T, xd[s:e], out=grad_w[:vocab_size])
-            elif s == 0:
-                grad_w[:vocab_size].copy_(grad.T @ xd[s:e])
-            else:
-                grad_w[:vocab_size] += grad.T @ xd[s:e]
-        count = valid.sum()
-        # Kept as attributes, not saved tensors: backward scales them in place and lets them go.
-        ctx.grads = (grad_x.mul_(valid), grad_w, count, x.dtype)
-        return total / count
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        if ctx.grads is None:
-            raise RuntimeError("the fused loss can be differentiated once (retain_graph is not supported)")
-        grad_x, grad_w, count, x_dtype = ctx.grads
-        ctx.grads = None
-        scale = grad_loss / count
-        return grad_x.to(x_dtype).mul_(scale), grad_w.mul_(scale), None, None, None, None
+    if pad is None:
+        return mask
+    keys = torch.arange(t_past + t_new, device=device)
+    queries = torch.arange(t_past, t_past + t_new, device=device)
+    real_key = keys >= pad[:, None]  # (B, S)
+    own_key = queries[:, None] == keys  # (T, S)
+    return (mask & real_key[:, None, :] | own_key)[:, None]  # (B, 1, T, S): the same for every head
 
 
 CPU_BF16_ATTENTION_MIN_WORK = 32768  # keys x head_dim from which CPU attention is faster in bf16
@@ -188,17 +141,16 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
+        """`mask` comes from `attention_mask` (made once per forward pass, not once per layer)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim): heads become a batch dimension
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
 
-        t_past = 0
+        is_causal = mask is None and (cache is None or cache.pos == 0)
         if cache is not None:
-            t_past = cache.pos
             k, v = cache.update(self.layer_idx, k, v)
-        mask, is_causal = causal_mask(T, t_past, x.device)
 
         dropout = self.dropout if self.training else 0.0
         if _attend_in_fp32(q, k):
@@ -238,8 +190,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -330,17 +282,20 @@ class GPT(nn.Module):
         """Logits (B, T, vocab_size) for token ids `idx` (B, T), and the mean loss if `targets` given.
 
         With a `cache`, `idx` holds only the new tokens; they are placed after the cached positions.
-        `return_logits=False` with `targets` returns (None, loss), computed by `LinearCrossEntropy`
+        `return_logits=False` with `targets` returns (None, loss), computed by `fused_loss`
         without keeping the logits: what a training step wants (the same loss, a faster step).
         """
         B, T = idx.shape
         pos = self._check_length(B, T, cache)
 
         positions = torch.arange(pos, pos + T, device=idx.device)
+        if cache is not None and cache.pad is not None:  # count from each sequence's first real token
+            positions = (positions - cache.pad[:, None]).clamp(min=0)
+        mask = attention_mask(T, cache, idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, cache)
+            x = block(x, cache, mask)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.advance(T)  # every layer has written its keys/values for these T positions
@@ -353,7 +308,7 @@ class GPT(nn.Module):
             device = x.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
             with torch.autocast(device, enabled=False):
-                loss = LinearCrossEntropy.apply(
+                loss = linear_cross_entropy(
                     x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size, dtype
                 )
             return None, loss

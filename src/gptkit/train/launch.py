@@ -84,7 +84,7 @@ def resolve_micro_batch(config: RunConfig, n_params: int) -> int:
     if mb != "auto":
         return int(mb)
     device = pick_device(config.train.device)
-    precision = pick_precision(config.train.precision, device)
+    precision = pick_precision(config.train.precision, device, config.model)
     budget = 0.7 * available_memory(device)
     per_step = config.train.tokens_per_step
     block = config.model.block_size

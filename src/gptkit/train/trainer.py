@@ -23,7 +23,7 @@ from gptkit.config import RunConfig, to_yaml
 from gptkit.console import notice
 from gptkit.device import autocast, fast_matmul, pick_device, pick_precision
 from gptkit.errors import GptkitError
-from gptkit.generate import sample_text
+from gptkit.generate import Sampler, SampleSettings
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer
 from gptkit.train.batches import Batch, TokenSource
@@ -101,7 +101,7 @@ class Trainer:
         self.tokenizer, self.train_source, self.val_batches = tokenizer, train_source, val_batches
         tc = config.train
         self.device = pick_device(tc.device)
-        self.precision = pick_precision(tc.precision, self.device)
+        self.precision = pick_precision(tc.precision, self.device, config.model)
         self.model = model.to(self.device)
         self.micro_batch = int(tc.micro_batch_size)  # resolved from "auto" by the caller
         self.accum = accumulation_steps(config, self.micro_batch, world_size)
@@ -298,17 +298,16 @@ class Trainer:
         ec = self.config.eval
         samples = {}
         if ec.sample_tokens:
+            sampler = Sampler(self.model, self.tokenizer)
             for i, prompt in enumerate(ec.prompts):
+                settings = SampleSettings.of(
+                    max_new_tokens=ec.sample_tokens,
+                    temperature=ec.temperature,
+                    top_k=ec.top_k,
+                    seed=self.config.train.seed + i,  # fixed per prompt: changes show learning
+                )
                 with autocast(self.device, self.precision):
-                    samples[prompt] = sample_text(
-                        self.model,
-                        self.tokenizer,
-                        prompt,
-                        ec.sample_tokens,
-                        ec.temperature,
-                        ec.top_k,
-                        seed=self.config.train.seed + i,  # fixed per prompt: changes show learning
-                    )
+                    samples[prompt] = sampler.generate([prompt], settings)[0][0]
             self.last_samples = samples
         log.eval(self.step, metrics, samples)
 

@@ -1,0 +1,86 @@
+"""The training loss fused with the output layer: cross-entropy without keeping the logits.
+
+For a small GPT the logits (tokens x vocabulary) are the largest tensor of a training step. Computing
+them a chunk at a time and turning each chunk straight into its gradient saves that memory and the
+dtype copies around it: measured 14% off an fp32 step of the small benchmark model
+(bench/train_throughput.py). `GPT.forward(..., return_logits=False)` uses it while training.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100  # targets with this value are left out of the loss (F.cross_entropy's default)
+LOSS_CHUNK_ELEMENTS = 2**27  # logits of at most this many entries exist at a time (512 MiB fp32)
+
+
+def linear_cross_entropy(
+    x: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, dtype: torch.dtype
+) -> Tensor:
+    """Mean cross-entropy of `x (N, C) @ weight[:vocab_size].T` against `targets (N,)`."""
+    return LinearCrossEntropy.apply(x, weight, targets, vocab_size, dtype, LOSS_CHUNK_ELEMENTS)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits `x @ weight[:vocab_size].T`, with its gradient found in forward.
+
+    The same numbers as `F.cross_entropy(F.linear(x, weight[:vocab_size]), targets)`, but cheaper in
+    training: the logits (N x vocab, the largest tensor of a small GPT) are made a chunk of rows at a
+    time and turned in place into their gradient, softmax - one_hot, right away, so nothing of that
+    size is kept for backward or copied between dtypes more than once. Backward only scales the two
+    gradients by the incoming one. `dtype` is the matmul precision (bf16 under autocast); the softmax
+    is computed in fp32 as with autocast. The gradient of padding rows (>= vocab_size) is zero.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        vocab_size: int,
+        dtype: torch.dtype,
+        chunk_elements: int,
+    ) -> Tensor:
+        n = x.size(0)
+        w = weight[:vocab_size].to(dtype)  # a contiguous view in fp32; the copy autocast would make in bf16
+        valid = (targets != IGNORE_INDEX).unsqueeze(1)
+        safe = targets.unsqueeze(1).masked_fill(~valid, 0)
+        xd = (x * valid).to(dtype)  # ignored rows zeroed: they add nothing to the weight's gradient
+        grad_x = torch.empty_like(xd)
+        grad_w = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
+        grad_w[vocab_size:].zero_()
+        total = torch.zeros((), device=x.device, dtype=torch.float32)
+        rows = max(1, chunk_elements // vocab_size)
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            logp = torch.log_softmax(xd[s:e] @ w.T, dim=1, dtype=torch.float32)
+            logp_t = logp.gather(1, safe[s:e])
+            total -= (logp_t * valid[s:e]).sum()
+            if dtype == torch.float32:
+                grad = logp.exp_()  # softmax, in place
+            else:
+                grad = torch.exp(logp, out=torch.empty(logp.shape, device=x.device, dtype=dtype))
+            del logp
+            grad.scatter_(1, safe[s:e], torch.expm1(logp_t).to(dtype))  # p - 1 at the target, precisely
+            torch.mm(grad, w, out=grad_x[s:e])
+            if s == 0 and grad_w.dtype == dtype:
+                torch.mm(grad.T, xd[s:e], out=grad_w[:vocab_size])
+            elif s == 0:
+                grad_w[:vocab_size].copy_(grad.T @ xd[s:e])
+            else:
+                grad_w[:vocab_size] += grad.T @ xd[s:e]
+        count = valid.sum()
+        # Kept as attributes, not saved tensors: backward scales them in place and lets them go.
+        ctx.grads = (grad_x.mul_(valid), grad_w, count, x.dtype)
+        return total / count
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if ctx.grads is None:
+            raise RuntimeError("the fused loss can be differentiated once (retain_graph is not supported)")
+        grad_x, grad_w, count, x_dtype = ctx.grads
+        ctx.grads = None
+        scale = grad_loss / count
+        return grad_x.to(x_dtype).mul_(scale), grad_w.mul_(scale), None, None, None, None

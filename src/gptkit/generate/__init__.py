@@ -1,0 +1,7 @@
+"""Generation: the one sampler, its settings, and text streaming."""
+
+from gptkit.generate.sampler import Piece, Sampler
+from gptkit.generate.settings import SampleSettings
+from gptkit.generate.text import TextStream
+
+__all__ = ["Piece", "SampleSettings", "Sampler", "TextStream"]

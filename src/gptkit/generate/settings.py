@@ -1,0 +1,36 @@
+"""Sampling settings: one validated set, shared by the CLI, chat, the server and the Python API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gptkit.config import validate
+
+
+class SampleSettings(BaseModel):
+    """How to pick each next token and when to stop. Out-of-range values are one-line errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    max_new_tokens: int = Field(256, ge=0, description="tokens to generate at most, per sample")
+    temperature: float = Field(1.0, ge=0.0, description="0: greedy (always the most likely token)")
+    top_k: int | None = Field(None, ge=1, description="sample among the k most likely tokens only")
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0, description="sample from the nucleus: the fewest tokens holding p"
+    )
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, description="> 1 discourages tokens already in the prompt or the output (CTRL's rule)"
+    )
+    stop: list[str] = Field(default_factory=list, description="strings that end a sample (not included)")
+    stop_tokens: list[int] | None = Field(None, description="token ids that end a sample; None: end-of-text")
+    num_samples: int = Field(1, ge=1, le=1024, description="samples per prompt")
+    seed: int | None = Field(None, description="the same seed and settings give the same text")
+
+    @classmethod
+    def of(cls, settings: SampleSettings | None = None, **changes: Any) -> SampleSettings:
+        """`settings` (or the defaults) with `changes` applied and validated; None values are ignored."""
+        data = settings.model_dump() if settings is not None else {}
+        data.update({k: v for k, v in changes.items() if v is not None})
+        return validate(cls, data, "sampling settings")
