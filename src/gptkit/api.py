@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from gptkit.generate.textmodel import TextModel
     from gptkit.train.trainer import TrainResult
 
 
@@ -49,3 +50,28 @@ def info(target: str) -> dict[str, Any]:
     from gptkit.describe import describe
 
     return describe(target)
+
+
+def load(path: str | Path, *, device: str = "auto", quantize: str | None = None) -> TextModel:
+    """A trained model to generate with: `gptkit.load("runs/tiny").generate("Once upon a time")`.
+
+    `path` is a run folder (its newest intact checkpoint) or a checkpoint file. `device` "auto" picks
+    cuda, then mps, then cpu. `quantize` "int8" or "int4" makes weight-only quantised linear layers
+    (CPU inference: less memory, faster decoding; see README).
+    """
+    from gptkit.checkpoint import find_checkpoint, load_model
+    from gptkit.device import pick_device
+    from gptkit.errors import GptkitError
+    from gptkit.generate.textmodel import TextModel
+
+    if quantize not in (None, "int8", "int4"):
+        raise GptkitError(f"quantize must be int8 or int4, not {quantize!r}")
+    target = pick_device(device)
+    ckpt, payload = find_checkpoint(path)
+    model, tokenizer, _ = load_model(payload)
+    model = model.to(target)
+    if quantize is not None:
+        from gptkit.generate.quantize import quantize as quantize_model
+
+        quantize_model(model, quantize)
+    return TextModel(model, tokenizer, source=str(ckpt), chat_template=payload.get("chat_template"))

@@ -19,8 +19,12 @@ from typing import Any, BinaryIO
 import torch
 
 import gptkit
+from gptkit.config import RunConfig, validate
+from gptkit.console import notice
 from gptkit.errors import GptkitError
 from gptkit.files import fsync_dir
+from gptkit.model import GPT
+from gptkit.tokenizer import Tokenizer, from_description
 
 FORMAT = "gptkit-checkpoint"
 FORMAT_VERSION = 1
@@ -127,7 +131,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def run_checkpoints(run: str | Path) -> list[Path]:
-    """A run folder's checkpoint files, oldest first (by their recorded order in the name, then time)."""
+    """A run folder's checkpoint files, oldest first (by time written, then name)."""
     folder = Path(run) / "checkpoints"
     if not folder.is_dir():
         return []
@@ -137,3 +141,47 @@ def run_checkpoints(run: str | Path) -> list[Path]:
 
 def is_run(path: str | Path) -> bool:
     return (Path(path) / "checkpoints").is_dir()
+
+
+def load_newest(
+    files: list[Path], map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest of `files` (oldest first) that loads; damaged newer ones are named and skipped."""
+    for path in reversed(files):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except GptkitError as e:  # the damaged file stays for inspection
+            notice(f"{e}; falling back to an earlier checkpoint")
+    return None
+
+
+def find_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]]:
+    """A checkpoint file, or a run folder's newest intact checkpoint: (its path, its payload)."""
+    path = Path(path)
+    if path.is_dir():
+        if not is_run(path):
+            raise GptkitError(
+                f"{str(path)!r} is not a run folder (no checkpoints/ inside); pass a run folder such as "
+                "runs/tiny or a checkpoint file"
+            )
+        found = load_newest(run_checkpoints(path), map_location)
+        if found is None:
+            raise GptkitError(f"run {str(path)!r} has no intact checkpoint yet; train it first")
+        return found
+    return path, load_checkpoint(path, map_location)
+
+
+def load_model(payload: dict[str, Any]) -> tuple[GPT, Tokenizer, RunConfig]:
+    """The model (on CPU, eval mode), tokenizer and config a checkpoint's payload holds."""
+    config = validate(RunConfig, payload["config"], "checkpoint config")
+    tokenizer = from_description(payload["tokenizer"])
+    if config.model.vocab_size != tokenizer.vocab_size:
+        raise GptkitError(
+            f"checkpoint's model has {config.model.vocab_size} token ids but its tokenizer has "
+            f"{tokenizer.vocab_size}; the checkpoint is inconsistent, use another one"
+        )
+    model = GPT(config.model)
+    model.load_state_dict(clean_state_dict(payload["model"]))
+    return model.eval(), tokenizer, config

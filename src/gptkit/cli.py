@@ -121,12 +121,106 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setting(field: str) -> Any:
+    from gptkit.generate.settings import SampleSettings
+
+    return SampleSettings.model_fields[field].default
+
+
+def add_model_source(p: argparse.ArgumentParser) -> None:
+    """The arguments every command that loads a trained model shares."""
+    p.add_argument(
+        "model", metavar="RUN_OR_CKPT", help="a run folder (its newest checkpoint) or a checkpoint"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantisation")
+
+
+def add_sampling(p: argparse.ArgumentParser) -> None:
+    """Sampling settings (gptkit.generate.SampleSettings); defaults come from there."""
+    p.add_argument("--max-new-tokens", type=int, default=_setting("max_new_tokens"), help="tokens per sample")
+    p.add_argument("--temperature", type=float, default=_setting("temperature"), help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=_setting("top_p"), help="nucleus sampling mass")
+    p.add_argument(
+        "--repetition-penalty", type=float, default=_setting("repetition_penalty"), help="> 1 avoids repeats"
+    )
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="the same seed gives the same text")
+
+
+def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def add_sample(p: argparse.ArgumentParser) -> None:
+    add_model_source(p)
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT", help="a prompt (repeatable)")
+    p.add_argument(
+        "--prompt-file", default=None, metavar="FILE", help="one prompt per line; - reads standard input"
+    )
+    p.add_argument("--num-samples", type=int, default=_setting("num_samples"), help="samples per prompt")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    add_sampling(p)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt values, then --prompt-file lines; with neither, standard input (if not a terminal)."""
+    prompts = list(args.prompt or [])
+    if args.prompt_file is not None:
+        if args.prompt_file == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            try:
+                with open(args.prompt_file, encoding="utf-8") as f:
+                    lines = f.read().splitlines()
+            except FileNotFoundError:
+                raise GptkitError(f"prompt file {args.prompt_file!r} not found") from None
+            except UnicodeDecodeError:
+                raise GptkitError(f"prompt file {args.prompt_file!r} is not UTF-8 text") from None
+        prompts += [line for line in lines if line.strip()]
+        if not prompts:
+            raise GptkitError(f"prompt file {args.prompt_file!r} holds no prompt (one prompt per line)")
+    elif not prompts and not sys.stdin.isatty():
+        prompts = [sys.stdin.read()]
+    if not prompts:
+        raise GptkitError("no prompt; give --prompt TEXT, --prompt-file FILE, or text on standard input")
+    return prompts
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from gptkit.api import load
+
+    prompts = read_prompts(args)
+    model = load(args.model, device=args.device, quantize=args.quantize)
+    settings = sampling_settings(args)
+    settings["num_samples"] = args.num_samples
+    model.settings = model.settings.of(**settings)  # validated before any work starts
+    n = len(prompts) * args.num_samples
+    texts = [] if args.stream else model.generate(prompts, num_samples=args.num_samples)
+    for i in range(n):
+        prompt = prompts[i // args.num_samples]
+        if n > 1:
+            print(f"--- sample {i + 1} of {n} ---", flush=True)
+        print(prompt, end="", flush=True)
+        if args.stream:
+            seed = None if args.seed is None else args.seed + i
+            for piece in model.stream(prompt, seed=seed):
+                print(piece, end="", flush=True)
+        else:
+            print(texts[i], end="")
+        print(flush=True)
+    return 0
+
+
 COMMANDS: dict[
     str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 ] = {
     "prepare": ("tokenize text into token shards for training", add_prepare, run_prepare),
     "train": ("pre-train a model on prepared data", add_train, run_train),
     "info": ("describe a preset, run, checkpoint, prepared data or config", add_info, run_info),
+    "sample": ("generate text from a trained model", add_sample, run_sample),
 }
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from gptkit.checkpoint import is_run, load_checkpoint, run_checkpoints
+from gptkit.checkpoint import is_run, load_checkpoint, load_newest, run_checkpoints
 from gptkit.config import (
     GPT2_VOCAB_SIZE,
     MODEL_PRESETS,
@@ -17,7 +17,6 @@ from gptkit.config import (
     load_config,
     validate,
 )
-from gptkit.console import notice
 from gptkit.data.shards import PreparedData
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
@@ -104,14 +103,11 @@ def _checkpoint_info(path: Path) -> dict[str, Any]:
 
 def _run_info(path: Path) -> dict[str, Any]:
     """The newest intact checkpoint of the run speaks for it."""
-    for ckpt in reversed(run_checkpoints(path)):
-        try:
-            info = _checkpoint_info(ckpt)
-        except GptkitError as e:
-            notice(f"skipping {e}")
-            continue
-        return {**info, "kind": "run", "name": str(path), "checkpoint": str(ckpt)}
-    raise GptkitError(f"run {str(path)!r} has no intact checkpoint yet")
+    found = load_newest(run_checkpoints(path))
+    if found is None:
+        raise GptkitError(f"run {str(path)!r} has no intact checkpoint yet")
+    ckpt, _ = found
+    return {**_checkpoint_info(ckpt), "kind": "run", "name": str(path), "checkpoint": str(ckpt)}
 
 
 def format_info(info: dict[str, Any]) -> str:

@@ -12,8 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gptkit.checkpoint import load_checkpoint, save_checkpoint
-from gptkit.console import notice
+from gptkit.checkpoint import load_newest, save_checkpoint
 from gptkit.errors import GptkitError
 from gptkit.files import write_atomic
 
@@ -34,12 +33,10 @@ def load_latest(run_dir: Path, map_location: str = "cpu") -> tuple[Path, dict[st
     files = step_files(run_dir)
     if not files:
         raise GptkitError(f"run {str(run_dir)!r} has no checkpoint to resume from; start it without --resume")
-    for _, path in reversed(files):
-        try:
-            return path, load_checkpoint(path, map_location)
-        except GptkitError as e:  # the damaged file stays for inspection; the resumed run overwrites it
-            notice(f"{e}; falling back to an earlier checkpoint")
-    raise GptkitError(f"no checkpoint of run {str(run_dir)!r} is intact; start the run again")
+    found = load_newest([p for _, p in files], map_location)
+    if found is None:
+        raise GptkitError(f"no checkpoint of run {str(run_dir)!r} is intact; start the run again")
+    return found
 
 
 class RunCheckpoints:
