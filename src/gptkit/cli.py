@@ -133,20 +133,35 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
         "model", metavar="RUN_OR_CKPT", help="a run folder (its newest checkpoint) or a checkpoint"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantisation")
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        default=None,
+        help="weight-only quantised layers (default: none, full precision)",
+    )
 
 
 def add_sampling(p: argparse.ArgumentParser) -> None:
     """Sampling settings (gptkit.generate.SampleSettings); defaults come from there."""
     p.add_argument("--max-new-tokens", type=int, default=_setting("max_new_tokens"), help="tokens per sample")
     p.add_argument("--temperature", type=float, default=_setting("temperature"), help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument(
+        "--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)"
+    )
     p.add_argument("--top-p", type=float, default=_setting("top_p"), help="nucleus sampling mass")
     p.add_argument(
         "--repetition-penalty", type=float, default=_setting("repetition_penalty"), help="> 1 avoids repeats"
     )
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None, help="the same seed gives the same text")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="stop string, repeatable (default: none)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="the same seed gives the same text (default: random)"
+    )
 
 
 def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -156,9 +171,14 @@ def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_sample(p: argparse.ArgumentParser) -> None:
     add_model_source(p)
-    p.add_argument("--prompt", action="append", default=None, metavar="TEXT", help="a prompt (repeatable)")
     p.add_argument(
-        "--prompt-file", default=None, metavar="FILE", help="one prompt per line; - reads standard input"
+        "--prompt", action="append", default=None, metavar="TEXT", help="a prompt, repeatable (default: none)"
+    )
+    p.add_argument(
+        "--prompt-file",
+        default=None,
+        metavar="FILE",
+        help="one prompt per line; - reads standard input (default: none)",
     )
     p.add_argument("--num-samples", type=int, default=_setting("num_samples"), help="samples per prompt")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
