@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import struct
 from pathlib import Path
 
 import pytest
@@ -255,21 +256,50 @@ def test_wandb_missing_names_the_fix(tmp_path: Path) -> None:
         RunLog(tmp_path, make_config(wandb=True), "w", start_step=0, max_steps=30)
 
 
+def wandb_history(path: Path) -> list[dict[str, float]]:
+    """The history rows of an offline W&B run file, read with W&B's own protobuf schema.
+
+    The file is W&B's LevelDB-style log: a 7-byte header, then 32 KiB blocks of records, each
+    with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last).
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, part, rows = path.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        room = 32768 - pos % 32768
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if room >= 7 else (0, 0, 0)
+        if room < 7 or (kind == 0 and length == 0):  # block trailer or padding
+            pos += room
+            continue
+        part += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record.FromString(part)
+            part = b""
+            if record.WhichOneof("record_type") == "history":
+                items = record.history.item  # "train/loss" is stored as the nested key ("train", "loss")
+                rows.append({i.key or "/".join(i.nested_key): float(i.value_json) for i in items})
+    return rows
+
+
 def test_wandb_offline_run_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("wandb", reason="wandb is not installed (extra gptkit[wandb])")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    log = RunLog(tmp_path, make_config(wandb=True), "w", start_step=0, max_steps=6)
-    for step in range(1, 4):
-        log.train(step, {"loss": 4.0 - step, "lr": 1e-3})
+    log = RunLog(tmp_path, make_config(wandb=True), "w", start_step=0, max_steps=10)
+    for step in range(1, 6):  # logged every 5 steps: step 5
+        log.train(step, {"loss": 10.0 - step, "lr": 1e-3})
     log.close("stopped")
     run_id = (tmp_path / "wandb_run_id").read_text().strip()
-    log = RunLog(tmp_path, make_config(wandb=True), "w", start_step=3, max_steps=6)
-    for step in range(4, 7):
-        log.train(step, {"loss": 4.0 - step, "lr": 1e-3})
-    log.eval(6, {"val_loss": 1.5})
+    log = RunLog(tmp_path, make_config(wandb=True), "w", start_step=5, max_steps=10)
+    for step in range(6, 11):  # step 10
+        log.train(step, {"loss": 10.0 - step, "lr": 1e-3})
+    log.eval(10, {"val_loss": 1.5, "val_ppl": math.exp(1.5)})
     log.close()
     assert (tmp_path / "wandb_run_id").read_text().strip() == run_id, "a resumed run continues the W&B run"
     files = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-    assert files, "offline records of the run, under its id"
-    data = b"".join(f.read_bytes() for f in files)
-    assert b"train/loss" in data, "the logged series are in the offline records"
+    assert len(files) == 2, "two processes' offline records, under the one run id"
+    rows = [r for f in files for r in wandb_history(f)]
+    train = [(r["_step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    val = [(r["_step"], r["val/loss"]) for r in rows if "val/loss" in r]
+    assert train == [(5, 5.0), (10, 0.0)]
+    assert val == [(10, 1.5)]
