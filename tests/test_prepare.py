@@ -299,3 +299,15 @@ def test_killed_run_leaves_nothing_a_loader_or_rerun_accepts(tmp_path: Path) -> 
     assert not list(tmp_path.glob(".out.partial-*"))
     data = PreparedData.open(out)
     assert sorted(split_docs(data, "train") + split_docs(data, "val")) == sorted(DOCS * 4000)
+
+
+def test_workers_run_from_a_script_on_standard_input(tmp_path: Path) -> None:
+    """`python - < script.py` names its main module "<stdin>"; worker processes must still start."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("notes about models\n" * 500)
+    script = "import gptkit\ngptkit.prepare(['notes'], 'out', tokenizer='gpt2', workers=2, progress=False)\n"
+    out = subprocess.run(
+        [sys.executable, "-"], input=script, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert PreparedData.open(tmp_path / "out").tokenizer().describe() == gpt2_tokenizer().describe()

@@ -12,12 +12,14 @@ or a loader would take for finished output.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import threading
 import time
 from collections import deque
@@ -257,6 +259,22 @@ def _encode_batch(batch: Batch) -> tuple[np.ndarray, np.ndarray, int, int]:
     return out[0], out[1], len(vals) - n_val, n_val
 
 
+@contextlib.contextmanager
+def _main_importable() -> Iterator[None]:
+    """Workers re-run the parent's `__main__` from its file; a script piped into `python -` has the
+    file name "<stdin>", which they cannot open (the pool breaks). Hide such a name while they run."""
+    main = sys.modules["__main__"]
+    path = getattr(main, "__file__", None)
+    if path is None or os.path.isfile(path):
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
 def _tokenize(
     batches: Iterator[Batch], tokenizer: Tokenizer, dtype: np.dtype, workers: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, int, int]]:
@@ -273,7 +291,8 @@ def _tokenize(
         # process already started its forkserver; "__main__" is multiprocessing's default preload.
         ctx.set_forkserver_preload(["__main__", __name__])
     init_args = (*init_args, os.getpid())
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init_args) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init_args)
+    with _main_importable(), pool:
         inflight: deque[Future[tuple[np.ndarray, np.ndarray, int, int]]] = deque()
         try:
             for batch in batches:
