@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -249,3 +251,59 @@ def test_load_api_from_checkpoint_and_run_folder(
         gptkit.load(tmp_path)
     with pytest.raises(GptkitError, match="top_p"):
         m.generate("x", top_p=2)
+
+
+def gptkit_cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gptkit", *args], input=input, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_sample_command(tmp_path: Path, sampler: Sampler, char: CharTokenizer) -> None:
+    run = tmp_path / "run"
+    write_checkpoint(run / "checkpoints" / "step_00000001.pt", sampler.model, char)
+    expected = gptkit.load(run).generate("the", temperature=0, max_new_tokens=30)
+    greedy_args = ["--temperature", "0", "--max-new-tokens", "30"]
+
+    out = gptkit_cli("sample", str(run), "--prompt", "the", *greedy_args)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "the" + expected + "\n"
+    streamed = gptkit_cli("sample", str(run), "--prompt", "the", "--stream", *greedy_args)
+    assert streamed.stdout == out.stdout
+
+    (tmp_path / "prompts.txt").write_text("the\n\nfox\n")
+    both = gptkit_cli("sample", str(run), "--prompt-file", str(tmp_path / "prompts.txt"), *greedy_args)
+    assert both.returncode == 0, both.stderr
+    assert both.stdout.count("--- sample") == 2 and "the" + expected in both.stdout
+    piped = gptkit_cli("sample", str(run), *greedy_args, input="the")
+    assert piped.stdout == out.stdout
+
+    seeded = ["--prompt", "fox", "--num-samples", "2", "--seed", "5", "--max-new-tokens", "20"]
+    first, again = gptkit_cli("sample", str(run), *seeded), gptkit_cli("sample", str(run), *seeded)
+    assert first.returncode == 0 and first.stdout == again.stdout and first.stdout.count("--- sample") == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt", "x", "--temperature", "-1"], "temperature"),
+        (["--prompt", "x", "--top-p", "0"], "top_p"),
+        (["--prompt", ""], "prompt is empty"),
+        (["--prompt-file", "missing.txt"], "prompt file 'missing.txt' not found"),
+    ],
+)
+def test_sample_command_bad_input(
+    tmp_path: Path, sampler: Sampler, char: CharTokenizer, args: list[str], message: str
+) -> None:
+    ckpt = write_checkpoint(tmp_path / "c.pt", sampler.model, char)
+    out = gptkit_cli("sample", str(ckpt), *args)
+    assert out.returncode == 2
+    assert message in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_sample_command_on_a_missing_or_foreign_file(tmp_path: Path) -> None:
+    out = gptkit_cli("sample", str(tmp_path / "nope.pt"), "--prompt", "x")
+    assert out.returncode == 2 and "not found" in out.stderr
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    out = gptkit_cli("sample", str(tmp_path / "other.pt"), "--prompt", "x")
+    assert out.returncode == 2 and "is not a gptkit checkpoint" in out.stderr
