@@ -109,6 +109,12 @@ class TrainConfig(Section):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     seed: int = 1337
     max_bad_steps: int = Field(5, ge=1, description="stop after this many NaN/inf steps in a row")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp (a model copy per process) or fsdp (sharded with fully_shard)"
+    )
+    dist_timeout_minutes: float = Field(
+        10.0, gt=0, description="under torchrun: a rank silent this long in a collective ends the job"
+    )
 
     @model_validator(mode="after")
     def _check_lr(self) -> TrainConfig:

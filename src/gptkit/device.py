@@ -22,8 +22,13 @@ if TYPE_CHECKING:
     from gptkit.config import ModelConfig
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """`auto`: cuda if present, then mps, then cpu. An explicit device must exist."""
+def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
+    """`auto`: cuda if present, then mps, then cpu. An explicit device must exist.
+
+    `local_rank`: this process's GPU on its machine, in multi-process training (cuda -> cuda:N).
+    """
+    if name in ("auto", "cuda") and local_rank is not None and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

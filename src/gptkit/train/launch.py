@@ -13,12 +13,13 @@ import torch
 
 from gptkit.checkpoint import load_checkpoint
 from gptkit.config import RunConfig, validate
-from gptkit.console import notice
+from gptkit.console import notice, set_quiet
 from gptkit.data.shards import PreparedData
 from gptkit.device import pick_device, pick_precision
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
 from gptkit.tokenizer import from_description
+from gptkit.train import distributed
 from gptkit.train.batches import ShardBatches, fixed_batches
 from gptkit.train.budget import available_memory, memory_estimate
 from gptkit.train.checkpoints import load_latest, step_files
@@ -132,6 +133,26 @@ def train(
     `stop_at` ends this process at that step with a checkpoint, keeping max_steps' schedule, so that
     a long run can be done in slices (`--resume latest` continues it).
     """
+    procs = distributed.from_environment(config.train.distributed)
+    set_quiet(not procs.main)
+    try:
+        distributed.start(
+            procs,
+            pick_device(config.train.device, procs.local_rank if procs.distributed else None),
+            config.train.dist_timeout_minutes,
+        )
+        return _train(config, config_path, resume, stop_at, procs)
+    finally:
+        distributed.stop()
+
+
+def _train(
+    config: RunConfig,
+    config_path: str | Path | None,
+    resume: str | None,
+    stop_at: int | None,
+    procs: distributed.Processes,
+) -> TrainResult:
     data = PreparedData.open(config.data.path)
     name = run_name(config, config_path)
     config = config.model_copy(update={"name": name})  # so the saved config.yaml resumes the same run
@@ -159,15 +180,23 @@ def train(
         n_params = GPT(config.model).num_params()
     micro = resolve_micro_batch(config, n_params)
     config = config.model_copy(update={"train": config.train.model_copy(update={"micro_batch_size": micro})})
-    accumulation_steps(config, micro)  # fail on bad batch arithmetic before building anything
+    accumulation_steps(config, micro, procs.world_size)  # bad batch arithmetic fails before anything
 
     block = config.model.block_size
-    source = ShardBatches(data.shards("train"), micro, block, config.data.sampling, config.train.seed)
+    source = ShardBatches(
+        data.shards("train"),
+        micro,
+        block,
+        config.data.sampling,
+        config.train.seed,
+        rank=procs.rank,
+        world_size=procs.world_size,
+    )
     val = None
     if data.tokens("val") > block:
         val = fixed_batches(data.shards("val"), config.eval.batches, micro, block)
     else:
         notice(f"no val loss: the val split of {config.data.path} has fewer than {block + 1} tokens")
     model = GPT(config.model)
-    trainer = Trainer(config, run_dir, name, model, tokenizer, source, val, resume=payload)
+    trainer = Trainer(config, run_dir, name, model, tokenizer, source, val, resume=payload, procs=procs)
     return trainer.run(stop_at)

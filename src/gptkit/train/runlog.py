@@ -144,6 +144,19 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 # The run log
 
 
+class QuietLog:
+    """The log of ranks other than 0 in multi-process training: rank 0 reports for all of them."""
+
+    def train(self, step: int, metrics: dict[str, float]) -> None:
+        return None
+
+    def eval(self, step: int, metrics: dict[str, float], samples: dict[str, str] | None = None) -> None:
+        return None
+
+    def close(self, status: Status | None = None) -> None:
+        return None
+
+
 class RunLog:
     """Everything a training run reports, behind three calls: `train` every step, `eval`, `close`.
 

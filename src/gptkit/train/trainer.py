@@ -26,6 +26,7 @@ from gptkit.errors import GptkitError
 from gptkit.generate import Sampler, SampleSettings
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer
+from gptkit.train import distributed
 from gptkit.train.batches import Batch, TokenSource
 from gptkit.train.budget import (
     available_memory,
@@ -35,9 +36,10 @@ from gptkit.train.budget import (
     memory_estimate,
 )
 from gptkit.train.checkpoints import RunCheckpoints
+from gptkit.train.distributed import Processes
 from gptkit.train.optim import learning_rate, make_optimizer, set_learning_rate
 from gptkit.train.report import write_report
-from gptkit.train.runlog import RunLog
+from gptkit.train.runlog import QuietLog, RunLog
 from gptkit.train.signals import StopRequest
 
 
@@ -95,20 +97,25 @@ class Trainer:
         train_source: TokenSource,
         val_batches: list[Batch] | None,
         resume: dict[str, Any] | None = None,
-        world_size: int = 1,
+        procs: Processes | None = None,
     ) -> None:
         self.config, self.run_dir, self.run_name = config, run_dir, run_name
         self.tokenizer, self.train_source, self.val_batches = tokenizer, train_source, val_batches
         tc = config.train
-        self.device = pick_device(tc.device)
+        self.procs = procs = procs or Processes()
+        self.device = pick_device(tc.device, procs.local_rank if procs.distributed else None)
         self.precision = pick_precision(tc.precision, self.device, config.model)
         self.model = model.to(self.device)
         self.micro_batch = int(tc.micro_batch_size)  # resolved from "auto" by the caller
-        self.accum = accumulation_steps(config, self.micro_batch, world_size)
-        self.tokens_per_step = self.micro_batch * config.model.block_size * self.accum * world_size
+        self.accum = accumulation_steps(config, self.micro_batch, procs.world_size)
+        self.tokens_per_step = self.micro_batch * config.model.block_size * self.accum * procs.world_size
+        # DDP wraps the model; fully_shard (FSDP) shards self.model in place, before the optimiser
+        # is made, so that it holds the shards.
+        self.step_model = distributed.wrap(self.model, procs, self.device)
         self.optimizer = make_optimizer(self.model, tc, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.step_model = torch.compile(self.model) if tc.compile else self.model
+        if tc.compile:
+            self.step_model = torch.compile(self.step_model)
         self.checkpoints = RunCheckpoints(run_dir, config.checkpoint.keep_last)
         self.n_params = self.model.num_params()
         self.step, self.tokens, self.wall_seconds, self.bad_steps = 0, 0, 0.0, 0
@@ -122,9 +129,16 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:
-        """Everything a resume needs, as plain data for one checkpoint file."""
+        """Everything a resume needs, as plain data for one checkpoint file (complete on rank 0).
+
+        Model and optimiser states are full (unsharded) and keyed by parameter name, whatever the
+        number of processes, so any number of processes can resume them. Each rank's random
+        generators are kept: they draw dropout masks.
+        """
+        model_state, optim_state = distributed.full_state(self.model, self.optimizer, self.procs)
+        rng = distributed.gather(rng_state(), self.procs)
         return {
-            "model_state": self.model.state_dict(),
+            "model_state": model_state,
             "config": self.config.model_dump(mode="json"),
             "tokenizer": self.tokenizer.describe(),
             "progress": {
@@ -135,30 +149,35 @@ class Trainer:
                 "val_loss": self.last_val_loss,
             },
             "state": {
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optim_state,
                 "scaler": self.scaler.state_dict(),
                 "data": self.train_source.state_dict(),
-                "rng": rng_state(),
+                "rng": rng[0],
+                "rng_ranks": rng,
                 "bad_steps": self.bad_steps,
             },
         }
 
     def _restore(self, payload: dict[str, Any]) -> None:
-        self.model.load_state_dict(payload["model"])
         state, progress = payload["state"], payload["progress"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_full_state(self.model, self.optimizer, payload["model"], state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.train_source.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        set_rng_state(ranks[self.procs.rank] if self.procs.rank < len(ranks) else ranks[0])
         self.bad_steps = state["bad_steps"]
         self.step, self.tokens = progress["step"], progress["tokens"]
         self.wall_seconds = progress["wall_seconds"]
         self.best_val_loss, self.last_val_loss = progress["best_val_loss"], progress["val_loss"]
 
     def save(self, reason: str) -> Path | None:
-        """Save a checkpoint; a full disk is reported, and the previous checkpoint stays usable."""
+        """Save a checkpoint (every rank gathers, rank 0 writes); a full disk is reported, and the
+        previous checkpoint stays usable."""
+        state = self._state()
+        if not self.procs.main:
+            return None
         try:
-            return self.checkpoints.save(self.step, val_loss=self.last_val_loss_if_fresh(), **self._state())
+            return self.checkpoints.save(self.step, val_loss=self.last_val_loss_if_fresh(), **state)
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
@@ -178,11 +197,15 @@ class Trainer:
     def run(self, stop_at: int | None = None) -> TrainResult:
         """Train to max_steps; `stop_at` pauses earlier (checkpoint and exit), as a signal would."""
         tc = self.config.train
+        main = self.procs.main
         self._print_budget()
-        (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
+        if main:
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
         ceiling = matmul_ceiling(self.device.type, self.precision)
         flops_token = flops_per_token(self.config.model, self.n_params)
-        log = RunLog(self.run_dir, self.config, self.run_name, self.step, tc.max_steps)
+        log: RunLog | QuietLog = (
+            RunLog(self.run_dir, self.config, self.run_name, self.step, tc.max_steps) if main else QuietLog()
+        )
         result = TrainResult(self.run_dir, self.step, self.tokens)
         last_save = time.monotonic()
         stopped = False
@@ -209,7 +232,11 @@ class Trainer:
                     every = self.config.eval.every
                     if (every and self.step % every == 0) or self.step == tc.max_steps:
                         self.evaluate(log)
-                    if self._checkpoint_due(last_save) or stop.requested:
+                    # every rank must take these decisions together (saving gathers from all ranks)
+                    save_due, stop.requested = distributed.any_rank(
+                        [self._checkpoint_due(last_save), stop.requested], self.procs, self.device
+                    )
+                    if save_due or stop.requested:
                         self.save("emergency" if stop.requested else "periodic")
                         last_save = time.monotonic()
                     self.wall_seconds += time.perf_counter() - t0  # the step, its eval and its save
@@ -229,7 +256,8 @@ class Trainer:
         result.val_loss, result.best_val_loss = self.last_val_loss, self.best_val_loss
         result.stopped_early = stopped
         result.samples = self.last_samples
-        self._report(stopped)
+        if main:
+            self._report(stopped)
         if stopped:
             notice(f"stopped at step {self.step}; resume with: {self.resume_command()}")
         return result
@@ -240,19 +268,22 @@ class Trainer:
         lr = learning_rate(self.step, tc)
         set_learning_rate(self.optimizer, lr)
         total = torch.zeros((), device=self.device)
-        for _ in range(self.accum):
+        for micro in range(self.accum):
             x, y = (t.to(self.device, non_blocking=True) for t in self.train_source.next_batch())
-            with autocast(self.device, self.precision):
-                _, loss = self.step_model(x, y, return_logits=False)  # fused loss: no logits kept
-            assert loss is not None
-            # Each micro-batch's mean loss, divided by accum: the gradient of the mean over all of them.
-            self.scaler.scale(loss / self.accum).backward()
+            with distributed.gradient_sync(self.step_model, self.procs, sync=micro == self.accum - 1):
+                with autocast(self.device, self.precision):
+                    _, loss = self.step_model(x, y, return_logits=False)  # fused loss: no logits kept
+                assert loss is not None
+                # Each micro-batch's mean loss / accum: the gradient of the mean over all of them
+                # (and DDP/FSDP average over the ranks' slices).
+                self.scaler.scale(loss / self.accum).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        loss = float(total) / self.accum
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+        loss = float(distributed.mean(total, self.procs)) / self.accum  # the global batch's loss
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.scaler.step(self.optimizer)
             self.bad_steps = 0
@@ -278,7 +309,7 @@ class Trainer:
             )
 
     @torch.no_grad()
-    def evaluate(self, log: RunLog) -> None:
+    def evaluate(self, log: RunLog | QuietLog) -> None:
         """Val loss on the fixed batches, and samples from the configured prompts."""
         metrics: dict[str, float] = {}
         if self.val_batches:
@@ -321,7 +352,10 @@ class Trainer:
     # -- messages ------------------------------------------------------------------------------
 
     def resume_command(self) -> str:
-        return f"gptkit train {self.run_dir / 'config.yaml'} --resume latest"
+        cmd = f"gptkit train {self.run_dir / 'config.yaml'} --resume latest"
+        if self.procs.distributed:
+            cmd = f"torchrun --nproc_per_node={self.procs.world_size} -m {cmd}"
+        return cmd
 
     def _print_budget(self) -> None:
         est = memory_estimate(self.config.model, self.n_params, self.micro_batch, self.precision)

@@ -1,0 +1,141 @@
+"""Training in 2 processes under torchrun (gloo on CPU): the same steps as one process.
+
+2 processes with micro-batch B and 1 process with micro-batch 2B draw the same global batches, so
+their losses and weights must agree; checkpoints move between process counts; a lost rank ends
+the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from gptkit.api import prepare
+from gptkit.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+
+CONFIG = """\
+model: {n_layer: 2, n_head: 2, n_embd: 32, block_size: 32}
+train: {max_steps: 20, lr: 3.0e-3, warmup_steps: 3, precision: fp32, tokens_per_step: 512}
+eval: {every: 10, batches: 2, sample_tokens: 8}
+checkpoint: {every_steps: 0, every_minutes: 0}
+log: {every: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("dist")
+    data = root / "data"
+    prepare([], data, tokenizer="char", progress=False, workers=1)
+    cfg = root / "cfg.yaml"
+    cfg.write_text(CONFIG + f"data: {{path: {data}}}\nruns_dir: {root / 'runs'}\n")
+    return root, cfg
+
+
+def gptkit_train(cfg: Path, *args: str, procs: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`gptkit train` in one process, or under torchrun with `procs` processes."""
+    launcher = [sys.executable, "-m", "gptkit"]
+    if procs > 1:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+        ]
+        launcher += ["-m", "gptkit"]
+    env = {**os.environ, "GPTKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [*launcher, "train", str(cfg), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def losses(run: Path) -> list[float]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [m["loss"] for m in lines if m["split"] == "train"]
+
+
+def final_weights(run: Path, step: int = 20) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoints" / f"step_{step:08d}.pt")["model"]
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) == 20
+    assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) <= 1e-5, (la, lb)
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert worst <= 1e-5, worst
+
+
+@pytest.fixture(scope="module")
+def one_process(setup: tuple[Path, Path]) -> Path:
+    """The reference: 1 process, micro-batch 8 (2 accumulation steps of 256 tokens)."""
+    root, cfg = setup
+    gptkit_train(cfg, "name=one", "train.micro_batch_size=8")
+    return root / "runs" / "one"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_like_one(setup: tuple[Path, Path], one_process: Path, strategy: str) -> None:
+    root, cfg = setup
+    out = gptkit_train(
+        cfg, f"name=two-{strategy}", "train.micro_batch_size=4", f"train.distributed={strategy}", procs=2
+    )
+    assert out.stderr.count("parameters on cpu") == 1, "only rank 0 speaks"
+    assert_same_training(one_process, root / "runs" / f"two-{strategy}")
+    state = load_checkpoint(root / "runs" / f"two-{strategy}" / "checkpoints" / "step_00000020.pt")["state"]
+    assert len(state["rng_ranks"]) == 2, "each rank's generators are kept"
+
+
+@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
+def test_checkpoint_resumes_with_another_number_of_processes(
+    setup: tuple[Path, Path], one_process: Path, first: int, then: int
+) -> None:
+    root, cfg = setup
+    name = f"resume-{first}-{then}"
+    micro = {1: "train.micro_batch_size=8", 2: "train.micro_batch_size=4"}
+    gptkit_train(cfg, f"name={name}", micro[first], "--stop-at", "10", procs=first)
+    gptkit_train(cfg, f"name={name}", micro[then], "--resume", "latest", procs=then)
+    assert_same_training(one_process, root / "runs" / name)
+
+
+def test_a_killed_rank_ends_the_job(setup: tuple[Path, Path]) -> None:
+    root, cfg = setup
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "gptkit", "train", str(cfg), "name=killed", "train.max_steps=100000"]
+    cmd += ["train.micro_batch_size=4", "eval.every=0", "train.dist_timeout_minutes=1"]
+    env = {**os.environ, "GPTKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = root / "runs" / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        assert job.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.5)
+    workers = [
+        p for p in psutil.Process(job.pid).children(recursive=True) if "gptkit" in " ".join(p.cmdline())
+    ]
+    assert len(workers) == 2
+    os.kill(workers[1].pid, signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        _, err = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode != 0
+    assert time.monotonic() - start < 120
+    assert "exitcode  : -9" in err or "Signal 9" in err or "SIGKILL" in err, err[-3000:]
