@@ -109,8 +109,8 @@ def test_checkpoint_resumes_with_another_number_of_processes(
     root, cfg = setup
     name = f"resume-{first}-{then}"
     micro = {1: "train.micro_batch_size=8", 2: "train.micro_batch_size=4"}
-    gptkit_train(cfg, f"name={name}", micro[first], "--stop-at", "10", procs=first)
-    gptkit_train(cfg, f"name={name}", micro[then], "--resume", "latest", procs=then)
+    gptkit_train(cfg, f"name={name}", micro[first], "--stop-at", "10", "--resume", "auto", procs=first)
+    gptkit_train(cfg, f"name={name}", micro[then], "--resume", "auto", procs=then)
     assert_same_training(one_process, root / "runs" / name)
 
 

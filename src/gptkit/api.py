@@ -37,7 +37,7 @@ def train(
     resume: str | None = None,
     stop_at: int | None = None,
 ) -> TrainResult:
-    """Pre-train from a YAML config plus dotted overrides; `resume` is "latest" or a checkpoint path;
+    """Pre-train from a YAML config plus dotted overrides; `resume` is "latest", "auto" or a checkpoint;
     `stop_at` checkpoints and returns at that step (the schedule still spans train.max_steps)."""
     from gptkit.config import load_config
     from gptkit.train.launch import train as run_training

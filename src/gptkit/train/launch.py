@@ -38,7 +38,10 @@ def run_name(config: RunConfig, config_path: str | Path | None) -> str:
 
 
 def find_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, dict[str, Any] | None]:
-    """`latest`: the run's newest intact checkpoint; a path: that checkpoint; None: a fresh run."""
+    """`latest`: the run's newest intact checkpoint; a path: that checkpoint; None: a fresh run;
+    `auto`: latest if the run has checkpoints, else a fresh run (a requeued cluster job)."""
+    if resume == "auto":
+        resume = "latest" if step_files(run_dir) else None
     if resume is None:
         if step_files(run_dir):
             raise GptkitError(
