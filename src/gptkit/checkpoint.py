@@ -8,10 +8,16 @@ strings), so it loads with `weights_only=True`:
   model       the model's state_dict, without wrapper prefixes (_orig_mod., module.)
   progress    counters such as step and tokens seen
   state       everything else a resume needs (optimiser, schedule, loader, RNG, ...)
+  chat_template  (only in instruction-tuned checkpoints) the ChatTemplate as a dict, see generate/chat.py
+
+The weights alone can also be saved as `.safetensors` (`save_safetensors_checkpoint`): no pickle, so
+safe to load from anyone; config, tokenizer, progress and chat template ride along as JSON metadata,
+and `load_checkpoint` reads it like a `.pt` with an empty `state` (sampling, evaluation, fine-tuning).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -22,13 +28,15 @@ import gptkit
 from gptkit.config import RunConfig, validate
 from gptkit.console import notice
 from gptkit.errors import GptkitError
-from gptkit.files import fsync_dir
+from gptkit.files import fsync_dir, write_atomic
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer, from_description
 
 FORMAT = "gptkit-checkpoint"
 FORMAT_VERSION = 1
 SUFFIX = ".pt"
+SAFETENSORS_SUFFIX = ".safetensors"
+_JSON_FIELDS = ("config", "tokenizer", "progress", "chat_template")  # safetensors metadata holds strings
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
@@ -72,6 +80,7 @@ def save_checkpoint(
     tokenizer: dict[str, Any],
     progress: dict[str, Any] | None = None,
     state: dict[str, Any] | None = None,
+    chat_template: dict[str, Any] | None = None,
 ) -> Path:
     """Write atomically: temporary file, fsync, rename. A crash at any moment leaves the old file."""
     path = Path(path)
@@ -86,6 +95,8 @@ def save_checkpoint(
         "progress": progress or {},
         "state": state or {},
     }
+    if chat_template is not None:
+        payload["chat_template"] = chat_template
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("wb") as f:
@@ -106,11 +117,99 @@ def save_checkpoint(
     return path
 
 
+def save_safetensors_checkpoint(
+    path: str | Path,
+    *,
+    model_state: dict[str, Any],
+    config: dict[str, Any],
+    tokenizer: dict[str, Any],
+    progress: dict[str, Any] | None = None,
+    chat_template: dict[str, Any] | None = None,
+) -> Path:
+    """The weights as safetensors, the rest as JSON metadata; no optimiser state (not resumable)."""
+    try:
+        from safetensors.torch import save as safetensors_bytes
+    except ImportError:
+        raise GptkitError(
+            "safetensors checkpoints need the 'safetensors' package: pip install 'gptkit[export]'"
+        ) from None
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}  # safetensors refuses shared storage: store once, name the aliases
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for key, t in clean_state_dict(model_state).items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident in seen:
+            tied[key] = seen[ident]
+        else:
+            seen[ident] = key
+            tensors[key] = t.detach().to("cpu").contiguous()
+    fields = {
+        "config": config,
+        "tokenizer": tokenizer,
+        "progress": progress or {},
+        "chat_template": chat_template,
+    }
+    metadata = {
+        "format": "pt",
+        "gptkit_format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "gptkit_version": gptkit.__version__,
+        "tied": json.dumps(tied),
+        **{k: json.dumps(v) for k, v in fields.items() if v is not None},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, safetensors_bytes(tensors, metadata=metadata), durable=True)
+    return path
+
+
+def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise GptkitError(
+            "safetensors checkpoints need the 'safetensors' package: pip install 'gptkit[export]'"
+        ) from None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            model = {key: f.get_tensor(key).to(map_location) for key in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise GptkitError(
+            f"checkpoint {str(path)!r} is corrupt or truncated ({first}); use another one"
+        ) from None
+    if metadata.get("gptkit_format") != FORMAT:
+        raise GptkitError(
+            f"{str(path)!r} is a safetensors file without gptkit's metadata; import HuggingFace folders "
+            "with gptkit import hf"
+        )
+    for alias, key in json.loads(metadata.get("tied", "{}")).items():
+        model[alias] = model[key]
+    payload = {k: json.loads(metadata[k]) for k in _JSON_FIELDS if k in metadata}
+    return {
+        "format": FORMAT,
+        "format_version": int(metadata.get("format_version", 0)),
+        "gptkit_version": metadata.get("gptkit_version"),
+        "model": model,
+        "state": {},
+        **payload,
+    }
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and verify; a missing, truncated or foreign file is a one-line error naming it."""
     path = Path(path)
     if not path.is_file():
         raise GptkitError(f"checkpoint {str(path)!r} not found; pass a checkpoint file or a run folder")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        payload = _load_safetensors(path, map_location)
+        if payload["format_version"] != FORMAT_VERSION:
+            raise GptkitError(
+                f"checkpoint {str(path)!r} has format version {payload['format_version']}, "
+                f"this gptkit reads version {FORMAT_VERSION}; use a matching gptkit version"
+            )
+        return payload
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for damaged files

@@ -80,8 +80,9 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume",
         default=None,
-        metavar="latest|PATH",
-        help="continue the run from its newest intact checkpoint, or from a checkpoint file (default: start)",
+        metavar="latest|auto|PATH",
+        help="continue the run from its newest intact checkpoint, or from a checkpoint file; auto: latest "
+        "if the run has checkpoints, else start (for requeued jobs) (default: start)",
     )
     p.add_argument(
         "--stop-at",
@@ -234,6 +235,36 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_chat(p: argparse.ArgumentParser) -> None:
+    add_model_source(p)
+    p.add_argument(
+        "--system",
+        default=None,
+        metavar="TEXT",
+        help="system prompt; \"\" for none (default: the template's, e.g. alpaca's preamble)",
+    )
+    p.add_argument(
+        "--template",
+        choices=["auto", "alpaca", "chat", "plain"],
+        default="auto",
+        help="chat template; auto: the checkpoint's, or plain completion for a base model",
+    )
+    add_sampling(p)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from gptkit.api import load
+    from gptkit.generate.chat import Chat, ChatTemplate, input_lines
+    from gptkit.generate.chat import run_chat as chat_loop
+    from gptkit.generate.settings import SampleSettings
+
+    settings = SampleSettings.of(**sampling_settings(args))  # validated before any work starts
+    template = None if args.template == "auto" else ChatTemplate.named(args.template)
+    model = load(args.model, device=args.device, quantize=args.quantize)
+    chat = Chat(model, template=template, system=args.system, settings=settings)
+    return chat_loop(chat, input_lines(sys.stdin.isatty()), sys.stdout, sys.stderr)
+
+
 COMMANDS: dict[
     str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 ] = {
@@ -241,6 +272,7 @@ COMMANDS: dict[
     "train": ("pre-train a model on prepared data", add_train, run_train),
     "info": ("describe a preset, run, checkpoint, prepared data or config", add_info, run_info),
     "sample": ("generate text from a trained model", add_sample, run_sample),
+    "chat": ("talk to an instruction-tuned model in the terminal", add_chat, run_chat),
 }
 
 

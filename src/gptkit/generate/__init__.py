@@ -1,7 +1,8 @@
 """Generation: the one sampler, its settings, and text streaming."""
 
+from gptkit.generate.chat import Chat, ChatTemplate
 from gptkit.generate.sampler import Piece, Sampler
 from gptkit.generate.settings import SampleSettings
 from gptkit.generate.text import TextStream
 
-__all__ = ["Piece", "SampleSettings", "Sampler", "TextStream"]
+__all__ = ["Chat", "ChatTemplate", "Piece", "SampleSettings", "Sampler", "TextStream"]
