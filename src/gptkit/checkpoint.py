@@ -282,5 +282,13 @@ def load_model(payload: dict[str, Any]) -> tuple[GPT, Tokenizer, RunConfig]:
             f"{tokenizer.vocab_size}; the checkpoint is inconsistent, use another one"
         )
     model = GPT(config.model)
-    model.load_state_dict(clean_state_dict(payload["model"]))
+    if config.finetune.base is not None:  # a fine-tune's checkpoint: its modules (LoRA, soft prompt)
+        from gptkit.finetune.lora import merge
+        from gptkit.finetune.methods import apply_method
+
+        apply_method(model, config.finetune, tokenizer)
+        model.load_state_dict(clean_state_dict(payload["model"]))
+        merge(model)  # LoRA folded into the weights: a plain model, as fast as the base
+    else:
+        model.load_state_dict(clean_state_dict(payload["model"]))
     return model.eval(), tokenizer, config
