@@ -1,0 +1,440 @@
+"""Evaluate checkpoints on tasks: metrics, the run's results file, its benchmark curve, trackers.
+
+Results of a run go to `RUN/eval.json`, one record per (checkpoint, task, limit, file, quantize):
+
+    {"checkpoint": "step_00001000.pt", "step": 1000, "task": "hellaswag", "limit": null,
+     "file": "/abs/hellaswag_val.jsonl", "quantize": null,
+     "metrics": {"acc": 0.29, "acc_norm": 0.31, "n": 10042, "skipped": 0}, "time": 1.7e9}
+
+so evaluating every checkpoint again skips what is already there, and `RUN/eval.png` plots each
+task's metrics against the step. Metric definitions (lm-evaluation-harness v0.4):
+
+  acc        share of examples whose right continuation has the highest summed log-likelihood
+             (choice tasks), or whose target word is what greedy decoding gives (lambada)
+  acc_norm   the same with each log-likelihood divided by its continuation's length in characters
+             (the choice text without the leading space), as the harness's acc_norm
+  ppl        lambada: exp(-mean over examples of log P(target word)): per word, not per token
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gptkit.console import notice
+from gptkit.errors import GptkitError
+from gptkit.eval.perplexity import perplexity, read_tokens
+from gptkit.eval.scoring import logits_fn, score_requests
+from gptkit.eval.tasks import (
+    DEFAULT_DATA_DIR,
+    PERPLEXITY,
+    TASKS,
+    TaskData,
+    find_task_file,
+    load_task,
+    parse_tasks,
+)
+from gptkit.files import write_atomic
+from gptkit.tokenizer import Tokenizer
+
+EVAL_FILE = "eval.json"
+EVAL_PNG = "eval.png"
+KEY_FIELDS = ("checkpoint", "step", "task", "limit", "file", "quantize")  # what makes a result the same one
+PLOTTED = {
+    PERPLEXITY: ("bits_per_byte",),
+    "hellaswag": ("acc", "acc_norm"),
+    "lambada": ("acc",),
+    "piqa": ("acc", "acc_norm"),
+}
+
+
+@dataclass
+class EvalSettings:
+    """What to evaluate and how; `files` name task files directly, `text` is perplexity's data
+    (a prepared data folder or a text file; None: the data the model was trained on)."""
+
+    tasks: list[str]
+    limit: int | None = None
+    batch_size: int = 8
+    data_dir: str | Path = DEFAULT_DATA_DIR
+    files: dict[str, str | Path] = field(default_factory=dict)
+    text: str | Path | None = None
+    window: int | None = None
+    stride: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.tasks = parse_tasks(self.tasks)
+        if self.limit is not None and self.limit < 1:
+            raise GptkitError(f"limit must be at least 1, not {self.limit}")
+        if self.batch_size < 1:
+            raise GptkitError(f"batch size must be at least 1, not {self.batch_size}")
+        for name, value in (("window", self.window), ("stride", self.stride)):
+            if value is not None and value < 1:
+                raise GptkitError(f"{name} must be at least 1 token, not {value}")
+        for task in self.files:
+            if task not in TASKS:
+                raise GptkitError(
+                    f"task file given for {task!r}, which reads no file; tasks: {', '.join(TASKS)}"
+                )
+
+
+class Evaluator:
+    """Runs tasks on models; task files are read once, however many checkpoints are evaluated."""
+
+    def __init__(self, settings: EvalSettings) -> None:
+        self.settings = settings
+        self._data: dict[str, TaskData] = {}
+        self._tokens: dict[tuple[str, str], np.ndarray] = {}
+
+    def task_data(self, task: str) -> TaskData:
+        if task not in self._data:
+            s = self.settings
+            path = find_task_file(task, s.data_dir, s.files.get(task))
+            data = load_task(task, path, s.limit)
+            if data.skipped:
+                notice(f"{path}: skipped {data.skipped} malformed line(s) (first: {data.problem})")
+            self._data[task] = data
+        return self._data[task]
+
+    def source(self, task: str, default_text: str | Path | None) -> str:
+        """The file or folder a task reads, as recorded in the results."""
+        if task == PERPLEXITY:
+            text = self.settings.text if self.settings.text is not None else default_text
+            if text is None:
+                raise GptkitError("perplexity needs data: pass a prepared data folder or a text file")
+            return str(Path(text).resolve())
+        return str(self.task_data(task).path.resolve())
+
+    def run(
+        self,
+        task: str,
+        forward: Callable[[Tensor], Tensor],
+        tokenizer: Tokenizer,
+        block_size: int,
+        device: torch.device | str,
+        default_text: str | Path | None = None,
+    ) -> dict[str, Any]:
+        s = self.settings
+        if task == PERPLEXITY:
+            source = self.source(task, default_text)
+            window = min(s.window or block_size, block_size)
+            stride = s.stride or window
+            key = (source, tokenizer.fingerprint())
+            if key not in self._tokens:
+                need = None if s.limit is None else (s.limit - 1) * stride + window + 1
+                self._tokens[key] = read_tokens(source, tokenizer, need)
+            return perplexity(
+                forward,
+                self._tokens[key],
+                tokenizer,
+                window=window,
+                stride=stride,
+                device=device,
+                batch_size=s.batch_size,
+                limit=s.limit,
+                progress=s.progress,
+            )
+        data = self.task_data(task)
+        requests = [(ex.context, c) for ex in data.examples for c in ex.continuations]
+        scores = score_requests(
+            forward,
+            tokenizer,
+            requests,
+            block_size,
+            device=device,
+            batch_size=s.batch_size,
+            progress=s.progress,
+            desc=task,
+        )
+        metrics: dict[str, Any]
+        if TASKS[task].kind == "cloze":
+            metrics = {
+                "acc": sum(sc.greedy for sc in scores) / len(scores),
+                "ppl": math.exp(-sum(sc.logprob for sc in scores) / len(scores)),
+            }
+        else:
+            acc = acc_norm = 0
+            i = 0
+            for ex in data.examples:
+                lls = np.array([sc.logprob for sc in scores[i : i + len(ex.continuations)]])
+                i += len(ex.continuations)
+                lengths = np.array([len(c) - 1 for c in ex.continuations], dtype=np.float64)  # without " "
+                acc += int(np.argmax(lls)) == ex.label
+                acc_norm += int(np.argmax(lls / lengths)) == ex.label
+            metrics = {"acc": acc / len(data.examples), "acc_norm": acc_norm / len(data.examples)}
+        return {**metrics, "n": len(data.examples), "skipped": data.skipped}
+
+    def run_all(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        block_size: int,
+        device: torch.device | str,
+        default_text: str | Path | None = None,
+        tasks: list[str] | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        forward = logits_fn(model)
+        return {
+            task: self.run(task, forward, tokenizer, block_size, device, default_text)
+            for task in (tasks or self.settings.tasks)
+        }
+
+
+# -- results file and plot ---------------------------------------------------------------------
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The records of an eval.json; a missing file is an empty list, a damaged one an error."""
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        records = data["results"]
+        if not isinstance(records, list):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise GptkitError(f"{path} is not a gptkit results file; move it away and evaluate again") from None
+    return [r for r in records if isinstance(r, dict)]
+
+
+def _key(record: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(record.get(k) for k in KEY_FIELDS)
+
+
+def save_results(path: Path, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add records (replacing those with the same key); atomic, so a crash keeps the old file."""
+    keys = {_key(r) for r in new}
+    records = [r for r in read_results(path) if _key(r) not in keys] + new
+    records.sort(key=lambda r: (r.get("step") or 0, str(r.get("task"))))
+    write_atomic(
+        path, json.dumps({"format": "gptkit-eval", "results": records}, indent=1, allow_nan=False) + "\n"
+    )
+    return records
+
+
+def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+
+
+def plot_results(records: list[dict[str, Any]], out_png: Path, title: str) -> bool:
+    """Each task's metrics against the checkpoint step. A curve only joins comparable points: those
+    with the limit, file and quantisation of the task's newest record."""
+    setup = {r.get("task"): _key(r)[3:] for r in sorted(records, key=lambda r: r.get("time") or 0)}
+    curves: dict[str, dict[str, dict[int, float]]] = {}
+    for r in records:
+        task, step, metrics = r.get("task"), r.get("step"), r.get("metrics") or {}
+        if task not in PLOTTED or not isinstance(step, int) or _key(r)[3:] != setup[task]:
+            continue
+        for name in PLOTTED[task]:
+            value = metrics.get(name)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                curves.setdefault(task, {}).setdefault(name, {})[step] = float(value)
+    if not curves:
+        return False
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display
+
+    fig = Figure(figsize=(4.2 * len(curves), 3.8), layout="constrained")
+    for i, (task, metrics) in enumerate(curves.items()):
+        ax = fig.add_subplot(1, len(curves), i + 1)
+        for name, points in metrics.items():
+            steps = sorted(points)
+            ax.plot(steps, [points[s] for s in steps], "o-", markersize=4, label=name)
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_ylabel("bits per byte" if task == PERPLEXITY else "accuracy")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{title}: benchmarks")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    write_atomic(out_png, buffer.getvalue())
+    return True
+
+
+def format_table(step: int | None, checkpoint: str, results: dict[str, dict[str, Any]]) -> str:
+    """A plain-text table: task, metric, value, examples."""
+    rows = [("task", "metric", "value", "n")]
+    for task, metrics in results.items():
+        n = metrics.get("tokens", metrics.get("n", ""))
+        for name, value in metrics.items():
+            if name in ("n", "skipped", "tokens", "bytes", "window", "stride"):
+                continue
+            shown = (
+                (f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}")
+                if isinstance(value, float)
+                else str(value)
+            )
+            rows.append((task, name, shown, f"{n} tokens" if "tokens" in metrics else str(n)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"{checkpoint} (step {step})"]
+    for j, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def _run_folder(checkpoint: Path) -> Path:
+    """A checkpoint's run folder (RUN/checkpoints/x.pt → RUN), else the checkpoint's folder."""
+    parent = checkpoint.resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def _load(
+    path: Path, device: torch.device, quantize: str | None
+) -> tuple[nn.Module, Tokenizer, Any, int | None]:
+    from gptkit.checkpoint import load_checkpoint, load_model
+
+    payload = load_checkpoint(path)
+    model, tokenizer, config = load_model(payload)
+    model = model.to(device)
+    if quantize is not None:
+        from gptkit.generate.quantize import quantize as quantize_model
+
+        quantize_model(model, quantize)
+    step = (payload.get("progress") or {}).get("step")
+    return model, tokenizer, config, step if isinstance(step, int) else None
+
+
+def evaluate_checkpoints(
+    target: str | Path,
+    settings: EvalSettings,
+    *,
+    all_checkpoints: bool = False,
+    device: str = "auto",
+    quantize: str | None = None,
+    tensorboard: bool = False,
+    mlflow: bool = False,
+    on_result: Callable[[str, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate a checkpoint, a run's newest one, or (`all_checkpoints`) every checkpoint of a run,
+    skipping the (checkpoint, task) pairs its eval.json already holds. Returns one dict per
+    checkpoint evaluated: checkpoint, step, results {task: metrics}. `on_result(checkpoint, that)`
+    is called as each is done (the CLI prints its table)."""
+    from gptkit.checkpoint import find_checkpoint, is_run, run_checkpoints
+    from gptkit.device import pick_device
+
+    if quantize not in (None, "int8", "int4"):
+        raise GptkitError(f"quantize must be int8 or int4, not {quantize!r}")
+    target = Path(target)
+    if all_checkpoints:
+        if not is_run(target):
+            raise GptkitError(
+                f"--all-checkpoints needs a run folder (with checkpoints/), not {str(target)!r}"
+            )
+        paths = run_checkpoints(target)
+        if not paths:
+            raise GptkitError(f"run {str(target)!r} has no checkpoint yet; train it first")
+    else:
+        paths = [find_checkpoint(target)[0]]
+    dev = pick_device(device)
+    evaluator = Evaluator(settings)
+    out: list[dict[str, Any]] = []
+    for path in paths:
+        run_dir = _run_folder(path)
+        results_path = run_dir / EVAL_FILE
+        done = {_key(r) for r in read_results(results_path)}
+        model, tokenizer, config, step = _load(path, dev, quantize)
+        default_text = config.data.path if config.data.path else None
+
+        def key(
+            task: str, path: Path = path, step: int | None = step, default_text: Any = default_text
+        ) -> tuple:
+            return (path.name, step, task, settings.limit, evaluator.source(task, default_text), quantize)
+
+        todo = [t for t in settings.tasks if not (all_checkpoints and key(t) in done)]
+        if not todo:
+            notice(f"{path.name} (step {step}): already evaluated on {', '.join(settings.tasks)}; skipped")
+            continue
+        results = evaluator.run_all(model, tokenizer, model.config.block_size, dev, default_text, todo)
+        now = time.time()
+        records = [
+            dict(
+                zip(KEY_FIELDS, key(task), strict=True),
+                metrics=_json_safe(m),
+                time=now,
+            )
+            for task, m in results.items()
+        ]
+        all_records = save_results(results_path, records)
+        if len({r.get("step") for r in all_records}) > 1 or all_checkpoints:
+            plot_results(all_records, run_dir / EVAL_PNG, run_dir.name)
+        flat = flat_metrics(results)
+        if (tensorboard or mlflow) and step is not None:
+            _track(run_dir, config, step, flat, tensorboard, mlflow)
+        done_one = {"checkpoint": str(path), "step": step, "results": results}
+        out.append(done_one)
+        if on_result is not None:
+            on_result(str(path), done_one)
+        del model
+    return out
+
+
+def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """{"hellaswag": {"acc": .3}} → {"hellaswag_acc": .3}: the scalars trackers and metrics.jsonl take."""
+    skip = ("n", "skipped", "tokens", "bytes", "window", "stride")
+    return {
+        f"{task}_{name}": float(v)
+        for task, metrics in results.items()
+        for name, v in metrics.items()
+        if name not in skip and isinstance(v, (int, float)) and math.isfinite(v)
+    }
+
+
+def _track(
+    run_dir: Path, config: Any, step: int, metrics: dict[str, float], tensorboard: bool, mlflow: bool
+) -> None:
+    """The trainer's TensorBoard/MLflow writers, under the split "eval", at the checkpoint's step."""
+    from gptkit.train.trackers import MLflowTracker, TensorBoardTracker
+
+    trackers: list[TensorBoardTracker | MLflowTracker] = []
+    try:
+        if tensorboard:
+            trackers.append(TensorBoardTracker(run_dir, 0))
+        if mlflow:
+            trackers.append(MLflowTracker(run_dir, config, run_dir.name, resume=True))
+        for tracker in trackers:
+            tracker.log("eval", step, metrics)
+    finally:
+        for tracker in trackers:
+            tracker.close("finished")
+
+
+# -- inside training ---------------------------------------------------------------------------
+
+_training_evaluators: dict[tuple[Any, ...], Evaluator] = {}
+
+
+def training_metrics(
+    model: nn.Module, tokenizer: Tokenizer, config: Any, device: torch.device
+) -> dict[str, float]:
+    """The configured tasks (config.eval.tasks) on the model being trained, as flat metrics for
+    `RunLog.eval`; task files are read once per run."""
+    ec = config.eval
+    settings_key = (tuple(ec.tasks), ec.task_limit, ec.task_data, ec.task_batch_size)
+    if settings_key not in _training_evaluators:
+        settings = EvalSettings(
+            tasks=list(ec.tasks),
+            limit=ec.task_limit,
+            batch_size=ec.task_batch_size,
+            data_dir=ec.task_data,
+            progress=False,
+        )
+        _training_evaluators[settings_key] = Evaluator(settings)
+    evaluator = _training_evaluators[settings_key]
+    results = evaluator.run_all(model, tokenizer, config.model.block_size, device, config.data.path)
+    return flat_metrics(results)
