@@ -1,0 +1,1 @@
+"""Fine-tuning: instruction data, LoRA and prompt tuning, plugged into the one trainer."""

@@ -1,0 +1,260 @@
+"""LoRA (Hu et al., 2021): train a low-rank change B @ A of chosen weight matrices, not the weights.
+
+A `LoRALinear` wraps one of the model's `nn.Linear` layers and adds `scale * B @ A x` to its output,
+with A (r x in) random and B (out x r) zero at the start, so training starts from the base model's
+exact outputs. Only A and B (and optionally biases and LayerNorms) are trained: a few hundred
+thousand parameters instead of millions, and an optimiser state to match.
+
+Several adapters can sit on one layer, each with a weight, at inference (their changes add up);
+`merge` folds them into the base weights. Adapters are saved in HuggingFace peft's layout
+(`adapter_config.json` + `adapter_model.safetensors`, tensors named
+`base_model.model.<module>.lora_A.weight`), which peft loads onto the HF-exported model: our
+`nn.Linear` computes x @ W.T, HF's GPT-2 `Conv1D` x @ W, and peft's `fan_in_fan_out` takes care
+of that, so A and B are the same tensors on both sides.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gptkit.config import LoRAConfig, did_you_mean
+from gptkit.errors import GptkitError
+
+# The Linear layers of a GPT block, by the suffix of their module name.
+TARGETS = {
+    "c_attn": "attn.c_attn",  # queries, keys and values
+    "attn.c_proj": "attn.c_proj",  # attention output
+    "c_fc": "mlp.c_fc",  # MLP up-projection
+    "mlp.c_proj": "mlp.c_proj",  # MLP down-projection
+}
+GPTKIT_META = "gptkit_adapter.json"  # beside peft's files: what base the adapter was trained on
+
+
+class LoRALinear(nn.Module):
+    """`base(x) + sum over adapters of weight * scale * B @ A dropout(x)`."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scales: dict[str, float] = {}
+        self.weights: dict[str, float] = {}  # per adapter, at inference (stacking)
+        self.dropouts = nn.ModuleDict()
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    def add(self, name: str, config: LoRAConfig) -> None:
+        base = self.base
+        a = torch.empty(config.r, base.in_features, device=base.weight.device, dtype=base.weight.dtype)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear and peft initialise A
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(
+            torch.zeros(base.out_features, config.r, device=a.device, dtype=a.dtype)
+        )
+        self.scales[name] = config.scale
+        self.weights[name] = 1.0
+        self.dropouts[name] = nn.Dropout(config.dropout)
+
+    def delta(self, name: str) -> Tensor:
+        """The adapter's change of the weight matrix (out x in), scaled and weighted."""
+        return (self.lora_B[name] @ self.lora_A[name]) * (self.scales[name] * self.weights[name])
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        for name in self.lora_A:
+            h = self.dropouts[name](x) @ self.lora_A[name].T
+            out = out + (h @ self.lora_B[name].T) * (self.scales[name] * self.weights[name])
+        return out
+
+
+def _target_names(model: nn.Module, targets: list[str]) -> list[str]:
+    """Names of the Linear layers the targets pick; an error lists the available ones."""
+    linears = [
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear | LoRALinear) and n != "lm_head"
+    ]
+    linears = [n for n in linears if not n.endswith(".base")]
+    chosen: list[str] = []
+    for target in targets:
+        pattern = TARGETS.get(target, target)
+        hits = [n for n in linears if n.endswith("." + pattern) or fnmatch.fnmatch(n, pattern)]
+        if not hits:
+            kinds = sorted(TARGETS)
+            raise GptkitError(
+                f"LoRA target {target!r} matches no layer{did_you_mean(target, kinds)}; use "
+                f"{', '.join(kinds)} or a glob over layer names such as {linears[0]!r}"
+            )
+        chosen += [h for h in hits if h not in chosen]
+    return chosen
+
+
+def add_lora(model: nn.Module, config: LoRAConfig, name: str = "default") -> list[str]:
+    """Wrap the target layers with adapter `name` and freeze everything else (but what the config
+    says to train). Returns the wrapped layer names."""
+    chosen = _target_names(model, config.targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer_name in chosen:
+        parent_name, _, child = layer_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = getattr(parent, child)
+        if not isinstance(layer, LoRALinear):
+            layer = LoRALinear(layer)
+            setattr(parent, child, layer)
+        if name in layer.lora_A:
+            raise GptkitError(f"layer {layer_name} already has an adapter named {name!r}; pick another name")
+        layer.add(name, config)
+    for module in model.modules():
+        if config.train_layernorms and isinstance(module, nn.LayerNorm):
+            module.requires_grad_(True)
+        if config.train_biases and not isinstance(module, LoRALinear):
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, nn.Parameter):
+                bias.requires_grad_(True)
+    return chosen
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def set_adapter_weight(model: nn.Module, name: str, weight: float) -> None:
+    """How much of adapter `name` to apply (stacking several at inference)."""
+    layers = [m for m in lora_layers(model).values() if name in m.lora_A]
+    if not layers:
+        raise GptkitError(f"no adapter named {name!r} is loaded")
+    for layer in layers:
+        layer.weights[name] = weight
+
+
+def merge(model: nn.Module) -> None:
+    """Fold every adapter into its base weight and unwrap the layers: a plain model again."""
+    for layer_name, layer in lora_layers(model).items():
+        with torch.no_grad():
+            for name in layer.lora_A:
+                layer.base.weight += layer.delta(name).to(layer.base.weight.dtype)
+        parent_name, _, child = layer_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base)
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A checksum of the base weights an adapter belongs to (shapes and a sample of values)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if ".lora_" in name:
+            continue
+        name = name.replace(".base.", ".")
+        flat = tensor.detach().float().flatten()
+        h.update(f"{name}:{tuple(tensor.shape)}".encode())
+        h.update(flat[:: max(1, flat.numel() // 64)].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_adapter(
+    model: nn.Module, out: str | Path, config: LoRAConfig, name: str = "default", base: str = ""
+) -> Path:
+    """Adapter `name` as a peft folder (loadable by peft) plus gptkit's note of its base."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {}
+    modules: list[str] = []
+    for layer_name, layer in lora_layers(model).items():
+        if name in layer.lora_A:
+            key = f"base_model.model.{layer_name}"
+            tensors[f"{key}.lora_A.weight"] = layer.lora_A[name].detach().cpu().contiguous()
+            tensors[f"{key}.lora_B.weight"] = layer.lora_B[name].detach().cpu().contiguous()
+            modules.append(layer_name.rsplit(".", 1)[-1])
+    if not tensors:
+        raise GptkitError(f"the model has no adapter named {name!r} to save")
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": sorted(set(modules)),
+        "fan_in_fan_out": True,  # HF GPT-2's Conv1D stores weights as (in, out)
+        "bias": "none",
+        "base_model_name_or_path": base,
+        "inference_mode": True,
+    }
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps(peft_config, indent=1) + "\n")
+    meta = {
+        "lora": config.model_dump(),
+        "base_fingerprint": base_fingerprint(model),
+        "layers": sorted(tensors),
+    }
+    (out / GPTKIT_META).write_text(json.dumps(meta, indent=1) + "\n")
+    return out
+
+
+def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, weight: float = 1.0) -> str:
+    """Add the adapter saved at `path` (by gptkit or by peft for GPT-2) to `model`; returns its name.
+
+    A gptkit adapter is checked against the base it was trained on (its fingerprint); a peft one
+    by its tensor shapes.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise GptkitError(
+            f"{str(path)!r} is not an adapter folder (adapter_config.json and adapter_model.safetensors)"
+        )
+    peft: dict[str, Any] = json.loads(config_file.read_text())
+    if peft.get("peft_type") != "LORA":
+        raise GptkitError(
+            f"adapter {str(path)!r} is {peft.get('peft_type')}, not LORA; gptkit loads LoRA only"
+        )
+    meta_file = path / GPTKIT_META
+    if meta_file.is_file():
+        expected = json.loads(meta_file.read_text())["base_fingerprint"]
+        if expected != base_fingerprint(model):
+            raise GptkitError(
+                f"adapter {str(path)!r} was trained on another base model (checksum {expected} vs "
+                f"{base_fingerprint(model)}); load it onto the checkpoint it was trained from"
+            )
+    tensors = load_file(str(weights_file))
+    layers: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+        layers.setdefault(module, {})[part.split(".")[0]] = tensor
+    r = int(peft["r"])
+    config = LoRAConfig(r=r, alpha=float(peft["lora_alpha"]), dropout=0.0, targets=sorted(layers))
+    name = name or f"adapter{len({n for m in lora_layers(model).values() for n in m.lora_A})}"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    add_lora(model, config, name)
+    for n, p in model.named_parameters():  # loading for inference must not change what trains
+        p.requires_grad_(n in trainable)
+    for module, parts in layers.items():
+        layer = model.get_submodule(module)
+        assert isinstance(layer, LoRALinear)
+        for part in ("A", "B"):
+            target = getattr(layer, f"lora_{part}")[name]
+            if parts[part].shape != target.shape:
+                raise GptkitError(
+                    f"adapter {str(path)!r}: {module}.lora_{part} has shape {tuple(parts[part].shape)}, the "
+                    f"model needs {tuple(target.shape)}; it belongs to a model of another shape"
+                )
+            with torch.no_grad():
+                target.copy_(parts[part])
+    set_adapter_weight(model, name, weight)
+    return name

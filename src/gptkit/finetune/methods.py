@@ -1,0 +1,22 @@
+"""What trains in a fine-tune: the module layout of each method, rebuilt the same way everywhere.
+
+`apply_method` runs when fine-tuning starts and again when any of its checkpoints is loaded, so
+training, resuming, sampling and evaluation all see the same modules and parameter names.
+"""
+
+from __future__ import annotations
+
+from gptkit.config import FinetuneConfig
+from gptkit.finetune import lora
+from gptkit.model import GPT
+from gptkit.tokenizer import Tokenizer
+
+
+def apply_method(model: GPT, finetune: FinetuneConfig, tokenizer: Tokenizer | None = None) -> None:
+    """LoRA layers (base frozen), a soft prompt (model frozen), or nothing (full fine-tuning)."""
+    if finetune.method == "lora":
+        lora.add_lora(model, finetune.lora)
+    elif finetune.method == "prompt":
+        from gptkit.finetune.prompt_tuning import add_soft_prompt
+
+        add_soft_prompt(model, finetune.prompt_tokens, finetune.prompt_init, tokenizer)

@@ -1,0 +1,82 @@
+"""`gptkit finetune`: a base model, its tokenizer, a method and data, handed to the one trainer.
+
+The base is a run folder, a checkpoint or a HuggingFace GPT-2 folder; the model's shape and the
+tokenizer are always the base's. The method decides what trains (`gptkit.finetune.methods`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gptkit.checkpoint import find_checkpoint, load_model
+from gptkit.config import FinetuneConfig, RunConfig
+from gptkit.console import notice
+from gptkit.data.shards import PreparedData
+from gptkit.errors import GptkitError
+from gptkit.finetune import lora
+from gptkit.finetune.instructions import InstructionBatches, load_instructions, val_batches
+from gptkit.finetune.methods import apply_method
+from gptkit.model import GPT
+from gptkit.tokenizer import Tokenizer
+from gptkit.train import distributed
+from gptkit.train.launch import Parts, resolve_batch, shard_sources
+from gptkit.train.trainer import Trainer, seed_everything
+
+ADAPTER_DIR = "adapter"  # inside the run folder: the LoRA adapter alone, in peft's layout
+
+
+def load_base(base: str) -> tuple[GPT, Tokenizer, RunConfig, Path]:
+    """The base model: a gptkit run/checkpoint (merged if it was itself LoRA-tuned) or a HF folder."""
+    path = Path(base)
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
+        from gptkit.export.hf import load_hf
+
+        model, tokenizer, config = load_hf(path)
+        return model, tokenizer, config, path
+    path, payload = find_checkpoint(path)
+    model, tokenizer, config = load_model(payload)
+    return model, tokenizer, config, path
+
+
+def finetune_parts(
+    config: RunConfig, procs: distributed.Processes, path: Path | None, payload: dict[str, Any] | None
+) -> Parts:
+    fc = config.finetune
+    assert fc.base is not None
+    model, tokenizer, base_config, base_path = load_base(fc.base)
+    notice(f"fine-tuning {base_path} ({fc.method}); the model's shape and tokenizer are the base's")
+    if payload is not None and payload["tokenizer"] != tokenizer.describe():
+        raise GptkitError(
+            f"checkpoint {path} was fine-tuned from a base with another tokenizer than {fc.base}"
+        )
+    shape = base_config.model.model_copy(update={"dropout": config.model.dropout})
+    config = config.model_copy(update={"model": shape})
+    seed_everything(config.train.seed)
+    apply_method(model, fc, tokenizer)
+    config = resolve_batch(config, model.num_params(), procs)
+    micro, block = int(config.train.micro_batch_size), config.model.block_size
+    template = None
+    if config.data.instructions is not None:
+        train, held_out, chat_template = load_instructions(config, tokenizer, block)
+        source: Any = InstructionBatches(
+            train, micro, block, config.data.packing, config.data.seed, procs.rank, procs.world_size
+        )
+        val = val_batches(held_out, micro, block, config.data.packing, config.eval.batches)
+        template = chat_template.to_dict()
+    else:  # continued pre-training on prepared shards
+        data = PreparedData.open(config.data.path)
+        data.check_tokenizer(tokenizer.fingerprint(), f"base model {base_path}")
+        source, val = shard_sources(config, data, procs)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    notice(f"{trainable:,} trainable parameters of {model.num_params():,}")
+    finish = _save_adapter(fc, base_path) if fc.method == "lora" else None
+    return Parts(config, model, tokenizer, source, val, chat_template=template, finish=finish)
+
+
+def _save_adapter(fc: FinetuneConfig, base_path: Path) -> Any:
+    def finish(trainer: Trainer) -> None:
+        out = lora.save_adapter(trainer.model, trainer.run_dir / ADAPTER_DIR, fc.lora, base=str(base_path))
+        notice(f"LoRA adapter: {out} (peft layout; gptkit.finetune.lora.load_adapter or peft load it)")
+
+    return finish

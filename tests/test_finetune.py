@@ -1,0 +1,312 @@
+"""Fine-tuning: response-only loss, packing, the methods through the one trainer, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gptkit
+from gptkit.api import finetune
+from gptkit.checkpoint import load_checkpoint, save_checkpoint
+from gptkit.config import RunConfig, load_config
+from gptkit.errors import GptkitError
+from gptkit.finetune.instructions import Example, Report, encode, packed_batch, packed_rows, padded_batch
+from gptkit.fused_loss import IGNORE_INDEX
+from gptkit.generate import ChatTemplate, SampleSettings
+from gptkit.model import GPT
+from gptkit.tokenizer import CharTokenizer
+
+QA = [
+    ("What is the capital of France?", "Paris."),
+    ("Name a primary colour.", "Blue."),
+    ("How many legs has a spider?", "Eight."),
+    ("What do bees make?", "Honey."),
+]
+TEMPLATE = ChatTemplate.named("chat")
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPTKIT_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="module")
+def tok() -> CharTokenizer:
+    text = "".join(q + a for q, a in QA) + TEMPLATE.render([{"role": "user", "content": "x"}], True) + "\n"
+    return CharTokenizer.train([text + "abcdefghijklmnopqrstuvwxyz"])
+
+
+def messages(q: str, a: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+def write_base(path: Path, tok: CharTokenizer, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    config = load_config(
+        None, ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=128"]
+    )
+    config.model.vocab_size = tok.vocab_size
+    model = GPT(config.model)
+    return save_checkpoint(
+        path,
+        model_state=model.state_dict(),
+        config=config.model_dump(mode="json"),
+        tokenizer=tok.describe(),
+        progress={"step": 0, "tokens": 0},
+    )
+
+
+def write_records(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def examples(tok: CharTokenizer, block: int = 128) -> list[Example]:
+    return encode([messages(q, a) for q, a in QA], tok, TEMPLATE, block, "truncate", Report())
+
+
+def per_example_losses(model: GPT, batch: tuple[torch.Tensor, ...]) -> list[float]:
+    """Mean loss of each example of a batch (packed: each segment) from the model's logits."""
+    x, y, *seg = batch
+    with torch.no_grad():
+        logits, _ = model(x, segments=seg[0] if seg else None)
+    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    ce = ce.view_as(y)
+    ids = seg[0] if seg else torch.arange(1, len(y) + 1)[:, None].expand_as(y)
+    out = []
+    for row in range(len(y)):
+        for s in ids[row].unique().tolist():
+            where = (ids[row] == s) & (y[row] != IGNORE_INDEX)
+            if s and where.any():
+                out.append(float(ce[row][where].mean()))
+    return out
+
+
+def test_loss_counts_response_tokens_only(tok: CharTokenizer) -> None:
+    torch.manual_seed(0)
+    model = GPT(
+        load_config(
+            None,
+            [
+                f"model.vocab_size={tok.vocab_size}",
+                "model.n_layer=1",
+                "model.n_embd=32",
+                "model.n_head=2",
+                "model.block_size=128",
+            ],
+        ).model
+    ).eval()
+    q, a = QA[0]
+    ids, mask = TEMPLATE.encode(tok, messages(q, a))
+    example = encode([messages(q, a)], tok, TEMPLATE, 128, "truncate", Report())[0]
+    x, y = padded_batch([example])
+    with torch.no_grad():
+        logits, loss = model(x, y)
+    # by hand: the log-probability of each answer token (and the newline and end-of-text after it)
+    logp = torch.log_softmax(logits[0], dim=-1)
+    answer = [i for i in range(1, len(ids)) if mask[i]]
+    assert tok.decode([ids[i] for i in answer if ids[i] != tok.eot_id]) == a + "\n"
+    expected = -sum(float(logp[i - 1, ids[i]]) for i in answer) / len(answer)
+    assert float(loss) == pytest.approx(expected, abs=1e-5)
+    assert int((y != IGNORE_INDEX).sum()) == len(answer)
+
+
+def test_packing_and_padding_give_each_example_its_own_loss(tok: CharTokenizer) -> None:
+    torch.manual_seed(0)
+    model = GPT(
+        load_config(
+            None,
+            [
+                f"model.vocab_size={tok.vocab_size}",
+                "model.n_layer=2",
+                "model.n_embd=32",
+                "model.n_head=2",
+                "model.block_size=128",
+            ],
+        ).model
+    ).eval()
+    exs = examples(tok)
+    alone = [per_example_losses(model, padded_batch([e]))[0] for e in exs]
+    padded = per_example_losses(model, padded_batch(exs))
+    rows = packed_rows(exs, 128)
+    assert len(rows) < len(exs), "several examples share a row"
+    packed = per_example_losses(model, packed_batch(rows, 128))
+    assert max(abs(a - b) for a, b in zip(alone, padded, strict=True)) < 1e-5
+    assert max(abs(a - b) for a, b in zip(alone, packed, strict=True)) < 1e-5
+
+
+def finetune_config(tmp_path: Path, base: Path, data: Path, *more: str) -> list[str]:
+    return [
+        f"finetune.base={base}",
+        f"data.instructions={data}",
+        "data.template=chat",
+        "data.val_fraction=0.25",
+        f"runs_dir={tmp_path / 'runs'}",
+        "train.micro_batch_size=2",
+        "train.precision=fp32",
+        "train.warmup_steps=5",
+        "eval.batches=2",
+        "eval.sample_tokens=0",
+        "checkpoint.every_steps=0",
+        "checkpoint.every_minutes=0",
+        "log.every=1",
+        *more,
+    ]
+
+
+def records() -> list[dict]:
+    return [{"instruction": q, "output": a} for q, a in QA] * 3
+
+
+def test_full_finetune_answers_an_instruction(tmp_path: Path, tok: CharTokenizer) -> None:
+    base = write_base(tmp_path / "base.pt", tok)
+    data = write_records(tmp_path / "qa.jsonl", records())
+    result = finetune(
+        None,
+        finetune_config(
+            tmp_path,
+            base,
+            data,
+            "name=full",
+            "finetune.method=full",
+            "train.max_steps=150",
+            "train.lr=3e-3",
+            "data.val_fraction=0.1",
+        ),
+    )
+    payload = load_checkpoint(result.checkpoint)
+    assert ChatTemplate.from_dict(payload["chat_template"]) == TEMPLATE
+    model = gptkit.load(result.run_dir)
+    ids, _ = TEMPLATE.encode(
+        model.tokenizer, [{"role": "user", "content": QA[0][0]}], add_generation_prefix=True
+    )
+    out = model.sampler.generate_ids([ids], SampleSettings.of(temperature=0, max_new_tokens=20))[0]
+    assert model.tokenizer.decode(out).startswith(QA[0][1])
+
+
+def test_lora_and_prompt_tuning_train_only_their_parameters(tmp_path: Path, tok: CharTokenizer) -> None:
+    base = write_base(tmp_path / "base.pt", tok)
+    data = write_records(tmp_path / "qa.jsonl", records())
+    before = load_checkpoint(base)["model"]
+    lora = finetune(
+        None,
+        finetune_config(
+            tmp_path, base, data, "name=lora", "train.max_steps=10", "finetune.lora.targets=[c_attn,c_fc]"
+        ),
+    )
+    weights = load_checkpoint(lora.checkpoint)["model"]
+    changed = {
+        k
+        for k, v in weights.items()
+        if k.replace(".base.", ".") not in before or not torch.equal(v, before[k.replace(".base.", ".")])
+    }
+    assert changed and all(".lora_" in k for k in changed)
+    assert (lora.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (
+        gptkit.load(lora.run_dir).model.transformer.h[0].attn.c_attn.__class__.__name__ == "Linear"
+    )  # merged
+
+    prompt = finetune(
+        None,
+        finetune_config(
+            tmp_path,
+            base,
+            data,
+            "name=prompt",
+            "train.max_steps=10",
+            "finetune.method=prompt",
+            "finetune.prompt_tokens=4",
+            "data.packing=false",
+            "train.lr=0.1",
+        ),
+    )
+    weights = load_checkpoint(prompt.checkpoint)["model"]
+    assert all(torch.equal(weights[k], v) for k, v in before.items()), "every base weight bitwise unchanged"
+    assert weights["soft_prompt"].shape == (4, 64)
+    text = gptkit.load(prompt.run_dir).generate("User: hi", temperature=0, max_new_tokens=5)
+    assert isinstance(text, str)
+
+
+def test_finetune_resume_is_exact(tmp_path: Path, tok: CharTokenizer) -> None:
+    base = write_base(tmp_path / "base.pt", tok)
+    data = write_records(tmp_path / "qa.jsonl", records())
+    common = ["train.max_steps=12", "eval.every=4", "finetune.lora.dropout=0.1"]
+    whole = finetune(None, finetune_config(tmp_path, base, data, "name=whole", *common))
+    finetune(None, finetune_config(tmp_path, base, data, "name=split", *common), stop_at=6)
+    split = finetune(None, finetune_config(tmp_path, base, data, "name=split", *common), resume="latest")
+    assert whole.train_losses[6:] == pytest.approx(split.train_losses, abs=1e-6)
+    a, b = load_checkpoint(whole.checkpoint)["model"], load_checkpoint(split.checkpoint)["model"]
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_bad_records_are_errors_or_counted(tmp_path: Path, tok: CharTokenizer) -> None:
+    base = write_base(tmp_path / "base.pt", tok)
+    rows = records() + [{"instruction": "no output here"}]
+    data = write_records(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(GptkitError, match=r"bad.jsonl record 13: missing output .*data.skip_bad=true"):
+        finetune(None, finetune_config(tmp_path, base, data, "name=bad", "train.max_steps=2"))
+    result = finetune(
+        None, finetune_config(tmp_path, base, data, "name=skip", "train.max_steps=2", "data.skip_bad=true")
+    )
+    assert result.step == 2
+
+
+def test_base_and_data_tokenizers_must_match(tmp_path: Path, tok: CharTokenizer) -> None:
+    base = write_base(tmp_path / "base.pt", tok)
+    gptkit.prepare([], tmp_path / "shards", tokenizer="char", progress=False, workers=1)
+    overrides = finetune_config(tmp_path, base, tmp_path / "none.jsonl", "name=cpt", "train.max_steps=2")
+    overrides = [o for o in overrides if not o.startswith("data.instructions")] + [
+        f"data.path={tmp_path / 'shards'}"
+    ]
+    with pytest.raises(GptkitError, match="tokenizer"):
+        finetune(None, overrides)
+
+
+def test_finetune_needs_a_base(tmp_path: Path) -> None:
+    with pytest.raises(GptkitError, match="finetune.base is not set"):
+        finetune(None, [f"runs_dir={tmp_path}"])
+    assert RunConfig().finetune.base is None
+
+
+def test_soft_prompt_with_padding_and_cache(tok: CharTokenizer) -> None:
+    """A prompt-tuned model generates the same for a prompt alone or left-padded in a batch, and its
+    cached decoding equals full forwards with the soft prompt in front."""
+    from gptkit.finetune.prompt_tuning import add_soft_prompt
+    from gptkit.generate import Sampler
+
+    torch.manual_seed(0)
+    model = GPT(
+        load_config(
+            None,
+            [
+                f"model.vocab_size={tok.vocab_size}",
+                "model.n_layer=2",
+                "model.n_embd=32",
+                "model.n_head=2",
+                "model.block_size=64",
+            ],
+        ).model
+    ).eval()
+    add_soft_prompt(model, 5)
+    with torch.no_grad():
+        model.soft_prompt.mul_(5)  # a prompt strong enough to matter
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n != "soft_prompt")
+    sampler = Sampler(model, tok)
+    greedy = SampleSettings.of(temperature=0, max_new_tokens=30, stop_tokens=[])
+    prompts = [tok.encode("What do bees make?"), tok.encode("Blue.")]
+    alone = [sampler.generate_ids([p], greedy)[0] for p in prompts]
+    assert sampler.generate_ids(prompts, greedy) == alone
+    tokens = list(prompts[1])
+    with torch.no_grad():
+        for _ in range(30):
+            tokens.append(int(model(torch.tensor([tokens]))[0][0, -1].argmax()))
+    assert tokens[len(prompts[1]) :] == alone[1]
+    plain = GPT(model.config).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "soft_prompt"})
+    assert Sampler(plain, tok).generate_ids([prompts[1]], greedy)[0] != alone[1], (
+        "the prompt changes the output"
+    )
