@@ -6,7 +6,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from gptkit.config import RunConfig
     from gptkit.generate.textmodel import TextModel
+    from gptkit.model import GPT
+    from gptkit.tokenizer import Tokenizer
     from gptkit.train.trainer import TrainResult
 
 
@@ -45,6 +50,27 @@ def train(
     return run_training(load_config(config, overrides), config_path=config, resume=resume, stop_at=stop_at)
 
 
+def finetune(
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    resume: str | None = None,
+    stop_at: int | None = None,
+) -> TrainResult:
+    """Fine-tune `finetune.base` as the config says (method, data); the same trainer as `train`."""
+    from gptkit.config import load_config
+    from gptkit.errors import GptkitError
+    from gptkit.train.launch import train as run_training
+
+    run = load_config(config, overrides)
+    if run.finetune.base is None:
+        raise GptkitError(
+            "finetune.base is not set; name the model to start from: a run folder, checkpoint or "
+            "HuggingFace GPT-2 folder (e.g. finetune.base=runs/tiny)"
+        )
+    return run_training(run, config_path=config, resume=resume, stop_at=stop_at)
+
+
 def info(target: str) -> dict[str, Any]:
     """Describe a preset, config file, prepared data folder, run folder or checkpoint."""
     from gptkit.describe import describe
@@ -55,11 +81,11 @@ def info(target: str) -> dict[str, Any]:
 def load(path: str | Path, *, device: str = "auto", quantize: str | None = None) -> TextModel:
     """A trained model to generate with: `gptkit.load("runs/tiny").generate("Once upon a time")`.
 
-    `path` is a run folder (its newest intact checkpoint) or a checkpoint file. `device` "auto" picks
+    `path` is a run folder (its newest intact checkpoint), a checkpoint file (`.pt` or `.safetensors`)
+    or a HuggingFace GPT-2 folder (with config.json, as `gptkit export hf` writes). `device` "auto" picks
     cuda, then mps, then cpu. `quantize` "int8" or "int4" makes weight-only quantised linear layers
     (CPU inference: less memory, faster decoding; see README).
     """
-    from gptkit.checkpoint import find_checkpoint, load_model
     from gptkit.device import pick_device
     from gptkit.errors import GptkitError
     from gptkit.generate.textmodel import TextModel
@@ -67,11 +93,129 @@ def load(path: str | Path, *, device: str = "auto", quantize: str | None = None)
     if quantize not in (None, "int8", "int4"):
         raise GptkitError(f"quantize must be int8 or int4, not {quantize!r}")
     target = pick_device(device)
-    ckpt, payload = find_checkpoint(path)
-    model, tokenizer, _ = load_model(payload)
+    model, tokenizer, _, ckpt, payload = _load_any(path)
     model = model.to(target)
     if quantize is not None:
         from gptkit.generate.quantize import quantize as quantize_model
 
         quantize_model(model, quantize)
     return TextModel(model, tokenizer, source=str(ckpt), chat_template=payload.get("chat_template"))
+
+
+def _load_any(path: str | Path) -> tuple[GPT, Tokenizer, RunConfig, Path, dict[str, Any]]:
+    """(model, tokenizer, run config, source path, checkpoint payload) of a run, checkpoint or HF folder."""
+    from gptkit.checkpoint import find_checkpoint, is_run, load_model
+    from gptkit.export.hf import is_hf_folder, load_hf
+
+    if is_hf_folder(path) and not is_run(path):
+        model, tokenizer, config = load_hf(path)
+        return model, tokenizer, config, Path(path), {}
+    ckpt, payload = find_checkpoint(path)
+    model, tokenizer, config = load_model(payload)
+    return model, tokenizer, config, ckpt, payload
+
+
+EXPORT_TARGETS = ("hf", "onnx", "gguf", "safetensors")
+
+
+def export_model(
+    source: str | Path, target: str, out: str | Path, *, type: str = "f16", force: bool = False
+) -> list[Path]:
+    """Export a run folder, checkpoint or HF folder; returns the files or folder written.
+
+    `target`: `hf` (a folder transformers loads), `onnx` (OUT.onnx and OUT_with_past.onnx),
+    `gguf` (llama.cpp's gpt2 layout; `type` f32, f16 or q8_0) or `safetensors` (a weights-only
+    gptkit checkpoint). An existing output is replaced only with `force`.
+    """
+    from gptkit.errors import GptkitError
+
+    if target not in EXPORT_TARGETS:
+        raise GptkitError(f"export target must be one of {', '.join(EXPORT_TARGETS)}, not {target!r}")
+    model, tokenizer, config, _, payload = _load_any(source)
+    if target == "hf":
+        from gptkit.export.hf import export_hf
+
+        return [export_hf(model, tokenizer, out, force=force)]
+    if target == "onnx":
+        from gptkit.export.onnx import export_onnx
+
+        return list(export_onnx(model, out, force=force))
+    if target == "gguf":
+        from gptkit.export.gguf import export_gguf
+
+        name = config.name or Path(source).stem
+        return [export_gguf(model, tokenizer, out, type=type, name=name, force=force)]
+    from gptkit.checkpoint import save_safetensors_checkpoint
+    from gptkit.export import staged_output
+
+    if not str(out).endswith(".safetensors"):
+        raise GptkitError(f"safetensors output {str(out)!r} should end in .safetensors")
+    with staged_output(out, force) as tmp:
+        save_safetensors_checkpoint(
+            tmp,
+            model_state=model.state_dict(),
+            config=config.model_dump(mode="json"),
+            tokenizer=tokenizer.describe(),
+            progress=payload.get("progress"),
+            chat_template=payload.get("chat_template"),
+        )
+    return [Path(out)]
+
+
+def import_model(source: str | Path, out: str | Path, *, force: bool = False) -> Path:
+    """A HuggingFace GPT-2 folder -> a gptkit checkpoint (`.pt`, or weights-only `.safetensors`)."""
+    from gptkit.export.hf import import_hf
+
+    return import_hf(source, out, force=force)
+
+
+def evaluate(
+    path: str | Path,
+    tasks: str | list[str] = "perplexity",
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    data_dir: str | Path = "data/eval",
+    files: dict[str, str | Path] | None = None,
+    text: str | Path | None = None,
+    window: int | None = None,
+    stride: int | None = None,
+    all_checkpoints: bool = False,
+    device: str = "auto",
+    quantize: str | None = None,
+    tensorboard: bool = False,
+    mlflow: bool = False,
+    progress: bool = True,
+    on_result: Callable[[str, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate a checkpoint (or a run's newest, or with `all_checkpoints` every one not yet evaluated)
+    on "perplexity", "hellaswag", "lambada", "piqa"; results also go to the run's eval.json.
+
+    Task files are found under `data_dir` or named in `files` ({"piqa": "valid.jsonl"}); perplexity
+    reads `text` (a prepared data folder's val shards or a text file; None: the model's training data)
+    in windows of `window` tokens (default: the context) starting `stride` apart (default: window).
+    Returns, per checkpoint evaluated: {"checkpoint", "step", "results": {task: metrics}}.
+    """
+    from gptkit.eval.run import EvalSettings, evaluate_checkpoints
+
+    settings = EvalSettings(
+        tasks=tasks if isinstance(tasks, list) else tasks.split(","),
+        limit=limit,
+        batch_size=batch_size,
+        data_dir=data_dir,
+        files=dict(files or {}),
+        text=text,
+        window=window,
+        stride=stride,
+        progress=progress,
+    )
+    return evaluate_checkpoints(
+        path,
+        settings,
+        all_checkpoints=all_checkpoints,
+        device=device,
+        quantize=quantize,
+        tensorboard=tensorboard,
+        mlflow=mlflow,
+        on_result=on_result,
+    )

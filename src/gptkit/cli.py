@@ -104,6 +104,23 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_finetune(p: argparse.ArgumentParser) -> None:
+    add_train(p)
+    p.description = (
+        "fine-tune a base model (finetune.base: a run, checkpoint or HuggingFace GPT-2 folder): full, "
+        "lora or prompt tuning (finetune.method), on instruction data (data.instructions) or shards"
+    )
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from gptkit.api import finetune
+
+    result = finetune(args.config, args.overrides, resume=args.resume, stop_at=args.stop_at)
+    best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
+    print(f"run folder: {result.run_dir} (step {result.step}, {result.tokens:,} tokens{best})")
+    return 0
+
+
 def add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "target",
@@ -265,14 +282,145 @@ def run_chat(args: argparse.Namespace) -> int:
     return chat_loop(chat, input_lines(sys.stdin.isatty()), sys.stdout, sys.stderr)
 
 
+def add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "target",
+        choices=["hf", "onnx", "gguf", "safetensors"],
+        help="hf: a folder transformers loads; onnx: OUT.onnx and OUT_with_past.onnx (KV cache); "
+        "gguf: llama.cpp's gpt2 layout; safetensors: a weights-only gptkit checkpoint",
+    )
+    p.add_argument(
+        "model",
+        metavar="RUN_OR_CKPT",
+        help="a run folder (its newest checkpoint), a checkpoint or a HF folder",
+    )
+    p.add_argument("out", metavar="OUT", help="output folder (hf) or file")
+    p.add_argument(
+        "--type",
+        choices=["f32", "f16", "q8_0"],
+        default=None,
+        help="gguf only: how weights are stored (default: f16)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from gptkit.api import export_model
+
+    if args.target != "gguf" and args.type is not None:
+        raise GptkitError(f"--type applies to gguf exports only, not to {args.target}")
+    kind = args.type or "f16"
+    for path in export_model(args.model, args.target, args.out, type=kind, force=args.force):
+        print(path)
+    return 0
+
+
+def add_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source_format", choices=["hf"], metavar="hf", help="the format to import: hf")
+    p.add_argument("source", metavar="DIR", help="a HuggingFace GPT-2 folder (config.json and weights)")
+    p.add_argument("out", metavar="OUT", help="the gptkit checkpoint to write (.pt, or .safetensors)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from gptkit.api import import_model
+
+    print(import_model(args.source, args.out, force=args.force))
+    return 0
+
+
+def add_eval(p: argparse.ArgumentParser) -> None:
+    add_model_source(p)
+    p.add_argument(
+        "--tasks",
+        default="perplexity",
+        metavar="LIST",
+        help="comma-separated: perplexity, hellaswag, lambada, piqa",
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="examples per task, perplexity windows (default: all)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--data-dir", default="data/eval", metavar="DIR", help="folder of the task files")
+    p.add_argument(
+        "--file",
+        action="append",
+        default=None,
+        metavar="TASK=PATH",
+        help="a task's file, repeatable, e.g. piqa=valid.jsonl (default: looked up in --data-dir)",
+    )
+    p.add_argument(
+        "--text",
+        default=None,
+        metavar="PATH",
+        help="perplexity data: a prepared data folder (its val shards) or a text file "
+        "(default: the data the model was trained on)",
+    )
+    p.add_argument(
+        "--window", type=int, default=None, help="perplexity window in tokens (default: the context)"
+    )
+    p.add_argument("--stride", type=int, default=None, help="tokens between windows (default: the window)")
+    p.add_argument(
+        "--all-checkpoints",
+        action="store_true",
+        help="every checkpoint of the run not evaluated yet, and a plot",
+    )
+    p.add_argument("--tensorboard", action="store_true", help="also log to the run's TensorBoard folder")
+    p.add_argument("--mlflow", action="store_true", help="also log to the run's MLflow run")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from gptkit.api import evaluate
+    from gptkit.eval.run import format_table
+
+    files: dict[str, str] = {}
+    for item in args.file or []:
+        task, sep, path = item.partition("=")
+        if not sep or not task or not path:
+            raise GptkitError(f"--file takes TASK=PATH, e.g. piqa=valid.jsonl, not {item!r}")
+        files[task.strip().lower()] = path
+
+    def show(checkpoint: str, result: dict[str, Any]) -> None:
+        if not args.json:
+            print(format_table(result["step"], checkpoint, result["results"]) + "\n", flush=True)
+
+    results = evaluate(
+        args.model,
+        args.tasks,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        files=files,
+        text=args.text,
+        window=args.window,
+        stride=args.stride,
+        all_checkpoints=args.all_checkpoints,
+        device=args.device,
+        quantize=args.quantize,
+        tensorboard=args.tensorboard,
+        mlflow=args.mlflow,
+        progress=not args.no_progress,
+        on_result=show,
+    )
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return 0
+
+
 COMMANDS: dict[
     str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 ] = {
     "prepare": ("tokenize text into token shards for training", add_prepare, run_prepare),
     "train": ("pre-train a model on prepared data", add_train, run_train),
+    "finetune": ("fine-tune a trained model: full, LoRA or prompt tuning", add_finetune, run_finetune),
     "info": ("describe a preset, run, checkpoint, prepared data or config", add_info, run_info),
     "sample": ("generate text from a trained model", add_sample, run_sample),
     "chat": ("talk to an instruction-tuned model in the terminal", add_chat, run_chat),
+    "export": ("export a model to HuggingFace, ONNX, GGUF or safetensors", add_export, run_export),
+    "import": ("import a HuggingFace GPT-2 folder as a gptkit checkpoint", add_import, run_import),
+    "eval": ("perplexity and zero-shot benchmarks (hellaswag, lambada, piqa)", add_eval, run_eval),
 }
 
 

@@ -72,12 +72,51 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    """Where the prepared token shards are (a folder written by `gptkit prepare`), and how to read them."""
+    """Where the prepared token shards are (a folder written by `gptkit prepare`), and how to read them;
+    or, for instruction tuning, a file of instruction or chat records."""
 
     path: str = Field("data/default", description="folder with meta.json and token shards")
     sampling: Literal["random", "ordered"] = Field(
         "random", description="random windows, or ordered passes with the shard order reshuffled each epoch"
     )
+    instructions: str | None = Field(
+        None, description="fine-tuning: Alpaca-style .json/.jsonl or chat .jsonl ({messages}); None: path"
+    )
+    val_instructions: str | None = Field(None, description="held-out records; None: split off val_fraction")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="records held out when no val file is given")
+    template: str = Field("alpaca", description="chat template: alpaca, chat or plain")
+    packing: bool = Field(True, description="several examples per sequence (masked apart), else padding")
+    too_long: Literal["truncate", "drop"] = Field("truncate", description="examples longer than the context")
+    skip_bad: bool = Field(False, description="count and skip malformed records instead of stopping")
+    seed: int = Field(0, description="held-out split and example order")
+
+
+class LoRAConfig(Section):
+    """LoRA adapters (gptkit.finetune.lora): which layers, what rank."""
+
+    r: int = Field(8, ge=1, description="rank of the change B @ A")
+    alpha: float = Field(16.0, gt=0, description="the change is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    targets: list[str] = Field(
+        default_factory=lambda: ["c_attn", "attn.c_proj"],
+        description="layers: c_attn, attn.c_proj, c_fc, mlp.c_proj, or globs over layer names",
+    )
+    train_biases: bool = Field(False, description="also train the model's biases")
+    train_layernorms: bool = Field(False, description="also train LayerNorm weights and biases")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+class FinetuneConfig(Section):
+    """What to fine-tune from, and how (`gptkit finetune`); `base` None means pre-training."""
+
+    base: str | None = Field(None, description="run folder, checkpoint or HuggingFace GPT-2 folder")
+    method: Literal["full", "lora", "prompt"] = Field("lora", description="what trains")
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    prompt_tokens: int = Field(20, ge=1, description="prompt tuning: trainable virtual tokens")
+    prompt_init: str | None = Field(None, description="prompt tuning: text whose embeddings start it")
 
 
 class TrainConfig(Section):
@@ -132,6 +171,12 @@ class EvalConfig(Section):
     sample_tokens: int = Field(200, ge=0, description="tokens per sample; 0 = no samples")
     temperature: float = Field(0.8, gt=0)
     top_k: int | None = Field(200, ge=1)
+    tasks: list[Literal["perplexity", "hellaswag", "lambada", "piqa"]] = Field(
+        default_factory=list, description="zero-shot tasks (gptkit eval) run at every evaluation; [] = none"
+    )
+    task_limit: int | None = Field(200, ge=1, description="examples (perplexity: windows) per task; None=all")
+    task_data: str = Field("data/eval", description="folder of the task files (see gptkit eval)")
+    task_batch_size: int = Field(8, ge=1, description="sequences per forward pass when scoring tasks")
 
 
 class CheckpointConfig(Section):
@@ -186,6 +231,7 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
 
 T = TypeVar("T", bound=BaseModel)

@@ -109,6 +109,47 @@ def attention_mask(t_new: int, cache: KVCache | None, device: torch.device) -> T
     return (mask & real_key[:, None, :] | own_key)[:, None]  # (B, 1, T, S): the same for every head
 
 
+def insert_prompt(x: Tensor, prompt: Tensor, pad: Tensor | None) -> Tensor:
+    """Token embeddings x (B, T, C) with the soft prompt (P, C) before each sequence's first token:
+    (B, P + T, C). With left padding the prompt goes after the padding, where the sequence starts."""
+    B, T, C = x.shape
+    P = prompt.size(0)
+    prompt = prompt.to(x.dtype).expand(B, P, C)
+    if pad is None:
+        return torch.cat([prompt, x], dim=1)
+    both = torch.cat([x, prompt], dim=1)  # tokens at 0 .. T-1, the prompt at T .. T+P-1
+    j, p = torch.arange(T + P, device=x.device)[None], pad[:, None]
+    source = torch.where(j < p, j, torch.where(j < p + P, T + j - p, j - P))
+    return both.gather(1, source[..., None].expand(B, T + P, C))
+
+
+def remove_prompt(x: Tensor, n_prompt: int, pad: Tensor | None) -> Tensor:
+    """The positions of the tokens only, undoing `insert_prompt`'s layout: (B, T, C)."""
+    if pad is None:
+        return x[:, n_prompt:]
+    B, T, C = x.size(0), x.size(1) - n_prompt, x.size(2)
+    t = torch.arange(T, device=x.device)[None]
+    where = torch.where(t < pad[:, None], t, t + n_prompt)
+    return x.gather(1, where[..., None].expand(B, T, C))
+
+
+def segment_layout(segments: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention mask (B, 1, T, T) and positions (B, T) for sequences packed with several examples.
+
+    `segments` (B, T) numbers the examples of each row (equal ids = one example, contiguous). Each
+    example attends only to itself and counts positions from 0, so its loss is what it would be
+    alone: packing saves the padding without mixing examples.
+    """
+    T = segments.size(1)
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    t = torch.arange(T, device=segments.device)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, t, 0).cummax(dim=1).values  # where each position's example starts
+    return (same & causal)[:, None], t - first
+
+
 CPU_BF16_ATTENTION_MIN_WORK = 32768  # keys x head_dim from which CPU attention is faster in bf16
 
 
@@ -219,6 +260,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
         # Weight tying: the output projection reuses the token embedding (one tensor, two roles).
         self.lm_head.weight = self.transformer.wte.weight
+        self.soft_prompt: nn.Parameter | None  # prompt tuning's vectors (gptkit.finetune.prompt_tuning)
+        self.register_parameter("soft_prompt", None)
         self._init_weights()
 
     @classmethod
@@ -248,11 +291,11 @@ class GPT(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.wte.weight.device
+        return self.transformer.wpe.weight.device  # wpe: never quantised (wte may be)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.wte.weight.dtype
+        return self.transformer.wpe.weight.dtype
 
     def num_params(self, include_position: bool = True) -> int:
         """Number of parameters as HF counts them: tied weights once, padding rows not at all."""
@@ -278,32 +321,45 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         *,
         return_logits: bool = True,
+        segments: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None]:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T), and the mean loss if `targets` given.
 
         With a `cache`, `idx` holds only the new tokens; they are placed after the cached positions.
         `return_logits=False` with `targets` returns (None, loss), computed by `fused_loss`
         without keeping the logits: what a training step wants (the same loss, a faster step).
+        `segments` marks several examples packed into each row (see `segment_layout`). A model
+        with a `soft_prompt` puts it before the tokens (see `insert_prompt`).
         """
         B, T = idx.shape
+        x = self.transformer.wte(idx)
+        prompt = self.soft_prompt if cache is None or cache.pos == 0 else None
+        pad = None if cache is None else cache.pad
+        if prompt is not None:  # prompt tuning: trained vectors before the first token (after padding)
+            x = insert_prompt(x, prompt, pad)
+            T = x.size(1)
         pos = self._check_length(B, T, cache)
 
         positions = torch.arange(pos, pos + T, device=idx.device)
         if cache is not None and cache.pad is not None:  # count from each sequence's first real token
             positions = (positions - cache.pad[:, None]).clamp(min=0)
         mask = attention_mask(T, cache, idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(positions)
-        x = self.transformer.drop(x)
+        if segments is not None:  # packed examples (training): no cache, no soft prompt
+            mask, positions = segment_layout(segments)
+        x = self.transformer.drop(x + self.transformer.wpe(positions))
         for block in self.transformer.h:
             x = block(x, cache, mask)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.advance(T)  # every layer has written its keys/values for these T positions
+        if prompt is not None:  # outputs (and logits) for the tokens only
+            x = remove_prompt(x, prompt.size(0), pad)
 
         # Only the first vocab_size rows of the (padded) head: softmax, loss and sampling never see
         # padded ids. A row slice is contiguous, so the logits come out contiguous too (cutting
         # columns off padded logits instead would make the loss copy them).
-        head = self.lm_head.weight[: self.config.vocab_size]
+        # (a quantised head, from gptkit.generate.quantize, is a module holding only those rows)
+        head = self.lm_head.weight[: self.config.vocab_size] if isinstance(self.lm_head, nn.Linear) else None
         if targets is not None and not return_logits and torch.is_grad_enabled() and x.requires_grad:
             device = x.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -312,7 +368,7 @@ class GPT(nn.Module):
                     x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size, dtype
                 )
             return None, loss
-        logits = F.linear(x, head)
+        logits = self.lm_head(x) if head is None else F.linear(x, head)
 
         loss = None
         if targets is not None:

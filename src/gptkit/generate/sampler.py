@@ -92,7 +92,9 @@ class Sampler:
         """
         if not rows or any(not r for r in rows):
             raise GptkitError("the prompt is empty; give at least one token (a newline is enough)")
-        model, block = self.model, self.model.config.block_size
+        model = self.model
+        n_prompt = 0 if model.soft_prompt is None else model.soft_prompt.size(0)  # prompt tuning's vectors
+        block = model.config.block_size - n_prompt  # room for tokens
         stop_ids = torch.tensor(
             [self.tokenizer.eot_id] if settings.stop_tokens is None else settings.stop_tokens,
             dtype=torch.long,
@@ -111,7 +113,7 @@ class Sampler:
             for i, r in enumerate(history):
                 seen[i, r] = True
         longest = max(map(len, history))
-        cache = model.new_cache(len(rows), min(block, longest + settings.max_new_tokens))
+        cache = model.new_cache(len(rows), n_prompt + min(block, longest + settings.max_new_tokens))
         was_training = model.training
         model.eval()
         try:

@@ -15,7 +15,7 @@ import torch
 
 from gptkit.errors import GptkitError
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]  # (x, y), or (x, y, segments) for packed examples
 
 
 class TokenSource(Protocol):

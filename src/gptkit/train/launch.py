@@ -6,6 +6,8 @@ model shape against a checkpoint's, the batch arithmetic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,9 @@ from gptkit.data.shards import PreparedData
 from gptkit.device import pick_device, pick_precision
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
-from gptkit.tokenizer import from_description
+from gptkit.tokenizer import Tokenizer, from_description
 from gptkit.train import distributed
-from gptkit.train.batches import ShardBatches, fixed_batches
+from gptkit.train.batches import Batch, ShardBatches, TokenSource, fixed_batches
 from gptkit.train.budget import available_memory, memory_estimate
 from gptkit.train.checkpoints import load_latest, step_files
 from gptkit.train.trainer import Trainer, TrainResult, accumulation_steps, seed_everything
@@ -149,6 +151,19 @@ def train(
         distributed.stop()
 
 
+@dataclass
+class Parts:
+    """What a Trainer is built from; pre-training and fine-tuning each make a set."""
+
+    config: RunConfig  # resolved: vocabulary, micro-batch
+    model: GPT
+    tokenizer: Tokenizer
+    source: TokenSource
+    val: list[Batch] | None
+    chat_template: dict[str, Any] | None = None
+    finish: Callable[[Trainer], None] | None = None  # after the last step, on rank 0 (e.g. save an adapter)
+
+
 def _train(
     config: RunConfig,
     config_path: str | Path | None,
@@ -156,11 +171,48 @@ def _train(
     stop_at: int | None,
     procs: distributed.Processes,
 ) -> TrainResult:
-    data = PreparedData.open(config.data.path)
     name = run_name(config, config_path)
     config = config.model_copy(update={"name": name})  # so the saved config.yaml resumes the same run
     run_dir = Path(config.runs_dir) / name
     path, payload = find_resume(run_dir, resume)
+    if config.finetune.base is not None:
+        from gptkit.finetune.setup import finetune_parts
+
+        parts = finetune_parts(config, procs, path, payload)
+    else:
+        parts = pretraining_parts(config, procs, path, payload)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(
+        parts.config,
+        run_dir,
+        name,
+        parts.model,
+        parts.tokenizer,
+        parts.source,
+        parts.val,
+        resume=payload,
+        procs=procs,
+        chat_template=parts.chat_template,
+    )
+    result = trainer.run(stop_at)
+    if parts.finish is not None and procs.main and not result.stopped_early:
+        parts.finish(trainer)
+    return result
+
+
+def resolve_batch(config: RunConfig, n_params: int, procs: distributed.Processes) -> RunConfig:
+    """The micro-batch ("auto" resolved) and a check of the batch arithmetic, before any work."""
+    micro = resolve_micro_batch(config, n_params)
+    config = config.model_copy(update={"train": config.train.model_copy(update={"micro_batch_size": micro})})
+    accumulation_steps(config, micro, procs.world_size)
+    return config
+
+
+def pretraining_parts(
+    config: RunConfig, procs: distributed.Processes, path: Path | None, payload: dict[str, Any] | None
+) -> Parts:
+    """A fresh model (or the resumed one's shape) on prepared token shards."""
+    data = PreparedData.open(config.data.path)
     if payload is not None:  # the tokenizer first: it explains a vocabulary mismatch too
         data.check_tokenizer(from_description(payload["tokenizer"]).fingerprint(), f"checkpoint {path}")
     if config.model.vocab_size is None:
@@ -175,17 +227,20 @@ def _train(
     if payload is not None:
         assert path is not None
         check_same_shape(config, payload, path)
-    tokenizer = data.tokenizer()
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     seed_everything(config.train.seed)
     with torch.device("meta"):
         n_params = GPT(config.model).num_params()
-    micro = resolve_micro_batch(config, n_params)
-    config = config.model_copy(update={"train": config.train.model_copy(update={"micro_batch_size": micro})})
-    accumulation_steps(config, micro, procs.world_size)  # bad batch arithmetic fails before anything
+    config = resolve_batch(config, n_params, procs)
+    source, val = shard_sources(config, data, procs)
+    return Parts(config, GPT(config.model), data.tokenizer(), source, val)
 
-    block = config.model.block_size
+
+def shard_sources(
+    config: RunConfig, data: PreparedData, procs: distributed.Processes
+) -> tuple[ShardBatches, list[Batch] | None]:
+    """Training windows of this rank, and the fixed val batches (None if the val split is too short)."""
+    micro, block = int(config.train.micro_batch_size), config.model.block_size
     source = ShardBatches(
         data.shards("train"),
         micro,
@@ -200,6 +255,4 @@ def _train(
         val = fixed_batches(data.shards("val"), config.eval.batches, micro, block)
     else:
         notice(f"no val loss: the val split of {config.data.path} has fewer than {block + 1} tokens")
-    model = GPT(config.model)
-    trainer = Trainer(config, run_dir, name, model, tokenizer, source, val, resume=payload, procs=procs)
-    return trainer.run(stop_at)
+    return source, val

@@ -98,9 +98,11 @@ class Trainer:
         val_batches: list[Batch] | None,
         resume: dict[str, Any] | None = None,
         procs: Processes | None = None,
+        chat_template: dict[str, Any] | None = None,
     ) -> None:
         self.config, self.run_dir, self.run_name = config, run_dir, run_name
         self.tokenizer, self.train_source, self.val_batches = tokenizer, train_source, val_batches
+        self.chat_template = chat_template  # instruction tuning: stored with every checkpoint
         tc = config.train
         self.procs = procs = procs or Processes()
         self.device = pick_device(tc.device, procs.local_rank if procs.distributed else None)
@@ -137,7 +139,9 @@ class Trainer:
         """
         model_state, optim_state = distributed.full_state(self.model, self.optimizer, self.procs)
         rng = distributed.gather(rng_state(), self.procs)
+        extra = {} if self.chat_template is None else {"chat_template": self.chat_template}
         return {
+            **extra,
             "model_state": model_state,
             "config": self.config.model_dump(mode="json"),
             "tokenizer": self.tokenizer.describe(),
@@ -269,10 +273,13 @@ class Trainer:
         set_learning_rate(self.optimizer, lr)
         total = torch.zeros((), device=self.device)
         for micro in range(self.accum):
-            x, y = (t.to(self.device, non_blocking=True) for t in self.train_source.next_batch())
+            # (x, y) or, with packed examples, (x, y, segments)
+            x, y, *segments = (t.to(self.device, non_blocking=True) for t in self.train_source.next_batch())
             with distributed.gradient_sync(self.step_model, self.procs, sync=micro == self.accum - 1):
                 with autocast(self.device, self.precision):
-                    _, loss = self.step_model(x, y, return_logits=False)  # fused loss: no logits kept
+                    _, loss = self.step_model(  # fused loss: no logits kept
+                        x, y, return_logits=False, segments=segments[0] if segments else None
+                    )
                 assert loss is not None
                 # Each micro-batch's mean loss / accum: the gradient of the mean over all of them
                 # (and DDP/FSDP average over the ranks' slices).
@@ -315,9 +322,10 @@ class Trainer:
         if self.val_batches:
             self.model.eval()
             losses = []
-            for x, y in self.val_batches:
+            for x, y, *segments in self.val_batches:
+                seg = segments[0].to(self.device) if segments else None
                 with autocast(self.device, self.precision):
-                    _, loss = self.model(x.to(self.device), y.to(self.device))
+                    _, loss = self.model(x.to(self.device), y.to(self.device), segments=seg)
                 assert loss is not None
                 losses.append(float(loss))
             self.model.train()
@@ -327,6 +335,13 @@ class Trainer:
                 self.best_val_loss = self.last_val_loss
             metrics = {"val_loss": self.last_val_loss, "val_ppl": math.exp(min(self.last_val_loss, 50.0))}
         ec = self.config.eval
+        if ec.tasks:  # zero-shot tasks, as gptkit eval scores them; every rank runs them (FSDP needs all)
+            from gptkit.eval.run import training_metrics
+
+            self.model.eval()
+            with autocast(self.device, self.precision):
+                metrics.update(training_metrics(self.model, self.tokenizer, self.config, self.device))
+            self.model.train()
         samples = {}
         if ec.sample_tokens:
             sampler = Sampler(self.model, self.tokenizer)
