@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from gptkit.config import RunConfig
     from gptkit.generate.textmodel import TextModel
@@ -78,13 +78,21 @@ def info(target: str) -> dict[str, Any]:
     return describe(target)
 
 
-def load(path: str | Path, *, device: str = "auto", quantize: str | None = None) -> TextModel:
+def load(
+    path: str | Path,
+    *,
+    device: str = "auto",
+    quantize: str | None = None,
+    adapters: Sequence[str | Path | tuple[str | Path, float]] = (),
+) -> TextModel:
     """A trained model to generate with: `gptkit.load("runs/tiny").generate("Once upon a time")`.
 
     `path` is a run folder (its newest intact checkpoint), a checkpoint file (`.pt` or `.safetensors`)
     or a HuggingFace GPT-2 folder (with config.json, as `gptkit export hf` writes). `device` "auto" picks
-    cuda, then mps, then cpu. `quantize` "int8" or "int4" makes weight-only quantised linear layers
-    (CPU inference: less memory, faster decoding; see README).
+    cuda, then mps, then cpu. `adapters`: LoRA adapter folders (gptkit's or peft's), each a path or
+    (path, weight), stacked (their weighted changes add up) and folded into the weights. `quantize`
+    "int8" or "int4" makes weight-only quantised linear layers (CPU inference: less memory, faster
+    decoding; see README).
     """
     from gptkit.device import pick_device
     from gptkit.errors import GptkitError
@@ -94,6 +102,13 @@ def load(path: str | Path, *, device: str = "auto", quantize: str | None = None)
         raise GptkitError(f"quantize must be int8 or int4, not {quantize!r}")
     target = pick_device(device)
     model, tokenizer, _, ckpt, payload = _load_any(path)
+    if adapters:
+        from gptkit.finetune.lora import load_adapter, merge
+
+        for item in adapters:
+            adapter, weight = item if isinstance(item, tuple) else (item, 1.0)
+            load_adapter(model, adapter, weight=weight)
+        merge(model)  # one plain model again: decoding as fast as the base
     model = model.to(target)
     if quantize is not None:
         from gptkit.generate.quantize import quantize as quantize_model

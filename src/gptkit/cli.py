@@ -187,8 +187,34 @@ def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
+def add_adapters(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=None,
+        metavar="DIR[=WEIGHT]",
+        help="a LoRA adapter folder to apply, with a weight (default 1); repeatable: the changes add up",
+    )
+
+
+def adapter_list(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """--adapter DIR[=WEIGHT] values as (folder, weight)."""
+    out = []
+    for item in args.adapter or []:
+        folder, sep, weight = item.rpartition("=")
+        if not sep:
+            out.append((item, 1.0))
+            continue
+        try:
+            out.append((folder, float(weight)))
+        except ValueError:
+            raise GptkitError(f"--adapter takes DIR or DIR=WEIGHT with a number, not {item!r}") from None
+    return out
+
+
 def add_sample(p: argparse.ArgumentParser) -> None:
     add_model_source(p)
+    add_adapters(p)
     p.add_argument(
         "--prompt", action="append", default=None, metavar="TEXT", help="a prompt, repeatable (default: none)"
     )
@@ -231,7 +257,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from gptkit.api import load
 
     prompts = read_prompts(args)
-    model = load(args.model, device=args.device, quantize=args.quantize)
+    model = load(args.model, device=args.device, quantize=args.quantize, adapters=adapter_list(args))
     settings = sampling_settings(args)
     settings["num_samples"] = args.num_samples
     model.settings = model.settings.of(**settings)  # validated before any work starts
@@ -254,6 +280,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def add_chat(p: argparse.ArgumentParser) -> None:
     add_model_source(p)
+    add_adapters(p)
     p.add_argument(
         "--system",
         default=None,
@@ -277,7 +304,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
     settings = SampleSettings.of(**sampling_settings(args))  # validated before any work starts
     template = None if args.template == "auto" else ChatTemplate.named(args.template)
-    model = load(args.model, device=args.device, quantize=args.quantize)
+    model = load(args.model, device=args.device, quantize=args.quantize, adapters=adapter_list(args))
     chat = Chat(model, template=template, system=args.system, settings=settings)
     return chat_loop(chat, input_lines(sys.stdin.isatty()), sys.stdout, sys.stderr)
 
