@@ -78,7 +78,7 @@ def mean_tokens_per_sec(run_dir: Path) -> float:
 
 def answers(run_dir: Path, records: list[dict], max_new: int = 40) -> list[str]:
     import gptkit
-    from gptkit.finetune.instructions import to_messages
+    from gptkit.finetuning.instructions import to_messages
     from gptkit.generate import ChatTemplate, SampleSettings
 
     model = gptkit.load(run_dir)
@@ -96,7 +96,7 @@ def trainable_params(base_run: Path, method: str, settings: list[str]) -> int:
     """Parameters the method trains, counted on the module layout it builds."""
     from gptkit.checkpoint import find_checkpoint, load_model
     from gptkit.config import load_config
-    from gptkit.finetune.methods import apply_method
+    from gptkit.finetuning.methods import apply_method
 
     model, tokenizer, _ = load_model(find_checkpoint(base_run)[1])
     finetune = load_config(
@@ -111,7 +111,7 @@ def packing_vs_padding(
 ) -> dict[str, float]:
     """Examples per second through forward + backward, packed rows vs padded batches."""
     from gptkit.checkpoint import find_checkpoint, load_model
-    from gptkit.finetune.instructions import (
+    from gptkit.finetuning.instructions import (
         Report,
         encode,
         packed_batch,

@@ -27,7 +27,7 @@ round a variant runs one untimed step and then `--steps` timed full training ste
 `train_step()`, which ends with `float(loss)`); tokens/s is batch x T over the median step time.
 Taking turns spreads a shared machine's load over all variants alike; the load average is printed.
 gpt2 (124M) takes 1 warm-up step and 2 rounds of 1 + 2 steps. MFU = flops_per_token
-(gptkit.train.budget: 6N + 12 L C T) x tokens/s / the measured matmul ceiling
+(gptkit.training.budget: 6N + 12 L C T) x tokens/s / the measured matmul ceiling
 (`budget.matmul_ceiling`) of the precision the run multiplies in. "x HF fp32" is tokens/s over
 HF fp32's tokens/s of the same configuration.
 
@@ -71,10 +71,10 @@ from gptkit.config import RunConfig, load_config
 from gptkit.device import autocast, fast_matmul, pick_precision
 from gptkit.model import GPT
 from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer
-from gptkit.train.batches import Batch
-from gptkit.train.budget import flops_per_token, matmul_ceiling
-from gptkit.train.optim import learning_rate, make_optimizer, set_learning_rate
-from gptkit.train.trainer import Trainer
+from gptkit.training.batches import Batch
+from gptkit.training.budget import flops_per_token, matmul_ceiling
+from gptkit.training.optim import learning_rate, make_optimizer, set_learning_rate
+from gptkit.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"

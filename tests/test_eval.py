@@ -456,7 +456,7 @@ def test_bad_task_files_are_reported(tmp_path: Path) -> None:
 
 def test_training_runs_the_configured_tasks_at_each_evaluation(tmp_path: Path) -> None:
     from gptkit.api import prepare
-    from gptkit.train.launch import train
+    from gptkit.training.launch import train
 
     assert set(KNOWN_TASKS) == set(EvalConfig.model_fields["tasks"].annotation.__args__[0].__args__)
     text = shared_file("tinyshakespeare/input.txt").read_text()[:20000]

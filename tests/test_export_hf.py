@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -204,6 +205,40 @@ def test_load_and_pytorch_bin_and_gpt2_without_tokenizer_files(tmp_path: Path) -
     ids = torch.tensor([gpt2_tokenizer().encode("Hello world, this is GPT-2.")])
     with torch.no_grad():
         assert (theirs(ids).logits - loaded.model(ids)[0]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_imported_checkpoint_trains_finetunes_and_evaluates(tmp_path: Path, suffix: str) -> None:
+    """An import is a starting point for `train --resume PATH`, `finetune` and `eval`."""
+    torch.manual_seed(3)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32)
+    theirs = transformers.GPT2LMHeadModel(config).eval()
+    theirs.save_pretrained(tmp_path / "hf")
+    ckpt = gptkit.import_model(tmp_path / "hf", tmp_path / f"imported{suffix}")
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 300)
+    gptkit.prepare([str(text)], tmp_path / "data", tokenizer="gpt2", progress=False, workers=1)
+    shape = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32"]
+    common = [f"runs_dir={tmp_path / 'runs'}", f"data.path={tmp_path / 'data'}", "eval.sample_tokens=0"]
+    common += ["train.micro_batch_size=2", "train.tokens_per_step=64", "train.warmup_steps=0"]
+    # a learning rate of 1e-12: one step changes no weight by more than ~1e-12, so the trained weights
+    # show where training started
+    run = gptkit.train(
+        None, [*shape, *common, "train.max_steps=1", "train.lr=1e-12", "train.min_lr=0"], resume=str(ckpt)
+    )
+    assert run.step == 1
+    trained = load_checkpoint(run.checkpoint)["model"]
+    imported = load_model(load_checkpoint(ckpt))[0].state_dict()
+    assert max(float((trained[k] - imported[k]).abs().max()) for k in imported) < 1e-6
+    tuned = gptkit.finetune(
+        None, [*common, f"finetune.base={ckpt}", "finetune.method=lora", "train.max_steps=2", "name=tuned"]
+    )
+    assert tuned.step == 2
+    result = gptkit.evaluate(ckpt, "perplexity", text=str(text), progress=False)[0]["results"]["perplexity"]
+    ids = torch.tensor([[50256, *gpt2_tokenizer().encode(text.read_text())[:31]]])
+    with torch.no_grad():
+        first = float(theirs(ids, labels=ids).loss)  # HF's loss on the first window
+    assert math.isfinite(result["ppl"]) and abs(math.log(result["ppl"]) - first) < 0.05
 
 
 def test_safetensors_checkpoint_keeps_weights_config_and_tokenizer(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from gptkit.api import finetune
 from gptkit.checkpoint import load_checkpoint, save_checkpoint
 from gptkit.config import RunConfig, load_config
 from gptkit.errors import GptkitError
-from gptkit.finetune.instructions import Example, Report, encode, packed_batch, packed_rows, padded_batch
+from gptkit.finetuning.instructions import Example, Report, encode, packed_batch, packed_rows, padded_batch
 from gptkit.fused_loss import IGNORE_INDEX
 from gptkit.generate import ChatTemplate, SampleSettings
 from gptkit.model import GPT
@@ -253,6 +253,16 @@ def test_bad_records_are_errors_or_counted(tmp_path: Path, tok: CharTokenizer) -
         None, finetune_config(tmp_path, base, data, "name=skip", "train.max_steps=2", "data.skip_bad=true")
     )
     assert result.step == 2
+    # a character the base's char vocabulary never saw: the same choice, naming the record
+    unknown = write_records(
+        tmp_path / "unknown.jsonl", records() + [{"instruction": "Zürich?", "output": "x"}]
+    )
+    with pytest.raises(GptkitError, match=r"unknown.jsonl record 13: character 'Z'.*data.skip_bad=true"):
+        finetune(None, finetune_config(tmp_path, base, unknown, "name=unknown", "train.max_steps=2"))
+    overrides = finetune_config(
+        tmp_path, base, unknown, "name=skip2", "train.max_steps=2", "data.skip_bad=true"
+    )
+    assert finetune(None, overrides).step == 2
 
 
 def test_base_and_data_tokenizers_must_match(tmp_path: Path, tok: CharTokenizer) -> None:
@@ -275,7 +285,7 @@ def test_finetune_needs_a_base(tmp_path: Path) -> None:
 def test_soft_prompt_with_padding_and_cache(tok: CharTokenizer) -> None:
     """A prompt-tuned model generates the same for a prompt alone or left-padded in a batch, and its
     cached decoding equals full forwards with the soft prompt in front."""
-    from gptkit.finetune.prompt_tuning import add_soft_prompt
+    from gptkit.finetuning.prompt_tuning import add_soft_prompt
     from gptkit.generate import Sampler
 
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import torch
 
 from gptkit.config import LoRAConfig, ModelConfig, TrainConfig
 from gptkit.errors import GptkitError
-from gptkit.finetune.lora import (
+from gptkit.finetuning.lora import (
     add_lora,
     load_adapter,
     lora_layers,
@@ -18,7 +18,7 @@ from gptkit.finetune.lora import (
     set_adapter_weight,
 )
 from gptkit.model import GPT
-from gptkit.train.optim import make_optimizer
+from gptkit.training.optim import make_optimizer
 
 CONFIG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=101)
 ALL = ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]

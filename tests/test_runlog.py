@@ -12,15 +12,15 @@ import pytest
 
 from gptkit.config import RunConfig
 from gptkit.errors import GptkitError
-from gptkit.train.report import write_report
-from gptkit.train.runlog import (
+from gptkit.training.report import write_report
+from gptkit.training.runlog import (
     RunLog,
     format_postfix,
     plot_loss_curve,
     read_metrics,
     sample_sections,
 )
-from gptkit.train.trackers import mlflow_local_uri
+from gptkit.training.trackers import mlflow_local_uri
 
 PROMPTS = ["\n", "ROMEO:"]
 

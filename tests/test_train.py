@@ -19,10 +19,10 @@ from gptkit.checkpoint import clean_state_dict, load_checkpoint
 from gptkit.config import RunConfig, load_config
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
-from gptkit.train.batches import Batch
-from gptkit.train.checkpoints import step_files
-from gptkit.train.launch import train
-from gptkit.train.trainer import Trainer
+from gptkit.training.batches import Batch
+from gptkit.training.checkpoints import step_files
+from gptkit.training.launch import train
+from gptkit.training.trainer import Trainer
 
 TINY = [
     "model.n_layer=2",

@@ -12,8 +12,8 @@ from gptkit.config import ModelConfig, TrainConfig
 from gptkit.device import native_bf16, pick_precision
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
-from gptkit.train.batches import ShardBatches, fixed_batches
-from gptkit.train.optim import learning_rate, make_optimizer, param_groups
+from gptkit.training.batches import ShardBatches, fixed_batches
+from gptkit.training.optim import learning_rate, make_optimizer, param_groups
 
 
 def cfg(**kw) -> TrainConfig:

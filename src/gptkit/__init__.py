@@ -7,7 +7,27 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
-from gptkit.api import finetune, info, load, prepare, train  # noqa: E402
+from gptkit.api import (  # noqa: E402
+    evaluate,
+    export_model,
+    finetune,
+    import_model,
+    info,
+    load,
+    prepare,
+    train,
+)
 from gptkit.errors import GptkitError  # noqa: E402
 
-__all__ = ["GptkitError", "__version__", "finetune", "info", "load", "prepare", "train"]
+__all__ = [
+    "GptkitError",
+    "__version__",
+    "evaluate",
+    "export_model",
+    "finetune",
+    "import_model",
+    "info",
+    "load",
+    "prepare",
+    "train",
+]

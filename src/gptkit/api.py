@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from gptkit.generate.textmodel import TextModel
     from gptkit.model import GPT
     from gptkit.tokenizer import Tokenizer
-    from gptkit.train.trainer import TrainResult
+    from gptkit.training.trainer import TrainResult
 
 
 def prepare(
@@ -45,7 +45,7 @@ def train(
     """Pre-train from a YAML config plus dotted overrides; `resume` is "latest", "auto" or a checkpoint;
     `stop_at` checkpoints and returns at that step (the schedule still spans train.max_steps)."""
     from gptkit.config import load_config
-    from gptkit.train.launch import train as run_training
+    from gptkit.training.launch import train as run_training
 
     return run_training(load_config(config, overrides), config_path=config, resume=resume, stop_at=stop_at)
 
@@ -60,7 +60,7 @@ def finetune(
     """Fine-tune `finetune.base` as the config says (method, data); the same trainer as `train`."""
     from gptkit.config import load_config
     from gptkit.errors import GptkitError
-    from gptkit.train.launch import train as run_training
+    from gptkit.training.launch import train as run_training
 
     run = load_config(config, overrides)
     if run.finetune.base is None:
@@ -103,7 +103,7 @@ def load(
     target = pick_device(device)
     model, tokenizer, _, ckpt, payload = _load_any(path)
     if adapters:
-        from gptkit.finetune.lora import load_adapter, merge
+        from gptkit.finetuning.lora import load_adapter, merge
 
         for item in adapters:
             adapter, weight = item if isinstance(item, tuple) else (item, 1.0)

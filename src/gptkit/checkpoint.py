@@ -283,8 +283,8 @@ def load_model(payload: dict[str, Any]) -> tuple[GPT, Tokenizer, RunConfig]:
         )
     model = GPT(config.model)
     if config.finetune.base is not None:  # a fine-tune's checkpoint: its modules (LoRA, soft prompt)
-        from gptkit.finetune.lora import merge
-        from gptkit.finetune.methods import apply_method
+        from gptkit.finetuning.lora import merge
+        from gptkit.finetuning.methods import apply_method
 
         apply_method(model, config.finetune, tokenizer)
         model.load_state_dict(clean_state_dict(payload["model"]))

@@ -92,7 +92,7 @@ class DataConfig(Section):
 
 
 class LoRAConfig(Section):
-    """LoRA adapters (gptkit.finetune.lora): which layers, what rank."""
+    """LoRA adapters (gptkit.finetuning.lora): which layers, what rank."""
 
     r: int = Field(8, ge=1, description="rank of the change B @ A")
     alpha: float = Field(16.0, gt=0, description="the change is scaled by alpha / r")

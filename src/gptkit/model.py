@@ -260,7 +260,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
         # Weight tying: the output projection reuses the token embedding (one tensor, two roles).
         self.lm_head.weight = self.transformer.wte.weight
-        self.soft_prompt: nn.Parameter | None  # prompt tuning's vectors (gptkit.finetune.prompt_tuning)
+        self.soft_prompt: nn.Parameter | None  # prompt tuning's vectors (gptkit.finetuning.prompt_tuning)
         self.register_parameter("soft_prompt", None)
         self._init_weights()
 

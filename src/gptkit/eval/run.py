@@ -399,7 +399,7 @@ def _track(
     run_dir: Path, config: Any, step: int, metrics: dict[str, float], tensorboard: bool, mlflow: bool
 ) -> None:
     """The trainer's TensorBoard/MLflow writers, under the split "eval", at the checkpoint's step."""
-    from gptkit.train.trackers import MLflowTracker, TensorBoardTracker
+    from gptkit.training.trackers import MLflowTracker, TensorBoardTracker
 
     trackers: list[TensorBoardTracker | MLflowTracker] = []
     try:

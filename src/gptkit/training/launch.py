@@ -21,11 +21,11 @@ from gptkit.device import pick_device, pick_precision
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer, from_description
-from gptkit.train import distributed
-from gptkit.train.batches import Batch, ShardBatches, TokenSource, fixed_batches
-from gptkit.train.budget import available_memory, memory_estimate
-from gptkit.train.checkpoints import load_latest, step_files
-from gptkit.train.trainer import Trainer, TrainResult, accumulation_steps, seed_everything
+from gptkit.training import distributed
+from gptkit.training.batches import Batch, ShardBatches, TokenSource, fixed_batches
+from gptkit.training.budget import available_memory, memory_estimate
+from gptkit.training.checkpoints import load_latest, step_files
+from gptkit.training.trainer import Trainer, TrainResult, accumulation_steps, seed_everything
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "pad_vocab_multiple")
 
@@ -176,7 +176,7 @@ def _train(
     run_dir = Path(config.runs_dir) / name
     path, payload = find_resume(run_dir, resume)
     if config.finetune.base is not None:
-        from gptkit.finetune.setup import finetune_parts
+        from gptkit.finetuning.setup import finetune_parts
 
         parts = finetune_parts(config, procs, path, payload)
     else:

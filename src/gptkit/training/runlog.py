@@ -28,7 +28,7 @@ from tqdm import tqdm
 from gptkit.config import RunConfig
 from gptkit.console import notice
 from gptkit.files import write_atomic
-from gptkit.train.trackers import MLflowTracker, Status, TensorBoardTracker, WandbTracker
+from gptkit.training.trackers import MLflowTracker, Status, TensorBoardTracker, WandbTracker
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.md"

@@ -26,21 +26,21 @@ from gptkit.errors import GptkitError
 from gptkit.generate import Sampler, SampleSettings
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer
-from gptkit.train import distributed
-from gptkit.train.batches import Batch, TokenSource
-from gptkit.train.budget import (
+from gptkit.training import distributed
+from gptkit.training.batches import Batch, TokenSource
+from gptkit.training.budget import (
     available_memory,
     flops_per_token,
     format_bytes,
     matmul_ceiling,
     memory_estimate,
 )
-from gptkit.train.checkpoints import RunCheckpoints
-from gptkit.train.distributed import Processes
-from gptkit.train.optim import learning_rate, make_optimizer, set_learning_rate
-from gptkit.train.report import write_report
-from gptkit.train.runlog import QuietLog, RunLog
-from gptkit.train.signals import StopRequest
+from gptkit.training.checkpoints import RunCheckpoints
+from gptkit.training.distributed import Processes
+from gptkit.training.optim import learning_rate, make_optimizer, set_learning_rate
+from gptkit.training.report import write_report
+from gptkit.training.runlog import QuietLog, RunLog
+from gptkit.training.signals import StopRequest
 
 
 @dataclass
@@ -163,6 +163,15 @@ class Trainer:
         }
 
     def _restore(self, payload: dict[str, Any]) -> None:
+        if not payload.get("state"):  # weights only (gptkit import, export safetensors)
+            distributed.load_full_state(self.model, self.optimizer, payload["model"], None)
+            self.step = self.tokens = 0
+            if self.procs.main:
+                notice(
+                    "the checkpoint holds weights only: training starts from them at step 0, with a "
+                    "fresh optimiser, data order and schedule"
+                )
+            return
         state, progress = payload["state"], payload["progress"]
         distributed.load_full_state(self.model, self.optimizer, payload["model"], state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

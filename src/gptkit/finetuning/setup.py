@@ -1,7 +1,7 @@
 """`gptkit finetune`: a base model, its tokenizer, a method and data, handed to the one trainer.
 
 The base is a run folder, a checkpoint or a HuggingFace GPT-2 folder; the model's shape and the
-tokenizer are always the base's. The method decides what trains (`gptkit.finetune.methods`).
+tokenizer are always the base's. The method decides what trains (`gptkit.finetuning.methods`).
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from gptkit.config import FinetuneConfig, RunConfig
 from gptkit.console import notice
 from gptkit.data.shards import PreparedData
 from gptkit.errors import GptkitError
-from gptkit.finetune import lora
-from gptkit.finetune.instructions import InstructionBatches, load_instructions, val_batches
-from gptkit.finetune.methods import apply_method
+from gptkit.finetuning import lora
+from gptkit.finetuning.instructions import InstructionBatches, load_instructions, val_batches
+from gptkit.finetuning.methods import apply_method
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer
-from gptkit.train import distributed
-from gptkit.train.launch import Parts, resolve_batch, shard_sources
-from gptkit.train.trainer import Trainer, seed_everything
+from gptkit.training import distributed
+from gptkit.training.launch import Parts, resolve_batch, shard_sources
+from gptkit.training.trainer import Trainer, seed_everything
 
 ADAPTER_DIR = "adapter"  # inside the run folder: the LoRA adapter alone, in peft's layout
 
@@ -77,6 +77,6 @@ def finetune_parts(
 def _save_adapter(fc: FinetuneConfig, base_path: Path) -> Any:
     def finish(trainer: Trainer) -> None:
         out = lora.save_adapter(trainer.model, trainer.run_dir / ADAPTER_DIR, fc.lora, base=str(base_path))
-        notice(f"LoRA adapter: {out} (peft layout; gptkit.finetune.lora.load_adapter or peft load it)")
+        notice(f"LoRA adapter: {out} (peft layout; gptkit.finetuning.lora.load_adapter or peft load it)")
 
     return finish

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from gptkit.config import RunConfig
 from gptkit.files import write_atomic
-from gptkit.train.runlog import (
+from gptkit.training.runlog import (
     LOSS_PNG,
     METRICS_FILE,
     SAMPLES_FILE,

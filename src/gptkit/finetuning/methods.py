@@ -7,7 +7,7 @@ training, resuming, sampling and evaluation all see the same modules and paramet
 from __future__ import annotations
 
 from gptkit.config import FinetuneConfig
-from gptkit.finetune import lora
+from gptkit.finetuning import lora
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer
 
@@ -17,6 +17,6 @@ def apply_method(model: GPT, finetune: FinetuneConfig, tokenizer: Tokenizer | No
     if finetune.method == "lora":
         lora.add_lora(model, finetune.lora)
     elif finetune.method == "prompt":
-        from gptkit.finetune.prompt_tuning import add_soft_prompt
+        from gptkit.finetuning.prompt_tuning import add_soft_prompt
 
         add_soft_prompt(model, finetune.prompt_tokens, finetune.prompt_init, tokenizer)

@@ -147,11 +147,28 @@ def encode(
     block_size: int,
     too_long: str,
     report: Report,
+    skip_bad: bool = False,
+    source: str = "",
 ) -> list[Example]:
-    """Examples of at most block_size + 1 ids; longer ones are cut at the end or dropped."""
+    """Examples of at most block_size + 1 ids; longer ones are cut at the end or dropped.
+
+    A conversation the tokenizer cannot encode (a character a `char` vocabulary never saw) is an
+    error naming it, or with `skip_bad` a bad record, counted and reported like a malformed one.
+    """
     out = []
-    for messages in conversations:
-        ids, mask = template.encode(tokenizer, messages)
+    for n, messages in enumerate(conversations, 1):
+        try:
+            ids, mask = template.encode(tokenizer, messages)
+        except GptkitError as e:
+            message = f"{source} record {n}: {e}"
+            if not skip_bad:
+                raise GptkitError(
+                    f"{message}; or set data.skip_bad=true to count and skip such records"
+                ) from None
+            report.bad += 1
+            if not report.first_bad:
+                report.first_bad.append(message)
+            continue
         if len(ids) > block_size + 1:
             if too_long == "drop":
                 report.dropped += 1
@@ -301,7 +318,16 @@ def load_instructions(
     def examples(path: str) -> list[Example]:
         records = read_records(path, data.skip_bad, report)
         conversations = [to_messages(r, template) for r in records]
-        return encode(conversations, tokenizer, template, block_size, data.too_long, report)
+        return encode(
+            conversations,
+            tokenizer,
+            template,
+            block_size,
+            data.too_long,
+            report,
+            data.skip_bad,
+            Path(path).name,
+        )
 
     train = examples(data.instructions)
     if data.val_instructions:

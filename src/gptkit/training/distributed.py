@@ -2,7 +2,7 @@
 
 `torchrun --nproc_per_node=N -m gptkit train CONFIG` starts N copies of `gptkit train`; each learns
 its rank from the environment torchrun sets. Every rank draws the same global batch and trains on
-its own slice (gptkit.train.batches), gradients are averaged across ranks, and so N processes with
+its own slice (gptkit.training.batches), gradients are averaged across ranks, and so N processes with
 micro-batch B take the same steps as one process with micro-batch N x B. Only rank 0 prints, logs
 and writes files; checkpoints hold full (unsharded) states, so a run saved by N processes resumes
 with any number of processes, or loads into a plain model.
@@ -144,11 +144,19 @@ def load_full_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     model_state: dict[str, Any],
-    optim_state: dict[str, Any],
+    optim_state: dict[str, Any] | None,
 ) -> None:
-    """Load full states on every rank; a sharded model keeps only its own shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    """Load full states on every rank; a sharded model keeps only its own shards. Without an
+    optimiser state (a weights-only checkpoint) the optimiser keeps its fresh state."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
+    if optim_state is None:
+        set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+        return
     set_state_dict(
         model,
         optimizer,
