@@ -320,3 +320,21 @@ def test_soft_prompt_with_padding_and_cache(tok: CharTokenizer) -> None:
     assert Sampler(plain, tok).generate_ids([prompts[1]], greedy)[0] != alone[1], (
         "the prompt changes the output"
     )
+
+
+def test_sft_recipe_runs_on_real_alpaca_records(tmp_path: Path) -> None:
+    """configs/sft.yaml on 60 records of the real Alpaca data, from a GPT-2-tokenizer base."""
+    from conftest import ROOT, shared_file
+
+    from gptkit.tokenizer import gpt2_tokenizer
+
+    alpaca = json.loads(shared_file("instruct/alpaca_5000.json").read_text())[:60]
+    data = write_records(tmp_path / "alpaca.jsonl", alpaca)
+    base = write_base(tmp_path / "base.pt", gpt2_tokenizer())
+    overrides = [f"finetune.base={base}", f"data.instructions={data}", f"runs_dir={tmp_path / 'runs'}"]
+    overrides += ["train.max_steps=3", "train.micro_batch_size=2", "eval.every=0", "eval.batches=2"]
+    result = finetune(ROOT / "configs" / "sft.yaml", overrides)
+    assert result.step == 3 and result.best_val_loss is not None
+    adapter = result.run_dir / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    assert ChatTemplate.from_dict(load_checkpoint(result.checkpoint)["chat_template"]).name == "alpaca"
