@@ -4,7 +4,9 @@ GPT-2 124M with random weights (seeded), a 32-token prompt (the first 32 GPT-2 t
 Shakespeare, or seeded random ids without it), 256 new tokens, greedy, batch 1:
 
 - gptkit: the real `Sampler.token_steps` (what `generate_ids`, `stream` and the server run), on the
-  fp32 model and on copies quantised by `gptkit.generate.quantize` ("int8", "int4");
+  fp32 model as `gptkit.load` prepares it (linear layers through oneDNN, `gptkit.generate.onednn`),
+  on the plain fp32 model (aten's `F.linear`), and on copies quantised by `gptkit.generate.quantize`
+  ("int8", "int4");
 - HuggingFace `GPT2LMHeadModel.generate(do_sample=False, use_cache=True)` with the same weights copied
   in (HF's Conv1D weights are our Linear weights transposed), in fp32, and with HF's Linear layers
   dynamic-int8 quantised by `torch.ao.quantization.quantize_dynamic` (in HF's GPT-2 only the head
@@ -37,6 +39,7 @@ import torch
 from torch import nn
 
 from gptkit.generate import Sampler, SampleSettings
+from gptkit.generate.onednn import OneDNNLinear, use_onednn
 from gptkit.generate.quantize import Int4Linear, Int8Linear, quantize, weight_bytes
 from gptkit.model import GPT
 from gptkit.tokenizer import gpt2_tokenizer
@@ -69,6 +72,8 @@ def decode_bytes(model: nn.Module) -> int:
     for name, m in model.named_modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
             total += m.nbytes()
+        elif isinstance(m, OneDNNLinear):  # the head holds the vocabulary's rows only
+            total += m.weight.numel() * 4 + (0 if m.bias is None else 4 * m.bias.numel())
         elif isinstance(m, nn.Linear):
             rows = VOCAB if name == "lm_head" else m.out_features  # our head reads vocab_size rows
             total += rows * m.in_features * 4 + (0 if m.bias is None else 4 * m.bias.numel())
@@ -181,8 +186,15 @@ def main() -> None:
             hf8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(hf), {nn.Linear}, dtype=torch.qint8)
         step = fp32_step - head_fp32 + head_fp32 // 4 + 4  # the head int8 (one scale), the blocks fp32
         variants.append(Variant("HF dynamic int8 (head only)", hf_run(hf8, prompt, args.new), 0, step))
+    fast = copy.deepcopy(model)
+    use_onednn(fast)
     variants.append(
-        Variant("gptkit fp32", gptkit_run(model, prompt, args.new), weight_bytes(model), fp32_step)
+        Variant("gptkit fp32", gptkit_run(fast, prompt, args.new), weight_bytes(model), fp32_step)
+    )
+    variants.append(
+        Variant(
+            "gptkit fp32, aten F.linear", gptkit_run(model, prompt, args.new), weight_bytes(model), fp32_step
+        )
     )
     reports = {}
     for mode in ("int8", "int4"):

@@ -322,6 +322,7 @@ class GPT(nn.Module):
         *,
         return_logits: bool = True,
         segments: Tensor | None = None,
+        last_only: bool = False,
     ) -> tuple[Tensor | None, Tensor | None]:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T), and the mean loss if `targets` given.
 
@@ -329,7 +330,9 @@ class GPT(nn.Module):
         `return_logits=False` with `targets` returns (None, loss), computed by `fused_loss`
         without keeping the logits: what a training step wants (the same loss, a faster step).
         `segments` marks several examples packed into each row (see `segment_layout`). A model
-        with a `soft_prompt` puts it before the tokens (see `insert_prompt`).
+        with a `soft_prompt` puts it before the tokens (see `insert_prompt`). `last_only` gives the
+        logits (B, 1, vocab_size) of the last position only: all that sampling needs after a prompt,
+        without the output layer's work for every other position.
         """
         B, T = idx.shape
         x = self.transformer.wte(idx)
@@ -354,6 +357,8 @@ class GPT(nn.Module):
             cache.advance(T)  # every layer has written its keys/values for these T positions
         if prompt is not None:  # outputs (and logits) for the tokens only
             x = remove_prompt(x, prompt.size(0), pad)
+        if last_only:
+            x = x[:, -1:]
 
         # Only the first vocab_size rows of the (padded) head: softmax, loss and sampling never see
         # padded ids. A row slice is contiguous, so the logits come out contiguous too (cutting

@@ -151,4 +151,4 @@ class Sampler:
         pad = torch.tensor([longest - len(r) for r in rows])
         idx = torch.tensor([[0] * (longest - len(r)) + r for r in rows], device=self.model.device)
         cache.set_padding(pad)
-        return self.model(idx, cache=cache)[0][:, -1]
+        return self.model(idx, cache=cache, last_only=True)[0][:, -1]

@@ -1,0 +1,92 @@
+"""oneDNN linear layers for CPU inference: the same model, the same outputs, training untouched."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+import torch
+
+from gptkit.config import ModelConfig
+from gptkit.generate import Sampler, SampleSettings
+from gptkit.generate.onednn import OneDNNLinear, available, use_onednn
+from gptkit.model import GPT
+from gptkit.tokenizer import CharTokenizer
+
+pytestmark = pytest.mark.skipif(not available(), reason="this torch has no oneDNN (mkldnn) linear op")
+
+CHARS = " \n" + string.ascii_letters + string.digits + ".,!?;"  # 69 characters + end-of-text
+CONFIG = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=len(CHARS) + 1)
+
+
+def pair() -> tuple[GPT, GPT]:
+    torch.manual_seed(0)
+    plain = GPT(CONFIG).eval()
+    with torch.no_grad():  # larger weights than GPT-2's init: peaked distributions, no near-ties
+        for p in plain.parameters():
+            p.mul_(4)
+    fast = GPT(CONFIG).eval()
+    fast.load_state_dict(plain.state_dict())
+    assert use_onednn(fast) == 4 * CONFIG.n_layer + 1
+    return plain, fast
+
+
+def test_logits_equal_the_plain_model_to_rounding() -> None:
+    plain, fast = pair()
+    idx = torch.randint(0, CONFIG.vocab_size, (3, 40))
+    with torch.inference_mode():
+        ref, out = plain(idx)[0], fast(idx)[0]
+        assert out.shape == ref.shape
+        assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+        last = fast(idx, last_only=True)[0]
+        assert last.shape == (3, 1, CONFIG.vocab_size)
+        assert float((last[:, 0] - ref[:, -1]).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_greedy_generation_equals_the_plain_model() -> None:
+    plain, fast = pair()
+    tok = CharTokenizer.train([CHARS])
+    settings = SampleSettings.of(temperature=0, max_new_tokens=50, stop_tokens=[])
+    prompts = [tok.encode("hello"), tok.encode("a longer prompt")]
+    assert Sampler(fast, tok).generate_ids(prompts, settings) == Sampler(plain, tok).generate_ids(
+        prompts, settings
+    )
+
+
+def test_the_head_stays_tied_and_training_uses_f_linear() -> None:
+    plain, fast = pair()
+    assert isinstance(fast.lm_head, OneDNNLinear)
+    assert fast.lm_head.weight.data_ptr() == fast.transformer.wte.weight.data_ptr()
+    assert fast.lm_head.weight.shape == (CONFIG.vocab_size, CONFIG.n_embd)
+    layer = fast.transformer.h[0].mlp.c_fc
+    x = torch.randn(5, CONFIG.n_embd, requires_grad=True)
+    y = layer(x)  # gradients enabled: exactly F.linear, and differentiable
+    assert torch.equal(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_gptkit_load_uses_onednn_on_cpu_unless_quantised(tmp_path) -> None:
+    import gptkit
+    from gptkit.checkpoint import save_checkpoint
+    from gptkit.config import load_config
+
+    plain, _ = pair()
+    tok = CharTokenizer.train([CHARS])
+    shape = CONFIG.model_dump(include={"n_layer", "n_head", "n_embd", "block_size", "vocab_size"})
+    run = load_config(None, [f"model.{k}={v}" for k, v in shape.items()])
+    ckpt = save_checkpoint(
+        tmp_path / "m.pt",
+        model_state=plain.state_dict(),
+        config=run.model_dump(mode="json"),
+        tokenizer=tok.describe(),
+        progress={"step": 1},
+    )
+    loaded = gptkit.load(ckpt, device="cpu")
+    assert isinstance(loaded.model.transformer.h[0].attn.c_attn, OneDNNLinear)
+    expected = Sampler(plain, tok).generate(["hello"], SampleSettings.of(temperature=0, max_new_tokens=30))[
+        0
+    ][0]
+    assert loaded.generate("hello", temperature=0, max_new_tokens=30) == expected
+    quantised = gptkit.load(ckpt, device="cpu", quantize="int8")
+    assert not any(isinstance(m, OneDNNLinear) for m in quantised.model.modules())
