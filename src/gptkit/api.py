@@ -8,10 +8,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from gptkit.config import RunConfig
     from gptkit.generate.textmodel import TextModel
-    from gptkit.model import GPT
-    from gptkit.tokenizer import Tokenizer
     from gptkit.training.trainer import TrainResult
 
 
@@ -95,6 +92,7 @@ def load(
     decoding; see README); without it, an fp32 model on the CPU runs its linear layers through
     oneDNN (`gptkit.generate.onednn`).
     """
+    from gptkit.checkpoint import load_any
     from gptkit.device import pick_device
     from gptkit.errors import GptkitError
     from gptkit.generate.textmodel import TextModel
@@ -102,7 +100,7 @@ def load(
     if quantize not in (None, "int8", "int4"):
         raise GptkitError(f"quantize must be int8 or int4, not {quantize!r}")
     target = pick_device(device)
-    model, tokenizer, _, ckpt, payload = _load_any(path)
+    model, tokenizer, _, ckpt, payload = load_any(path)
     if adapters:
         from gptkit.finetuning.lora import load_adapter, merge
 
@@ -122,19 +120,6 @@ def load(
     return TextModel(model, tokenizer, source=str(ckpt), chat_template=payload.get("chat_template"))
 
 
-def _load_any(path: str | Path) -> tuple[GPT, Tokenizer, RunConfig, Path, dict[str, Any]]:
-    """(model, tokenizer, run config, source path, checkpoint payload) of a run, checkpoint or HF folder."""
-    from gptkit.checkpoint import find_checkpoint, is_run, load_model
-    from gptkit.export.hf import is_hf_folder, load_hf
-
-    if is_hf_folder(path) and not is_run(path):
-        model, tokenizer, config = load_hf(path)
-        return model, tokenizer, config, Path(path), {}
-    ckpt, payload = find_checkpoint(path)
-    model, tokenizer, config = load_model(payload)
-    return model, tokenizer, config, ckpt, payload
-
-
 EXPORT_TARGETS = ("hf", "onnx", "gguf", "safetensors")
 
 
@@ -147,11 +132,12 @@ def export_model(
     `gguf` (llama.cpp's gpt2 layout; `type` f32, f16 or q8_0) or `safetensors` (a weights-only
     gptkit checkpoint). An existing output is replaced only with `force`.
     """
+    from gptkit.checkpoint import load_any
     from gptkit.errors import GptkitError
 
     if target not in EXPORT_TARGETS:
         raise GptkitError(f"export target must be one of {', '.join(EXPORT_TARGETS)}, not {target!r}")
-    model, tokenizer, config, _, payload = _load_any(source)
+    model, tokenizer, config, _, payload = load_any(source)
     if target == "hf":
         from gptkit.export.hf import export_hf
 

@@ -292,3 +292,17 @@ def load_model(payload: dict[str, Any]) -> tuple[GPT, Tokenizer, RunConfig]:
     else:
         model.load_state_dict(clean_state_dict(payload["model"]))
     return model.eval(), tokenizer, config
+
+
+def load_any(path: str | Path) -> tuple[GPT, Tokenizer, RunConfig, Path, dict[str, Any]]:
+    """(model, tokenizer, run config, source, checkpoint payload) of a run folder (its newest intact
+    checkpoint), a checkpoint file, or a HuggingFace GPT-2 folder (payload {}): what every command
+    that starts from a trained model accepts."""
+    if (Path(path) / "config.json").is_file() and not is_run(path):
+        from gptkit.export.hf import load_hf
+
+        model, tokenizer, config = load_hf(path)
+        return model, tokenizer, config, Path(path), {}
+    ckpt, payload = find_checkpoint(path)
+    model, tokenizer, config = load_model(payload)
+    return model, tokenizer, config, ckpt, payload

@@ -441,9 +441,5 @@ def import_hf(folder: str | Path, out: str | Path, *, force: bool = False) -> Pa
     return Path(out)
 
 
-def is_hf_folder(path: str | Path) -> bool:
-    return (Path(path) / "config.json").is_file()
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

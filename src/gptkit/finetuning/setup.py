@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gptkit.checkpoint import find_checkpoint, load_model
+from gptkit.checkpoint import load_any
 from gptkit.config import FinetuneConfig, RunConfig
 from gptkit.console import notice
 from gptkit.data.shards import PreparedData
@@ -17,8 +17,6 @@ from gptkit.errors import GptkitError
 from gptkit.finetuning import lora
 from gptkit.finetuning.instructions import InstructionBatches, load_instructions, val_batches
 from gptkit.finetuning.methods import apply_method
-from gptkit.model import GPT
-from gptkit.tokenizer import Tokenizer
 from gptkit.training import distributed
 from gptkit.training.launch import Parts, resolve_batch, shard_sources
 from gptkit.training.trainer import Trainer, seed_everything
@@ -26,25 +24,12 @@ from gptkit.training.trainer import Trainer, seed_everything
 ADAPTER_DIR = "adapter"  # inside the run folder: the LoRA adapter alone, in peft's layout
 
 
-def load_base(base: str) -> tuple[GPT, Tokenizer, RunConfig, Path]:
-    """The base model: a gptkit run/checkpoint (merged if it was itself LoRA-tuned) or a HF folder."""
-    path = Path(base)
-    if path.is_dir() and (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
-        from gptkit.export.hf import load_hf
-
-        model, tokenizer, config = load_hf(path)
-        return model, tokenizer, config, path
-    path, payload = find_checkpoint(path)
-    model, tokenizer, config = load_model(payload)
-    return model, tokenizer, config, path
-
-
 def finetune_parts(
     config: RunConfig, procs: distributed.Processes, path: Path | None, payload: dict[str, Any] | None
 ) -> Parts:
     fc = config.finetune
     assert fc.base is not None
-    model, tokenizer, base_config, base_path = load_base(fc.base)
+    model, tokenizer, base_config, base_path, _ = load_any(fc.base)
     notice(f"fine-tuning {base_path} ({fc.method}); the model's shape and tokenizer are the base's")
     if payload is not None and payload["tokenizer"] != tokenizer.describe():
         raise GptkitError(
@@ -55,19 +40,24 @@ def finetune_parts(
     seed_everything(config.train.seed)
     apply_method(model, fc, tokenizer)
     config = resolve_batch(config, model.num_params(), procs)
-    micro, block = int(config.train.micro_batch_size), config.model.block_size
+    micro = int(config.train.micro_batch_size)
+    # prompt tuning's vectors take part of the context: the tokens get the rest
+    room = config.model.block_size - (fc.prompt_tokens if fc.method == "prompt" else 0)
+    if fc.method == "prompt" and config.data.packing and config.data.instructions is not None:
+        notice("prompt tuning pads examples (data.packing=false): each example gets its own soft prompt")
+        config = config.model_copy(update={"data": config.data.model_copy(update={"packing": False})})
     template = None
     if config.data.instructions is not None:
-        train, held_out, chat_template = load_instructions(config, tokenizer, block)
+        train, held_out, chat_template = load_instructions(config, tokenizer, room)
         source: Any = InstructionBatches(
-            train, micro, block, config.data.packing, config.data.seed, procs.rank, procs.world_size
+            train, micro, room, config.data.packing, config.data.seed, procs.rank, procs.world_size
         )
-        val = val_batches(held_out, micro, block, config.data.packing, config.eval.batches)
+        val = val_batches(held_out, micro, room, config.data.packing, config.eval.batches)
         template = chat_template.to_dict()
     else:  # continued pre-training on prepared shards
         data = PreparedData.open(config.data.path)
         data.check_tokenizer(tokenizer.fingerprint(), f"base model {base_path}")
-        source, val = shard_sources(config, data, procs)
+        source, val = shard_sources(config, data, procs, window=room)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     notice(f"{trainable:,} trainable parameters of {model.num_params():,}")
     finish = _save_adapter(fc, base_path) if fc.method == "lora" else None

@@ -237,10 +237,11 @@ def pretraining_parts(
 
 
 def shard_sources(
-    config: RunConfig, data: PreparedData, procs: distributed.Processes
+    config: RunConfig, data: PreparedData, procs: distributed.Processes, window: int | None = None
 ) -> tuple[ShardBatches, list[Batch] | None]:
-    """Training windows of this rank, and the fixed val batches (None if the val split is too short)."""
-    micro, block = int(config.train.micro_batch_size), config.model.block_size
+    """Training windows of this rank (`window` tokens, default the context), and the fixed val
+    batches (None if the val split is too short)."""
+    micro, block = int(config.train.micro_batch_size), window or config.model.block_size
     source = ShardBatches(
         data.shards("train"),
         micro,
