@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tables import markdown  # bench/tables.py: scripts run from bench/
 from torch import nn
 
 from gptkit.generate import Sampler, SampleSettings
@@ -274,14 +275,6 @@ def main() -> None:
     for report in reports.values():
         print(f"{report}; saved {report.saved / 2**20:.0f} MiB")
     print(f"\nload average at end {os.getloadavg()[0]:.2f}; {time.perf_counter() - start:.0f} s in all")
-
-
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"]
-    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

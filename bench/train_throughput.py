@@ -66,6 +66,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tables import markdown  # bench/tables.py: scripts run from bench/
 
 from gptkit.config import RunConfig, load_config
 from gptkit.device import autocast, fast_matmul, pick_precision
@@ -343,14 +344,6 @@ def precision_row(name: str, variants: list[Variant]) -> list[str]:
 def _num_params(model_cfg: Any) -> int:
     with torch.device("meta"):
         return GPT(model_cfg).num_params()
-
-
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"]
-    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,21 +151,14 @@ def export_model(
 
         name = config.name or Path(source).stem
         return [export_gguf(model, tokenizer, out, type=type, name=name, force=force)]
-    from gptkit.checkpoint import save_safetensors_checkpoint
-    from gptkit.export import staged_output
+    from gptkit.export import save_weights
 
     if not str(out).endswith(".safetensors"):
         raise GptkitError(f"safetensors output {str(out)!r} should end in .safetensors")
-    with staged_output(out, force) as tmp:
-        save_safetensors_checkpoint(
-            tmp,
-            model_state=model.state_dict(),
-            config=config.model_dump(mode="json"),
-            tokenizer=tokenizer.describe(),
-            progress=payload.get("progress"),
-            chat_template=payload.get("chat_template"),
-        )
-    return [Path(out)]
+    progress, template = payload.get("progress"), payload.get("chat_template")
+    return [
+        save_weights(model, tokenizer, config, out, force=force, progress=progress, chat_template=template)
+    ]
 
 
 def import_model(source: str | Path, out: str | Path, *, force: bool = False) -> Path:

@@ -18,8 +18,10 @@ from types import ModuleType
 
 import torch
 
+from gptkit.config import RunConfig
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
+from gptkit.tokenizer import Tokenizer
 
 EXTRA = "gptkit[export]"
 
@@ -89,3 +91,29 @@ def staged_output(path: str | Path, force: bool, *, folder: bool = False) -> Ite
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def save_weights(
+    model: GPT,
+    tokenizer: Tokenizer,
+    config: RunConfig,
+    out: str | Path,
+    *,
+    force: bool = False,
+    progress: dict | None = None,
+    chat_template: dict | None = None,
+) -> Path:
+    """A weights-only gptkit checkpoint: `.safetensors` (no pickle) or `.pt`; starts runs at step 0."""
+    from gptkit.checkpoint import save_checkpoint, save_safetensors_checkpoint
+
+    save = save_safetensors_checkpoint if str(out).endswith(".safetensors") else save_checkpoint
+    with staged_output(out, force) as tmp:
+        save(
+            tmp,
+            model_state=model.state_dict(),
+            config=config.model_dump(mode="json"),
+            tokenizer=tokenizer.describe(),
+            progress=progress,
+            chat_template=chat_template,
+        )
+    return Path(out)

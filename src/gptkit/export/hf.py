@@ -30,7 +30,7 @@ from torch import Tensor
 from gptkit.config import ModelConfig, RunConfig, validate
 from gptkit.console import notice
 from gptkit.errors import GptkitError
-from gptkit.export import check_plain, require, staged_output
+from gptkit.export import check_plain, require, save_weights, staged_output
 from gptkit.model import GPT, LAYER_NORM_EPS
 from gptkit.tokenizer import (
     EOT,
@@ -426,19 +426,9 @@ def _key_mismatch(model: GPT, state: dict[str, Tensor]) -> tuple[list[str], list
 
 def import_hf(folder: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """A HF GPT-2 folder -> a gptkit checkpoint (`.pt`, or weights-only `.safetensors`) at step 0."""
-    from gptkit.checkpoint import save_checkpoint, save_safetensors_checkpoint
-
     model, tokenizer, config = load_hf(folder)
-    save = save_safetensors_checkpoint if str(out).endswith(".safetensors") else save_checkpoint
-    with staged_output(out, force) as tmp:
-        save(
-            tmp,
-            model_state=model.state_dict(),
-            config=config.model_dump(mode="json"),
-            tokenizer=tokenizer.describe(),
-            progress={"step": 0, "tokens": 0, "imported_from": str(Path(folder).resolve())},
-        )
-    return Path(out)
+    progress = {"step": 0, "tokens": 0, "imported_from": str(Path(folder).resolve())}
+    return save_weights(model, tokenizer, config, out, force=force, progress=progress)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
