@@ -183,8 +183,8 @@ def test_export_from_a_checkpoint_through_the_api(tmp_path: Path, bpe: BPETokeni
 def test_llama_cpp_greedy_tokens_equal_ours(tmp_path: Path, bpe: BPETokenizer) -> None:
     llama_cpp = pytest.importorskip(
         "llama_cpp",
-        reason="llama-cpp-python is not installed: PyPI has no prebuilt CPU wheel (pip would build llama.cpp "
-        "from source); pip install llama-cpp-python to run this test",
+        reason="llama-cpp-python is not installed (PyPI has no CPU wheel: it builds llama.cpp from source, "
+        "about 6 minutes); pip install -e '.[llama]' to run this test",
     )
     model = tiny(bpe)
     path = export_gguf(model, bpe, tmp_path / "m.gguf", type="f32")

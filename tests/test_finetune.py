@@ -349,3 +349,13 @@ def test_prompt_tuning_leaves_room_for_its_vectors(tmp_path: Path, tok: CharToke
     result = finetune(None, finetune_config(tmp_path, base, data, *overrides))
     assert result.step == 3 and result.best_val_loss is not None
     assert load_checkpoint(result.checkpoint)["config"]["data"]["packing"] is False
+
+
+def test_padded_widths_come_in_few_sizes(tok: CharTokenizer) -> None:
+    """Rounded up to 64 positions (at most the context): the same loss, stable shapes for the allocator."""
+    exs = examples(tok)
+    assert all(e.length < 64 for e in exs)
+    x, y = padded_batch(exs)
+    assert x.shape == (len(exs), 64) and (y[:, max(e.length for e in exs) :] == IGNORE_INDEX).all()
+    longest = max(e.length for e in exs)
+    assert padded_batch(exs, max_width=longest + 1)[0].shape[1] == longest + 1
