@@ -193,7 +193,8 @@ def add_adapters(p: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="DIR[=WEIGHT]",
-        help="a LoRA adapter folder to apply, with a weight (default 1); repeatable: the changes add up",
+        help="a LoRA adapter folder to apply with a weight (1 if not given), repeatable: the changes add up "
+        "(default: none)",
     )
 
 
