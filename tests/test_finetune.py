@@ -115,20 +115,18 @@ def test_loss_counts_response_tokens_only(tok: CharTokenizer) -> None:
     assert int((y != IGNORE_INDEX).sum()) == len(answer)
 
 
+def small_model(tok: CharTokenizer, block_size: int) -> GPT:
+    """2 layers, width 32: small enough to compare examples one by one."""
+    config = load_config(
+        None, ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", f"model.block_size={block_size}"]
+    )
+    config.model.vocab_size = tok.vocab_size
+    return GPT(config.model)
+
+
 def test_packing_and_padding_give_each_example_its_own_loss(tok: CharTokenizer) -> None:
     torch.manual_seed(0)
-    model = GPT(
-        load_config(
-            None,
-            [
-                f"model.vocab_size={tok.vocab_size}",
-                "model.n_layer=2",
-                "model.n_embd=32",
-                "model.n_head=2",
-                "model.block_size=128",
-            ],
-        ).model
-    ).eval()
+    model = small_model(tok, 128).eval()
     exs = examples(tok)
     alone = [per_example_losses(model, padded_batch([e]))[0] for e in exs]
     padded = per_example_losses(model, padded_batch(exs))
@@ -289,18 +287,7 @@ def test_soft_prompt_with_padding_and_cache(tok: CharTokenizer) -> None:
     from gptkit.generate import Sampler
 
     torch.manual_seed(0)
-    model = GPT(
-        load_config(
-            None,
-            [
-                f"model.vocab_size={tok.vocab_size}",
-                "model.n_layer=2",
-                "model.n_embd=32",
-                "model.n_head=2",
-                "model.block_size=64",
-            ],
-        ).model
-    ).eval()
+    model = small_model(tok, 64).eval()
     add_soft_prompt(model, 5)
     with torch.no_grad():
         model.soft_prompt.mul_(5)  # a prompt strong enough to matter
