@@ -4,9 +4,9 @@ GPT-2 124M with random weights (seeded), a 32-token prompt (the first 32 GPT-2 t
 Shakespeare, or seeded random ids without it), 256 new tokens, greedy, batch 1:
 
 - gptkit: the real `Sampler.token_steps` (what `generate_ids`, `stream` and the server run), on the
-  fp32 model as `gptkit.load` prepares it (linear layers through oneDNN, `gptkit.generate.onednn`),
-  on the plain fp32 model (aten's `F.linear`), and on copies quantised by `gptkit.generate.quantize`
-  ("int8", "int4");
+  fp32 model as `gptkit.load` prepares it (decoding's matrix-vector products by gptkit's kernel,
+  prompts by oneDNN: `gptkit.generate.cpu_linear`), with oneDNN alone, on the plain fp32 model
+  (aten's `F.linear`), and on copies quantised by `gptkit.generate.quantize` ("int8", "int4");
 - HuggingFace `GPT2LMHeadModel.generate(do_sample=False, use_cache=True)` with the same weights copied
   in (HF's Conv1D weights are our Linear weights transposed), in fp32, and with HF's Linear layers
   dynamic-int8 quantised by `torch.ao.quantization.quantize_dynamic` (in HF's GPT-2 only the head
@@ -40,7 +40,7 @@ from tables import markdown  # bench/tables.py: scripts run from bench/
 from torch import nn
 
 from gptkit.generate import Sampler, SampleSettings
-from gptkit.generate.onednn import OneDNNLinear, use_onednn
+from gptkit.generate.cpu_linear import CPULinear, kernel, use_cpu_linear
 from gptkit.generate.quantize import Int4Linear, Int8Linear, quantize, weight_bytes
 from gptkit.model import GPT
 from gptkit.tokenizer import gpt2_tokenizer
@@ -67,13 +67,19 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / best
 
 
+def last_level_cache() -> str:
+    """The size of the CPU's last-level cache, as Linux reports it ("32768KB"), or "unknown"."""
+    sizes = sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"))
+    return f"{sizes[-1].read_text().strip()}B" if sizes else "unknown"
+
+
 def decode_bytes(model: nn.Module) -> int:
     """Weight bytes one decode step reads: every Linear (quantised or not) and the head."""
     total = 0
     for name, m in model.named_modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
             total += m.nbytes()
-        elif isinstance(m, OneDNNLinear):  # the head holds the vocabulary's rows only
+        elif isinstance(m, CPULinear):  # the head holds the vocabulary's rows only
             total += m.weight.numel() * 4 + (0 if m.bias is None else 4 * m.bias.numel())
         elif isinstance(m, nn.Linear):
             rows = VOCAB if name == "lm_head" else m.out_features  # our head reads vocab_size rows
@@ -187,10 +193,17 @@ def main() -> None:
             hf8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(hf), {nn.Linear}, dtype=torch.qint8)
         step = fp32_step - head_fp32 + head_fp32 // 4 + 4  # the head int8 (one scale), the blocks fp32
         variants.append(Variant("HF dynamic int8 (head only)", hf_run(hf8, prompt, args.new), 0, step))
+    if kernel() is None:
+        progress("gptkit's CPU kernel is unavailable here: its fp32 row runs oneDNN (see the notice above)")
     fast = copy.deepcopy(model)
-    use_onednn(fast)
+    use_cpu_linear(fast)
     variants.append(
         Variant("gptkit fp32", gptkit_run(fast, prompt, args.new), weight_bytes(model), fp32_step)
+    )
+    dnn = copy.deepcopy(model)
+    use_cpu_linear(dnn, use_kernel=False)
+    variants.append(
+        Variant("gptkit fp32, oneDNN only", gptkit_run(dnn, prompt, args.new), weight_bytes(model), fp32_step)
     )
     variants.append(
         Variant(
@@ -253,8 +266,8 @@ def main() -> None:
     )
     print(
         "A fraction over 100% means the step read less than its weights from memory: the last-level "
-        "cache (here 105 MB of L3) keeps part of them between steps, and a matrix-vector product reads "
-        "faster than a copy reads + writes."
+        f"cache (here {last_level_cache()}) keeps part of them between steps, and a matrix-vector "
+        "product reads faster than a copy reads + writes."
     )
     hf_tokens = variants[0].tokens
     same = ours.tokens == hf_tokens

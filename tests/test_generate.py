@@ -15,6 +15,7 @@ from gptkit.config import RunConfig, load_config
 from gptkit.errors import GptkitError
 from gptkit.generate import Sampler, SampleSettings, TextStream
 from gptkit.generate.choose import keep_top_k, keep_top_p, penalize_repeats
+from gptkit.generate.cpu_linear import use_cpu_linear
 from gptkit.model import GPT
 from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer
 
@@ -45,9 +46,14 @@ def char() -> CharTokenizer:
     return CharTokenizer.train([TEXT])
 
 
-@pytest.fixture(scope="module")
-def sampler(char: CharTokenizer) -> Sampler:
-    return Sampler(tiny_model(char.vocab_size, block_size=128), char)
+@pytest.fixture(scope="module", params=["plain", "cpu-kernels"])
+def sampler(request: pytest.FixtureRequest, char: CharTokenizer) -> Sampler:
+    """Every sampler test runs on GPT.forward and on the model as gptkit.load prepares it for the CPU
+    (gptkit's kernels decode a whole step in one call where they are built)."""
+    model = tiny_model(char.vocab_size, block_size=128)
+    if request.param == "cpu-kernels":
+        use_cpu_linear(model)
+    return Sampler(model, char)
 
 
 def greedy(**kw: object) -> SampleSettings:

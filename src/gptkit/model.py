@@ -341,7 +341,7 @@ class GPT(nn.Module):
         if prompt is not None:  # prompt tuning: trained vectors before the first token (after padding)
             x = insert_prompt(x, prompt, pad)
             T = x.size(1)
-        pos = self._check_length(B, T, cache)
+        pos = self.check_length(B, T, cache)
 
         positions = torch.arange(pos, pos + T, device=idx.device)
         if cache is not None and cache.pad is not None:  # count from each sequence's first real token
@@ -381,7 +381,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         return (logits if return_logits or targets is None else None), loss
 
-    def _check_length(self, batch_size: int, t_new: int, cache: KVCache | None) -> int:
+    def check_length(self, batch_size: int, t_new: int, cache: KVCache | None) -> int:
         """Raise a clear error if the tokens do not fit; return the position of the first new token."""
         pos = 0 if cache is None else cache.pos
         block_size = self.config.block_size

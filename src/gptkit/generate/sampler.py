@@ -17,6 +17,7 @@ from torch import Tensor
 from gptkit.console import notice
 from gptkit.errors import GptkitError
 from gptkit.generate.choose import choose_next
+from gptkit.generate.cpu_decode import CPUDecoder
 from gptkit.generate.settings import SampleSettings
 from gptkit.generate.text import TextStream
 from gptkit.model import GPT, KVCache
@@ -114,6 +115,7 @@ class Sampler:
                 seen[i, r] = True
         longest = max(map(len, history))
         cache = model.new_cache(len(rows), n_prompt + min(block, longest + settings.max_new_tokens))
+        decoder = CPUDecoder.of(model)  # a whole step in one kernel call, for models gptkit.load prepared
         was_training = model.training
         model.eval()
         try:
@@ -133,15 +135,17 @@ class Sampler:
                     cache.reset()
                     logits = self._prefill(cache, [h[-(block // 2) :] for h in history])
                 else:
-                    logits = self._step(cache, next_ids)
+                    logits = self._step(cache, next_ids, decoder)
         finally:
             model.train(was_training)
 
     # Inference mode around each model call, not around the loop: a generator's `with` block would
     # stay entered in the caller's code between yields.
     @torch.inference_mode()
-    def _step(self, cache: KVCache, next_ids: Tensor) -> Tensor:
+    def _step(self, cache: KVCache, next_ids: Tensor, decoder: CPUDecoder | None) -> Tensor:
         """Feed one token per row; the logits (B, V) of the next position."""
+        if decoder is not None:
+            return decoder.step(next_ids, cache)
         return self.model(next_ids.to(self.model.device)[:, None], cache=cache)[0][:, -1]
 
     @torch.inference_mode()

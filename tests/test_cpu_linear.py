@@ -1,4 +1,4 @@
-"""oneDNN linear layers for CPU inference: the same model, the same outputs, training untouched."""
+"""CPU linear layers for inference (gptkit's kernel, oneDNN): the same outputs, training untouched."""
 
 from __future__ import annotations
 
@@ -9,17 +9,19 @@ import torch
 
 from gptkit.config import ModelConfig
 from gptkit.generate import Sampler, SampleSettings
-from gptkit.generate.onednn import OneDNNLinear, available, use_onednn
+from gptkit.generate.cpu_decode import CPUDecoder
+from gptkit.generate.cpu_kernel import kernel
+from gptkit.generate.cpu_linear import CPULinear, onednn_available, use_cpu_linear
 from gptkit.model import GPT
 from gptkit.tokenizer import CharTokenizer
 
-pytestmark = pytest.mark.skipif(not available(), reason="this torch has no oneDNN (mkldnn) linear op")
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN (mkldnn) linear op")
 
 CHARS = " \n" + string.ascii_letters + string.digits + ".,!?;"  # 69 characters + end-of-text
 CONFIG = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=len(CHARS) + 1)
 
 
-def pair() -> tuple[GPT, GPT]:
+def pair(use_kernel: bool = True) -> tuple[GPT, GPT]:
     torch.manual_seed(0)
     plain = GPT(CONFIG).eval()
     with torch.no_grad():  # larger weights than GPT-2's init: peaked distributions, no near-ties
@@ -27,24 +29,28 @@ def pair() -> tuple[GPT, GPT]:
             p.mul_(4)
     fast = GPT(CONFIG).eval()
     fast.load_state_dict(plain.state_dict())
-    assert use_onednn(fast) == 4 * CONFIG.n_layer + 1
+    assert use_cpu_linear(fast, use_kernel=use_kernel) == 4 * CONFIG.n_layer + 1
     return plain, fast
 
 
-def test_logits_equal_the_plain_model_to_rounding() -> None:
-    plain, fast = pair()
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "onednn"])
+def test_logits_equal_the_plain_model_to_rounding(use_kernel: bool) -> None:
+    plain, fast = pair(use_kernel)
     idx = torch.randint(0, CONFIG.vocab_size, (3, 40))
     with torch.inference_mode():
         ref, out = plain(idx)[0], fast(idx)[0]
         assert out.shape == ref.shape
         assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+        one = fast(idx[:1, :1])[0]  # a single row: the kernel's product where it is built
+        assert float((one[0, 0] - ref[0, 0]).abs().max() / ref.abs().max()) < 1e-5
         last = fast(idx, last_only=True)[0]
         assert last.shape == (3, 1, CONFIG.vocab_size)
         assert float((last[:, 0] - ref[:, -1]).abs().max() / ref.abs().max()) < 1e-5
 
 
-def test_greedy_generation_equals_the_plain_model() -> None:
-    plain, fast = pair()
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "onednn"])
+def test_greedy_generation_equals_the_plain_model(use_kernel: bool) -> None:
+    plain, fast = pair(use_kernel)
     tok = CharTokenizer.train([CHARS])
     settings = SampleSettings.of(temperature=0, max_new_tokens=50, stop_tokens=[])
     prompts = [tok.encode("hello"), tok.encode("a longer prompt")]
@@ -55,9 +61,11 @@ def test_greedy_generation_equals_the_plain_model() -> None:
 
 def test_the_head_stays_tied_and_training_uses_f_linear() -> None:
     plain, fast = pair()
-    assert isinstance(fast.lm_head, OneDNNLinear)
+    assert isinstance(fast.lm_head, CPULinear)
     assert fast.lm_head.weight.data_ptr() == fast.transformer.wte.weight.data_ptr()
-    assert fast.lm_head.weight.shape == (CONFIG.vocab_size, CONFIG.n_embd)
+    assert {k: v.shape for k, v in fast.state_dict().items()} == {
+        k: v.shape for k, v in plain.state_dict().items()
+    }  # a prepared model saves as the plain one
     layer = fast.transformer.h[0].mlp.c_fc
     x = torch.randn(5, CONFIG.n_embd, requires_grad=True)
     y = layer(x)  # gradients enabled: exactly F.linear, and differentiable
@@ -66,7 +74,7 @@ def test_the_head_stays_tied_and_training_uses_f_linear() -> None:
     assert x.grad is not None
 
 
-def test_gptkit_load_uses_onednn_on_cpu_unless_quantised(tmp_path) -> None:
+def test_gptkit_load_uses_cpu_linear_unless_quantised(tmp_path) -> None:
     import gptkit
     from gptkit.checkpoint import save_checkpoint
     from gptkit.config import load_config
@@ -83,10 +91,11 @@ def test_gptkit_load_uses_onednn_on_cpu_unless_quantised(tmp_path) -> None:
         progress={"step": 1},
     )
     loaded = gptkit.load(ckpt, device="cpu")
-    assert isinstance(loaded.model.transformer.h[0].attn.c_attn, OneDNNLinear)
+    assert isinstance(loaded.model.transformer.h[0].attn.c_attn, CPULinear)
+    assert (CPUDecoder.of(loaded.model) is not None) == (kernel() is not None)  # the whole-step decoder
     expected = Sampler(plain, tok).generate(["hello"], SampleSettings.of(temperature=0, max_new_tokens=30))[
         0
     ][0]
     assert loaded.generate("hello", temperature=0, max_new_tokens=30) == expected
     quantised = gptkit.load(ckpt, device="cpu", quantize="int8")
-    assert not any(isinstance(m, OneDNNLinear) for m in quantised.model.modules())
+    assert not any(isinstance(m, CPULinear) for m in quantised.model.modules())

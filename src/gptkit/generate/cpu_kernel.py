@@ -1,0 +1,123 @@
+"""gptkit's CPU kernels (`cpu_kernels.c`): compiled on first use by the machine's C compiler, cached.
+
+Decoding in fp32 is bound by how fast the weights stream from memory, and PyTorch's matrix-vector
+products read them at well under the machine's bandwidth (see `gptkit.generate.cpu_linear`), so
+gptkit carries two small C functions: `gptkit_matvec` (a Linear layer for a few rows) and
+`gptkit_decode` (a whole decoding step, see `gptkit.generate.cpu_decode`). They are built with
+`cc -O3 -march=native -fopenmp` into the cache folder, keyed by the source, the compiler and the
+CPU, and linked against the OpenMP runtime torch has loaded. Without a compiler, or where the built
+library computes wrong products, gptkit says so once and decodes with oneDNN instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gptkit.console import notice
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live: $GPTKIT_CACHE, else $XDG_CACHE_HOME/gptkit, else ~/.cache/gptkit."""
+    if root := os.environ.get("GPTKIT_CACHE"):
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptkit"
+
+
+def _machine() -> str:
+    """What -march=native depends on: a cached library is rebuilt on another kind of CPU."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next(line for line in lines if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+@functools.cache
+def kernel() -> ctypes.CDLL | None:
+    """The compiled library, built once per machine and source; None where it cannot be had.
+
+    GPTKIT_CPU_KERNEL=0 goes without it; CC names the compiler (default `cc`).
+    """
+    if os.environ.get("GPTKIT_CPU_KERNEL", "1") == "0" or not torch.backends.openmp.is_available():
+        return None
+    cc = os.environ.get("CC", "cc")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join([cc, *FLAGS]).encode(), _machine().encode()]))
+    path = cache_dir() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    try:
+        if not path.exists():
+            _build(cc, source, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        notice(f"fp32 decoding uses oneDNN, not gptkit's faster kernels: {cc} could not build them ({e})")
+        return None
+    size, ptr = ctypes.c_long, ctypes.c_void_p
+    lib.gptkit_matvec.argtypes = [ptr] * 4 + [size] * 3 + [ctypes.c_int]
+    lib.gptkit_matvec.restype = None
+    lib.gptkit_decode.argtypes = [ptr, ptr, ctypes.c_int] + [size] * 5 + [ptr] * 4 + [size, ptr, ctypes.c_int]
+    lib.gptkit_decode.restype = ctypes.c_int
+    if not _agrees(lib):
+        notice(f"fp32 decoding uses oneDNN: gptkit's kernels built by {cc} computed wrong products")
+        return None
+    return lib
+
+
+def _build(cc: str, source: bytes, path: Path) -> None:
+    """Compile into a temporary file, then move it in place (processes may build at the same time)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [cc, *FLAGS, "-x", "c", "-", "-o", tmp, "-lm"], input=source, capture_output=True, timeout=300
+        )
+        if done.returncode != 0:
+            lines = done.stderr.decode(errors="replace").strip().splitlines() or ["no message"]
+            raise subprocess.SubprocessError(lines[-1])
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _agrees(lib: ctypes.CDLL) -> bool:
+    """The products equal F.linear's to fp32 rounding, on shapes with every kind of remainder."""
+    g = torch.Generator().manual_seed(0)
+    for m, n, out in [(1, 768, 2304), (3, 37, 13), (8, 64, 9)]:
+        x, w, b = (torch.randn(*s, generator=g) for s in ((m, n), (out, n), (out,)))
+        if not torch.allclose(matvec(lib, x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4):
+            return False
+    return True
+
+
+def pointer(t: Tensor | None) -> int | None:
+    """The address of a contiguous fp32 CPU tensor's data (None for None), checked."""
+    if t is None:
+        return None
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("gptkit's CPU kernels take contiguous CPU tensors")
+    return t.data_ptr()
+
+
+def matvec(lib: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x (m, n) @ weight.T + bias; x, weight and bias contiguous fp32 CPU tensors."""
+    m, n = x.shape
+    y = torch.empty(m, weight.size(0))
+    threads = torch.get_num_threads()
+    lib.gptkit_matvec(pointer(x), pointer(weight), pointer(bias), y.data_ptr(), m, n, weight.size(0), threads)
+    return y

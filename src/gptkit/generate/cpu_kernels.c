@@ -1,0 +1,170 @@
+/* gptkit's CPU kernels for decoding in fp32: matrix-vector products at memory speed, and a whole
+ * GPT-2 decoding step (one new token per sequence) in one call.
+ *
+ * gptkit/generate/cpu_kernel.py compiles this file on first use (cc -O3 -march=native -fopenmp) and
+ * calls it through ctypes. Decoding reads every weight once per token, so its speed is the speed at
+ * which the weights stream from memory; in PyTorch the ~30 small operations per layer between the
+ * products also cost about a fifth of a step, because each runs with caches that the weights have
+ * just flushed. `gptkit_decode` does the same arithmetic as gptkit.model.GPT.forward (its reference,
+ * tested to agree) with one parallel region per step.
+ *
+ * Products: W (out x n, row-major) is read once, in blocks of ROWS rows shared out between the
+ * threads; a block is multiplied with every row of x while it is in the core's cache. Each output
+ * adds up LANES partial sums kept in one vector (GCC/Clang vector extensions become AVX-512, AVX2
+ * or NEON code, whatever the machine has). One thread computes each output, so the results do not
+ * depend on the number of threads.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ROWS 8
+#define LANES 16
+#define LAYER_NORM_EPS 1e-5f /* GPT-2's value, as gptkit.model.LAYER_NORM_EPS */
+typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
+
+static inline vec load(const float *p) {
+    vec v;
+    memcpy(&v, p, sizeof v); /* an unaligned vector load */
+    return v;
+}
+
+static inline float total(vec v) { /* pairwise: log2(LANES) vector additions */
+    float t[LANES];
+    memcpy(t, &v, sizeof t);
+    for (int width = LANES / 2; width > 0; width /= 2)
+        for (int l = 0; l < width; l++) t[l] += t[l + width];
+    return t[0];
+}
+
+/* y[r] = w[r] . x for the ROWS rows starting at w */
+static void dot_rows(const float *w, long n, const float *x, float *y) {
+    vec acc[ROWS] = {0};
+    long i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        vec xv = load(x + i);
+        for (int r = 0; r < ROWS; r++) acc[r] += load(w + r * n + i) * xv;
+    }
+    for (int r = 0; r < ROWS; r++) {
+        float s = total(acc[r]);
+        for (long j = i; j < n; j++) s += w[r * n + j] * x[j];
+        y[r] = s;
+    }
+}
+
+static float dot(const float *w, const float *x, long n) {
+    float s = 0;
+    for (long i = 0; i < n; i++) s += w[i] * x[i];
+    return s;
+}
+
+static inline float gelu(float x) { /* the tanh approximation GPT-2 was trained with */
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+enum { SET = 0, ADD = 1, GELU = 2 }; /* y = xW^T + b; y += xW^T + b; y = gelu(xW^T + b) */
+
+/* y (m x out) from x (m x n), w (out x n), b (out values or NULL); called inside a parallel region */
+static void products(const float *x, const float *w, const float *b, float *y, long m, long n, long out,
+                     int mode) {
+    long blocks = (out + ROWS - 1) / ROWS;
+#pragma omp for schedule(static)
+    for (long k = 0; k < blocks; k++) {
+        long o = k * ROWS, rows = out - o < ROWS ? out - o : ROWS;
+        float part[ROWS];
+        for (long row = 0; row < m; row++) {
+            float *yr = y + row * out + o;
+            const float *xr = x + row * n;
+            if (rows == ROWS)
+                dot_rows(w + o * n, n, xr, part);
+            else
+                for (long r = 0; r < rows; r++) part[r] = dot(w + (o + r) * n, xr, n);
+            for (long r = 0; r < rows; r++) {
+                float v = part[r] + (b ? b[o + r] : 0.0f);
+                yr[r] = mode == ADD ? yr[r] + v : mode == GELU ? gelu(v) : v;
+            }
+        }
+    }
+}
+
+/* x (m x n) @ w^T + b -> y (m x out), all contiguous fp32: a Linear layer for a few rows */
+void gptkit_matvec(const float *x, const float *w, const float *b, float *y, long m, long n, long out,
+                   int threads) {
+#pragma omp parallel num_threads(threads)
+    products(x, w, b, y, m, n, out, SET);
+}
+
+static void layer_norm(const float *x, const float *w, const float *b, float *y, long m, long n) {
+#pragma omp for schedule(static)
+    for (long row = 0; row < m; row++) {
+        const float *xr = x + row * n;
+        float mean = 0, var = 0;
+        for (long i = 0; i < n; i++) mean += xr[i];
+        mean /= n;
+        for (long i = 0; i < n; i++) var += (xr[i] - mean) * (xr[i] - mean);
+        float inv = 1.0f / sqrtf(var / n + LAYER_NORM_EPS);
+        for (long i = 0; i < n; i++) y[row * n + i] = (xr[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
+    }
+}
+
+/* One query per sequence and head: store its key and value at `pos` in the cache (B x H x L x D),
+ * then attend over keys pad[b] .. pos (the padding in front of sequence b is never seen). */
+static void attend(const float *qkv, float *kc, float *vc, float *y, float *scores, long B, long C,
+                   long H, long L, long pos, const long long *pad) {
+    long D = C / H;
+    float scale = 1.0f / sqrtf((float)D);
+#pragma omp for schedule(static)
+    for (long bh = 0; bh < B * H; bh++) {
+        long b = bh / H, h = bh % H, first = pad ? pad[b] : 0;
+        const float *q = qkv + b * 3 * C + h * D;
+        float *k = kc + bh * L * D, *v = vc + bh * L * D, *s = scores + bh * L, *out = y + b * C + h * D;
+        memcpy(k + pos * D, qkv + b * 3 * C + C + h * D, D * sizeof(float));
+        memcpy(v + pos * D, qkv + b * 3 * C + 2 * C + h * D, D * sizeof(float));
+        float top = -INFINITY, sum = 0;
+        for (long j = first; j <= pos; j++) {
+            s[j] = dot(k + j * D, q, D) * scale;
+            top = s[j] > top ? s[j] : top;
+        }
+        for (long j = first; j <= pos; j++) sum += s[j] = expf(s[j] - top);
+        for (long d = 0; d < D; d++) out[d] = 0;
+        for (long j = first; j <= pos; j++) {
+            float p = s[j] / sum;
+            for (long d = 0; d < D; d++) out[d] += p * v[j * D + d];
+        }
+    }
+}
+
+/* Per layer, the 14 pointers of gptkit/generate/cpu_decode.py's LAYER_FIELDS, in that order. */
+enum { LN1_W, LN1_B, ATTN_W, ATTN_B, ATTN_PROJ_W, ATTN_PROJ_B, LN2_W, LN2_B, FC_W, FC_B, MLP_PROJ_W,
+       MLP_PROJ_B, K_CACHE, V_CACHE, LAYER_FIELDS };
+
+/* One decoding step for B sequences: x (B x C) holds the new tokens' embeddings (token + position)
+ * and is overwritten; their keys and values go to position `pos` of every layer's cache (L
+ * positions); logits (B x vocab) come out. pad: B left-padding lengths, or NULL. Returns 0, or -1
+ * if scratch memory could not be had. */
+int gptkit_decode(float *x, void *const *layers, int n_layer, long B, long C, long H, long L, long pos,
+                  const long long *pad, const float *lnf_w, const float *lnf_b, const float *head,
+                  long vocab, float *logits, int threads) {
+    float *h = malloc(sizeof(float) * B * C), *qkv = malloc(sizeof(float) * B * 3 * C),
+          *wide = malloc(sizeof(float) * B * 4 * C), *scores = malloc(sizeof(float) * B * H * L);
+    int ok = h && qkv && wide && scores;
+    if (ok) {
+#pragma omp parallel num_threads(threads)
+        for (int i = 0; i < n_layer; i++) {
+            void *const *p = layers + i * LAYER_FIELDS;
+            layer_norm(x, p[LN1_W], p[LN1_B], h, B, C);
+            products(h, p[ATTN_W], p[ATTN_B], qkv, B, C, 3 * C, SET);
+            attend(qkv, p[K_CACHE], p[V_CACHE], h, scores, B, C, H, L, pos, pad);
+            products(h, p[ATTN_PROJ_W], p[ATTN_PROJ_B], x, B, C, C, ADD);
+            layer_norm(x, p[LN2_W], p[LN2_B], h, B, C);
+            products(h, p[FC_W], p[FC_B], wide, B, C, 4 * C, GELU);
+            products(wide, p[MLP_PROJ_W], p[MLP_PROJ_B], x, B, 4 * C, C, ADD);
+            if (i == n_layer - 1) {
+                layer_norm(x, lnf_w, lnf_b, h, B, C);
+                products(h, head, NULL, logits, B, C, vocab, SET);
+            }
+        }
+    }
+    free(h), free(qkv), free(wide), free(scores);
+    return ok ? 0 : -1;
+}

@@ -1,0 +1,162 @@
+"""gptkit's CPU kernels: the whole-step decoder and the products agree with GPT.forward and F.linear."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptkit.config import ModelConfig
+from gptkit.generate.cpu_decode import CPUDecoder
+from gptkit.generate.cpu_kernel import kernel, matvec
+from gptkit.generate.cpu_linear import use_cpu_linear
+from gptkit.generate.quantize import quantize
+from gptkit.model import GPT
+
+pytestmark = pytest.mark.skipif(kernel() is None, reason="gptkit's CPU kernels could not be built here")
+
+
+def pair(bias: bool = True, n_head: int = 4, n_embd: int = 64, soft_prompt: int = 0) -> tuple[GPT, GPT]:
+    """A plain model and its copy prepared for CPU inference (what gptkit.load does)."""
+    config = ModelConfig(n_layer=3, n_head=n_head, n_embd=n_embd, block_size=128, vocab_size=301, bias=bias)
+    torch.manual_seed(0)
+    plain = GPT(config).eval()
+    with torch.no_grad():  # larger weights than GPT-2's init: peaked, varied distributions
+        for p in plain.parameters():
+            p.mul_(4)
+        if bias:  # zero-initialised biases would hide a bias that is added wrongly or not at all
+            for name, p in plain.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5)
+        if soft_prompt:
+            plain.soft_prompt = torch.nn.Parameter(torch.randn(soft_prompt, n_embd))
+    fast = GPT(config).eval()
+    if soft_prompt:
+        fast.soft_prompt = torch.nn.Parameter(torch.empty(soft_prompt, n_embd))
+    fast.load_state_dict(plain.state_dict())
+    use_cpu_linear(fast)
+    return plain, fast
+
+
+def decode_both(plain: GPT, fast: GPT, prompts: torch.Tensor, pad: torch.Tensor | None, steps: int):
+    """Logits of each decoding step by GPT.forward and by the decoder, fed the same tokens."""
+    decoder = CPUDecoder.of(fast)
+    assert decoder is not None
+    B = prompts.size(0)
+    n_prompt = 0 if plain.soft_prompt is None else plain.soft_prompt.size(0)
+    ref_cache, cache = plain.new_cache(B), fast.new_cache(B)
+    ref_cache.set_padding(pad)
+    cache.set_padding(pad)
+    g = torch.Generator().manual_seed(1)
+    out = []
+    with torch.inference_mode():
+        plain(prompts, cache=ref_cache)
+        fast(prompts, cache=cache)
+        for _ in range(steps - n_prompt):
+            ids = torch.randint(0, plain.config.vocab_size, (B,), generator=g)
+            ref = plain(ids[:, None], cache=ref_cache)[0][:, -1]
+            out.append((ref, decoder.step(ids, cache)))
+    assert cache.pos == ref_cache.pos
+    return out
+
+
+def assert_close_steps(steps) -> None:
+    for i, (ref, got) in enumerate(steps):
+        assert got.shape == ref.shape
+        err = float((got - ref).abs().max() / ref.abs().max())
+        assert err < 1e-5, f"step {i}: relative difference {err:.2e}"
+
+
+def test_decoder_equals_forward_for_100_steps() -> None:
+    plain, fast = pair()
+    prompts = torch.randint(0, 301, (1, 7))
+    assert_close_steps(decode_both(plain, fast, prompts, None, 100))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_decoder_with_left_padding_and_several_sequences(bias: bool) -> None:
+    plain, fast = pair(bias=bias)
+    prompts = torch.randint(0, 301, (3, 12))
+    pad = torch.tensor([0, 5, 11])  # the last sequence has a single real token
+    assert_close_steps(decode_both(plain, fast, prompts, pad, 40))
+
+
+def test_decoder_after_a_soft_prompt_and_with_odd_head_sizes() -> None:
+    plain, fast = pair(n_head=3, n_embd=72, soft_prompt=5)  # head_dim 24: not a multiple of 16
+    prompts = torch.randint(0, 301, (2, 6))
+    assert_close_steps(decode_both(plain, fast, prompts, torch.tensor([2, 0]), 30))
+
+
+def test_decoder_results_do_not_depend_on_the_number_of_threads() -> None:
+    _, fast = pair()
+    decoder = CPUDecoder.of(fast)
+    before = torch.get_num_threads()
+    logits = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        cache = fast.new_cache(2)
+        with torch.inference_mode():
+            fast(torch.randint(0, 301, (2, 9), generator=torch.Generator().manual_seed(0)), cache=cache)
+            logits.append(decoder.step(torch.tensor([3, 4]), cache))
+    torch.set_num_threads(before)
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_decoder_only_for_prepared_fp32_cpu_models() -> None:
+    plain, fast = pair()
+    assert CPUDecoder.of(fast) is not None
+    assert CPUDecoder.of(plain) is None  # not prepared: GPT.forward decodes
+    onednn_only = GPT(plain.config).eval()
+    use_cpu_linear(onednn_only, use_kernel=False)
+    assert CPUDecoder.of(onednn_only) is None
+    quantised = GPT(plain.config).eval()
+    quantize(quantised, "int8")
+    assert CPUDecoder.of(quantised) is None
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize(("n", "out"), [(768, 2304), (37, 13), (64, 9), (3072, 768)])
+def test_products_equal_f_linear(m: int, n: int, out: int) -> None:
+    g = torch.Generator().manual_seed(m + n + out)
+    x, w, b = torch.randn(m, n, generator=g), torch.randn(out, n, generator=g), torch.randn(out, generator=g)
+    torch.testing.assert_close(matvec(kernel(), x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(matvec(kernel(), x, w, None), F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
+    )
+
+
+def test_kernels_build_into_the_cache_folder(tmp_path: Path) -> None:
+    code = "from gptkit.generate.cpu_kernel import kernel; assert kernel() is not None"
+    done = run_python(code, {"GPTKIT_CACHE": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("cpu_kernels-") and built[0].suffix == ".so"
+
+
+def test_without_a_compiler_decoding_falls_back_to_onednn_with_a_notice(tmp_path: Path) -> None:
+    code = (
+        "import torch\n"
+        "from gptkit.generate.cpu_decode import CPUDecoder\n"
+        "from gptkit.generate.cpu_kernel import kernel\n"
+        "from gptkit.generate.cpu_linear import use_cpu_linear\n"
+        "from gptkit.model import GPT\n"
+        "from gptkit.config import ModelConfig\n"
+        "m = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)).eval()\n"
+        "plain = m(torch.tensor([[1, 2, 3]]))[0]\n"
+        "assert kernel() is None and use_cpu_linear(m) == 5 and CPUDecoder.of(m) is None\n"
+        "with torch.inference_mode():\n"
+        "    torch.testing.assert_close(m(torch.tensor([[1, 2, 3]]))[0], plain)\n"
+    )
+    done = run_python(code, {"GPTKIT_CACHE": str(tmp_path), "CC": str(tmp_path / "no-such-compiler")})
+    assert done.returncode == 0, done.stderr
+    notices = [line for line in done.stderr.splitlines() if line.startswith("gptkit:")]
+    assert len(notices) == 1 and "uses oneDNN" in notices[0] and "no-such-compiler" in notices[0], done.stderr
