@@ -15,7 +15,7 @@ from gptkit.config import ModelConfig
 from gptkit.generate.cpu_decode import CPUDecoder
 from gptkit.generate.cpu_kernel import kernel, matvec
 from gptkit.generate.cpu_linear import use_cpu_linear
-from gptkit.generate.quantize import quantize
+from gptkit.generate.quantize import Int8Linear, quantize
 from gptkit.model import GPT
 
 pytestmark = pytest.mark.skipif(kernel() is None, reason="gptkit's CPU kernels could not be built here")
@@ -92,6 +92,25 @@ def test_decoder_after_a_soft_prompt_and_with_odd_head_sizes() -> None:
     assert_close_steps(decode_both(plain, fast, prompts, torch.tensor([2, 0]), 30))
 
 
+def test_int8_decoder_equals_forward_with_the_dequantised_weights() -> None:
+    """int8 weights with row scales and fp32 activations: exactly a model with the weights int8 stands for."""
+    plain, _ = pair()
+    q = GPT(plain.config).eval()
+    q.load_state_dict(plain.state_dict())
+    quantize(q, "int8")
+    ref = GPT(plain.config).eval()
+    ref.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        for name, module in q.named_modules():
+            if isinstance(module, Int8Linear) and name != "lm_head":
+                ref.get_submodule(name).weight.copy_(module.dequantized_weight())
+        table = q.transformer.wte
+        ref.transformer.wte.weight.copy_(table.qweight.float() * table.scale[:, None])  # the head: tied
+        assert torch.equal(q.lm_head.dequantized_weight(), ref.lm_head.weight[: plain.config.vocab_size])
+    prompts = torch.randint(0, 301, (2, 4))  # 8 rows: the prompt goes through the kernel too
+    assert_close_steps(decode_both(ref, q, prompts, torch.tensor([0, 1]), 50))
+
+
 def test_decoder_results_do_not_depend_on_the_number_of_threads() -> None:
     _, fast = pair()
     decoder = CPUDecoder.of(fast)
@@ -107,16 +126,17 @@ def test_decoder_results_do_not_depend_on_the_number_of_threads() -> None:
     assert torch.equal(logits[0], logits[1])
 
 
-def test_decoder_only_for_prepared_fp32_cpu_models() -> None:
+def test_decoder_only_for_prepared_fp32_and_int8_cpu_models() -> None:
     plain, fast = pair()
     assert CPUDecoder.of(fast) is not None
     assert CPUDecoder.of(plain) is None  # not prepared: GPT.forward decodes
     onednn_only = GPT(plain.config).eval()
     use_cpu_linear(onednn_only, use_kernel=False)
     assert CPUDecoder.of(onednn_only) is None
-    quantised = GPT(plain.config).eval()
-    quantize(quantised, "int8")
-    assert CPUDecoder.of(quantised) is None
+    for mode, decodes in (("int8", True), ("int4", False)):
+        quantised = GPT(plain.config).eval()
+        quantize(quantised, mode)
+        assert (CPUDecoder.of(quantised) is not None) == decodes
 
 
 @pytest.mark.parametrize("m", [1, 2, 5, 8])
@@ -126,6 +146,10 @@ def test_products_equal_f_linear(m: int, n: int, out: int) -> None:
     x, w, b = torch.randn(m, n, generator=g), torch.randn(out, n, generator=g), torch.randn(out, generator=g)
     torch.testing.assert_close(matvec(kernel(), x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(matvec(kernel(), x, w, None), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    q = torch.randint(-127, 128, (out, n), generator=g, dtype=torch.int8)
+    scale = torch.rand(out, generator=g) / 100
+    expected = F.linear(x, q.float() * scale[:, None], b)
+    torch.testing.assert_close(matvec(kernel(), x, q, b, scale), expected, rtol=1e-5, atol=1e-4)
 
 
 def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:

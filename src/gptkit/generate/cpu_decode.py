@@ -1,4 +1,4 @@
-"""A whole decoding step of an fp32 GPT on the CPU in one call of gptkit's kernel (`gptkit_decode`).
+"""A whole decoding step of a GPT on the CPU in one call of gptkit's kernel (`gptkit_decode`).
 
 Decoding one token runs about 30 small PyTorch operations per layer between the matrix-vector
 products, and each runs with the caches that the streaming weights have just flushed: for GPT-2
@@ -9,8 +9,9 @@ little more than streaming the weights. `GPT.forward` stays the reference: the t
 to fp32 rounding, with left padding, several sequences, and models without biases.
 
 The sampler uses it for models that `gptkit.generate.cpu_linear.use_cpu_linear` prepared (what
-`gptkit.load` does for fp32 models on the CPU) when the kernel is built; everything else decodes
-through `GPT.forward`.
+`gptkit.load` does for fp32 models on the CPU) and for int8-quantised ones (`Int8Linear`: int8
+weights with row scales, fp32 activations) when the kernel is built; everything else (int4, GPUs,
+bf16, LoRA layers not merged) decodes through `GPT.forward`.
 """
 
 from __future__ import annotations
@@ -20,25 +21,24 @@ import ctypes
 import torch
 from torch import Tensor, nn
 
-from gptkit.generate.cpu_kernel import pointer
+from gptkit.generate.cpu_kernel import kernel, pointer
 from gptkit.generate.cpu_linear import CPULinear
+from gptkit.generate.quantize import Int4Linear, Int8Linear
 from gptkit.model import GPT, KVCache
 
-# per layer, in the order of the layer's pointers in cpu_kernels.c (then its cached keys and values)
-LAYER_FIELDS = (
-    "ln_1.weight",
-    "ln_1.bias",
-    "attn.c_attn.weight",
-    "attn.c_attn.bias",
-    "attn.c_proj.weight",
-    "attn.c_proj.bias",
-    "ln_2.weight",
-    "ln_2.bias",
-    "mlp.c_fc.weight",
-    "mlp.c_fc.bias",
-    "mlp.c_proj.weight",
-    "mlp.c_proj.bias",
-)
+# per layer, the order of cpu_kernels.c's pointers: each matrix as (weight, row scales, bias); the
+# layer's cached keys and values follow
+LAYER_FIELDS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+LINEAR_LAYERS = (nn.Linear, CPULinear, Int8Linear, Int4Linear)  # the kinds a GPT's matrices may be
+
+
+def _tensors(module: nn.Module) -> list[Tensor | None]:
+    """A LayerNorm's (weight, bias); a linear layer's (weight, row scales or None, bias)."""
+    if isinstance(module, nn.LayerNorm):
+        return [module.weight, module.bias]
+    if isinstance(module, Int8Linear):
+        return [module.qweight, module.scale, module.bias]
+    return [module.weight[: module.rows], None, module.bias]  # a CPULinear
 
 
 class CPUDecoder:
@@ -46,42 +46,40 @@ class CPUDecoder:
 
     def __init__(self, model: GPT, lib: ctypes.CDLL) -> None:
         self.model, self.lib = model, lib
-        self.weights: list[Tensor | None] = []  # kept referenced: the kernel holds their addresses
-        for block in model.transformer.h:
-            for field in LAYER_FIELDS:
-                module_name, _, attr = field.rpartition(".")
-                self.weights.append(getattr(block.get_submodule(module_name), attr))
-        ln_f = model.transformer.ln_f
-        self.final = (ln_f.weight, ln_f.bias, model.lm_head.weight[: model.config.vocab_size])
-        self._layers: ctypes.Array | None = None
+        # kept referenced: the kernel holds their addresses
+        self.layers = [
+            [t for name in LAYER_FIELDS for t in _tensors(block.get_submodule(name))]
+            for block in model.transformer.h
+        ]
+        self.final = _tensors(model.transformer.ln_f) + _tensors(model.lm_head)[:2]
+        self._pointers: ctypes.Array | None = None
         self._cache: KVCache | None = None
 
     @classmethod
     def of(cls, model: GPT) -> CPUDecoder | None:
-        """A decoder for `model` if it is an fp32 CPU model prepared by `use_cpu_linear` with the kernel."""
-        linears = [m for m in model.modules() if isinstance(m, (nn.Linear, CPULinear))]
-        norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+        """A decoder for `model` if it is a CPU model prepared by `use_cpu_linear` (fp32) or quantised
+        to int8 (`gptkit.generate.quantize`), and gptkit's kernels are built."""
+        lib = kernel()
+        linears = [m for m in model.modules() if isinstance(m, LINEAR_LAYERS)]
+        kinds = {type(m) for m in linears}
         usable = (
-            model.device.type == "cpu"
+            lib is not None
+            and model.device.type == "cpu"
             and model.dtype == torch.float32
-            and type(model.transformer.wte) is nn.Embedding
             and len(linears) == 4 * model.config.n_layer + 1
-            and all(type(m) is CPULinear and m.kernel is not None for m in linears)
-            and all(m.weight.dtype == torch.float32 and m.weight.is_contiguous() for m in linears + norms)
+            and (kinds == {Int8Linear} or (kinds == {CPULinear} and all(m.kernel for m in linears)))
         )
-        return cls(model, linears[0].kernel) if usable else None
+        return cls(model, lib) if usable else None
 
     def _layer_pointers(self, cache: KVCache) -> ctypes.Array:
         """The weights' and this cache's addresses, layer by layer (made once per cache)."""
         if self._cache is not cache:
             addresses: list[int | None] = []
-            n = len(LAYER_FIELDS)
-            for i in range(self.model.config.n_layer):
-                addresses += [pointer(t) for t in self.weights[i * n : (i + 1) * n]]
-                addresses += [pointer(cache.k[i]), pointer(cache.v[i])]
-            self._layers = (ctypes.c_void_p * len(addresses))(*addresses)
+            for i, tensors in enumerate(self.layers):
+                addresses += [pointer(t) for t in tensors] + [pointer(cache.k[i]), pointer(cache.v[i])]
+            self._pointers = (ctypes.c_void_p * len(addresses))(*addresses)
             self._cache = cache
-        return self._layers
+        return self._pointers
 
     @torch.inference_mode()
     def step(self, ids: Tensor, cache: KVCache) -> Tensor:
@@ -96,7 +94,7 @@ class CPUDecoder:
             pad = pad.to(torch.long).contiguous()
         x = (model.transformer.wte(ids) + model.transformer.wpe(positions)).contiguous()
         logits = torch.empty(B, c.vocab_size)
-        ln_w, ln_b, head = self.final
+        ln_w, ln_b, head, head_scale = self.final
         status = self.lib.gptkit_decode(
             x.data_ptr(),
             self._layer_pointers(cache),
@@ -110,6 +108,7 @@ class CPUDecoder:
             pointer(ln_w),
             pointer(ln_b),
             pointer(head),
+            pointer(head_scale),
             c.vocab_size,
             logits.data_ptr(),
             torch.get_num_threads(),

@@ -3,7 +3,8 @@
 Decoding in fp32 is bound by how fast the weights stream from memory, and PyTorch's matrix-vector
 products read them at well under the machine's bandwidth (see `gptkit.generate.cpu_linear`), so
 gptkit carries two small C functions: `gptkit_matvec` (a Linear layer for a few rows) and
-`gptkit_decode` (a whole decoding step, see `gptkit.generate.cpu_decode`). They are built with
+`gptkit_decode` (a whole decoding step, see `gptkit.generate.cpu_decode`), for fp32 weights and for
+int8 weights with row scales (`gptkit.generate.quantize`). They are built with
 `cc -O3 -march=native -fopenmp` into the cache folder, keyed by the source, the compiler and the
 CPU, and linked against the OpenMP runtime torch has loaded. Without a compiler, or where the built
 library computes wrong products, gptkit says so once and decodes with oneDNN instead.
@@ -67,9 +68,9 @@ def kernel() -> ctypes.CDLL | None:
         notice(f"fp32 decoding uses oneDNN, not gptkit's faster kernels: {cc} could not build them ({e})")
         return None
     size, ptr = ctypes.c_long, ctypes.c_void_p
-    lib.gptkit_matvec.argtypes = [ptr] * 4 + [size] * 3 + [ctypes.c_int]
+    lib.gptkit_matvec.argtypes = [ptr] * 5 + [size] * 3 + [ctypes.c_int]
     lib.gptkit_matvec.restype = None
-    lib.gptkit_decode.argtypes = [ptr, ptr, ctypes.c_int] + [size] * 5 + [ptr] * 4 + [size, ptr, ctypes.c_int]
+    lib.gptkit_decode.argtypes = [ptr, ptr, ctypes.c_int] + [size] * 5 + [ptr] * 5 + [size, ptr, ctypes.c_int]
     lib.gptkit_decode.restype = ctypes.c_int
     if not _agrees(lib):
         notice(f"fp32 decoding uses oneDNN: gptkit's kernels built by {cc} computed wrong products")
@@ -96,17 +97,23 @@ def _build(cc: str, source: bytes, path: Path) -> None:
 
 
 def _agrees(lib: ctypes.CDLL) -> bool:
-    """The products equal F.linear's to fp32 rounding, on shapes with every kind of remainder."""
+    """The products equal F.linear's to fp32 rounding, on shapes with every kind of remainder, for
+    fp32 weights and for int8 weights with row scales."""
     g = torch.Generator().manual_seed(0)
     for m, n, out in [(1, 768, 2304), (3, 37, 13), (8, 64, 9)]:
         x, w, b = (torch.randn(*s, generator=g) for s in ((m, n), (out, n), (out,)))
+        q = torch.randint(-127, 128, (out, n), generator=g, dtype=torch.int8)
+        scale = torch.rand(out, generator=g)
+        int8 = F.linear(x, q.float() * scale[:, None], b)
         if not torch.allclose(matvec(lib, x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4):
+            return False
+        if not torch.allclose(matvec(lib, x, q, b, scale), int8, rtol=1e-4, atol=1e-3):
             return False
     return True
 
 
 def pointer(t: Tensor | None) -> int | None:
-    """The address of a contiguous fp32 CPU tensor's data (None for None), checked."""
+    """The address of a contiguous CPU tensor's data (None for None), checked."""
     if t is None:
         return None
     if t.device.type != "cpu" or not t.is_contiguous():
@@ -114,10 +121,14 @@ def pointer(t: Tensor | None) -> int | None:
     return t.data_ptr()
 
 
-def matvec(lib: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x (m, n) @ weight.T + bias; x, weight and bias contiguous fp32 CPU tensors."""
+def matvec(
+    lib: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor | None = None
+) -> Tensor:
+    """x (m, n) @ weight.T + bias, contiguous CPU tensors: fp32 x and bias; weight fp32, or int8
+    (out, n) whose row o is worth `scale[o]` times its values (fp32 `scale` given)."""
     m, n = x.shape
-    y = torch.empty(m, weight.size(0))
-    threads = torch.get_num_threads()
-    lib.gptkit_matvec(pointer(x), pointer(weight), pointer(bias), y.data_ptr(), m, n, weight.size(0), threads)
+    out = weight.size(0)
+    y = torch.empty(m, out)
+    args = (pointer(x), pointer(weight), pointer(scale), pointer(bias), y.data_ptr(), m, n, out)
+    lib.gptkit_matvec(*args, torch.get_num_threads())
     return y

@@ -1,5 +1,6 @@
-/* gptkit's CPU kernels for decoding in fp32: matrix-vector products at memory speed, and a whole
- * GPT-2 decoding step (one new token per sequence) in one call.
+/* gptkit's CPU kernels for decoding: matrix-vector products at memory speed, and a whole GPT-2
+ * decoding step (one new token per sequence) in one call; weights in fp32, or int8 with one scale
+ * per output row (gptkit/generate/quantize.py's Int8Linear).
  *
  * gptkit/generate/cpu_kernel.py compiles this file on first use (cc -O3 -march=native -fopenmp) and
  * calls it through ctypes. Decoding reads every weight once per token, so its speed is the speed at
@@ -11,8 +12,9 @@
  * Products: W (out x n, row-major) is read once, in blocks of ROWS rows shared out between the
  * threads; a block is multiplied with every row of x while it is in the core's cache. Each output
  * adds up LANES partial sums kept in one vector (GCC/Clang vector extensions become AVX-512, AVX2
- * or NEON code, whatever the machine has). One thread computes each output, so the results do not
- * depend on the number of threads.
+ * or NEON code, whatever the machine has). int8 weights are widened to fp32 in registers and the
+ * row's scale is applied to its sum: the activations stay fp32. One thread computes each output, so
+ * the results do not depend on the number of threads.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -37,17 +39,53 @@ static inline float total(vec v) { /* pairwise: log2(LANES) vector additions */
     return t[0];
 }
 
-/* y[r] = w[r] . x for the ROWS rows starting at w */
-static void dot_rows(const float *w, long n, const float *x, float *y) {
-    vec acc[ROWS] = {0};
-    long i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        vec xv = load(x + i);
-        for (int r = 0; r < ROWS; r++) acc[r] += load(w + r * n + i) * xv;
-    }
+/* LANES int8 weights widened to fp32. Compilers scalarise the portable version (a conversion loop
+ * or __builtin_convertvector), 2-3x slower than streaming int8 from memory, so x86 gets intrinsics. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline vec load_int8(const signed char *p) {
+    return (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+#elif defined(__AVX2__)
+#include <immintrin.h>
+static inline vec load_int8(const signed char *p) {
+    __m256 half[2] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))),
+                      _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))))};
+    vec v;
+    memcpy(&v, half, sizeof v);
+    return v;
+}
+#else
+static inline vec load_int8(const signed char *p) {
+    float f[LANES];
+    for (int l = 0; l < LANES; l++) f[l] = p[l];
+    return load(f);
+}
+#endif
+
+/* Element i of a weight row: fp32, or int8 (`int8` is a constant where these are inlined, so each
+ * call site compiles to one kind of load). */
+static inline vec load_w(const void *w, int int8, long i) {
+    return int8 ? load_int8((const signed char *)w + i) : load((const float *)w + i);
+}
+
+static inline float weight(const void *w, int int8, long i) {
+    return int8 ? ((const signed char *)w)[i] : ((const float *)w)[i];
+}
+
+/* y[r] = w[r] . x for the ROWS rows starting at w (int8 rows without their scales), one row after
+ * the other: the block is one sequential read, which the hardware prefetchers follow best (reading
+ * the rows side by side instead halves the speed of int8 rows of 768 bytes). Four partial sums per
+ * row keep the multiply-adds independent. */
+static inline void dot_rows(const void *w, int int8, long n, const float *x, float *y) {
     for (int r = 0; r < ROWS; r++) {
-        float s = total(acc[r]);
-        for (long j = i; j < n; j++) s += w[r * n + j] * x[j];
+        long row = r * n, i = 0;
+        vec acc[4] = {0};
+        for (; i + 4 * LANES <= n; i += 4 * LANES)
+            for (int a = 0; a < 4; a++) acc[a] += load_w(w, int8, row + i + a * LANES) * load(x + i + a * LANES);
+        for (; i + LANES <= n; i += LANES) acc[0] += load_w(w, int8, row + i) * load(x + i);
+        float s = total(acc[0] + acc[1] + acc[2] + acc[3]);
+        for (; i < n; i++) s += weight(w, int8, row + i) * x[i];
         y[r] = s;
     }
 }
@@ -58,15 +96,30 @@ static float dot(const float *w, const float *x, long n) {
     return s;
 }
 
+/* part[r] = w[o + r] . x for the `rows` rows from row o */
+static inline void block(const void *w, int int8, long o, long rows, long n, const float *x, float *part) {
+    long size = int8 ? 1 : sizeof(float);
+    if (rows == ROWS) {
+        dot_rows((const char *)w + o * n * size, int8, n, x, part);
+        return;
+    }
+    for (long r = 0; r < rows; r++) {
+        float s = 0;
+        for (long i = 0; i < n; i++) s += weight(w, int8, (o + r) * n + i) * x[i];
+        part[r] = s;
+    }
+}
+
 static inline float gelu(float x) { /* the tanh approximation GPT-2 was trained with */
     return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
 enum { SET = 0, ADD = 1, GELU = 2 }; /* y = xW^T + b; y += xW^T + b; y = gelu(xW^T + b) */
 
-/* y (m x out) from x (m x n), w (out x n), b (out values or NULL); called inside a parallel region */
-static void products(const float *x, const float *w, const float *b, float *y, long m, long n, long out,
-                     int mode) {
+/* y (m x out) from x (m x n), w (out x n: fp32, or int8 when `scale` holds its out row scales) and
+ * b (out values or NULL); called inside a parallel region */
+static void products(const float *x, const void *w, const float *scale, const float *b, float *y, long m,
+                     long n, long out, int mode) {
     long blocks = (out + ROWS - 1) / ROWS;
 #pragma omp for schedule(static)
     for (long k = 0; k < blocks; k++) {
@@ -75,23 +128,23 @@ static void products(const float *x, const float *w, const float *b, float *y, l
         for (long row = 0; row < m; row++) {
             float *yr = y + row * out + o;
             const float *xr = x + row * n;
-            if (rows == ROWS)
-                dot_rows(w + o * n, n, xr, part);
+            if (scale)
+                block(w, 1, o, rows, n, xr, part);
             else
-                for (long r = 0; r < rows; r++) part[r] = dot(w + (o + r) * n, xr, n);
+                block(w, 0, o, rows, n, xr, part);
             for (long r = 0; r < rows; r++) {
-                float v = part[r] + (b ? b[o + r] : 0.0f);
+                float v = part[r] * (scale ? scale[o + r] : 1.0f) + (b ? b[o + r] : 0.0f);
                 yr[r] = mode == ADD ? yr[r] + v : mode == GELU ? gelu(v) : v;
             }
         }
     }
 }
 
-/* x (m x n) @ w^T + b -> y (m x out), all contiguous fp32: a Linear layer for a few rows */
-void gptkit_matvec(const float *x, const float *w, const float *b, float *y, long m, long n, long out,
-                   int threads) {
+/* x (m x n) @ w^T (* scale) + b -> y (m x out), all contiguous: a Linear layer for a few rows */
+void gptkit_matvec(const float *x, const void *w, const float *scale, const float *b, float *y, long m,
+                   long n, long out, int threads) {
 #pragma omp parallel num_threads(threads)
-    products(x, w, b, y, m, n, out, SET);
+    products(x, w, scale, b, y, m, n, out, SET);
 }
 
 static void layer_norm(const float *x, const float *w, const float *b, float *y, long m, long n) {
@@ -134,17 +187,18 @@ static void attend(const float *qkv, float *kc, float *vc, float *y, float *scor
     }
 }
 
-/* Per layer, the 14 pointers of gptkit/generate/cpu_decode.py's LAYER_FIELDS, in that order. */
-enum { LN1_W, LN1_B, ATTN_W, ATTN_B, ATTN_PROJ_W, ATTN_PROJ_B, LN2_W, LN2_B, FC_W, FC_B, MLP_PROJ_W,
-       MLP_PROJ_B, K_CACHE, V_CACHE, LAYER_FIELDS };
+/* Per layer, the 18 pointers of gptkit/generate/cpu_decode.py's LAYER_FIELDS, in that order (each
+ * matrix's row scales are NULL for fp32 weights). */
+enum { LN1_W, LN1_B, ATTN_W, ATTN_S, ATTN_B, ATTN_PROJ_W, ATTN_PROJ_S, ATTN_PROJ_B, LN2_W, LN2_B, FC_W,
+       FC_S, FC_B, MLP_PROJ_W, MLP_PROJ_S, MLP_PROJ_B, K_CACHE, V_CACHE, LAYER_FIELDS };
 
 /* One decoding step for B sequences: x (B x C) holds the new tokens' embeddings (token + position)
  * and is overwritten; their keys and values go to position `pos` of every layer's cache (L
  * positions); logits (B x vocab) come out. pad: B left-padding lengths, or NULL. Returns 0, or -1
  * if scratch memory could not be had. */
 int gptkit_decode(float *x, void *const *layers, int n_layer, long B, long C, long H, long L, long pos,
-                  const long long *pad, const float *lnf_w, const float *lnf_b, const float *head,
-                  long vocab, float *logits, int threads) {
+                  const long long *pad, const float *lnf_w, const float *lnf_b, const void *head,
+                  const float *head_scale, long vocab, float *logits, int threads) {
     float *h = malloc(sizeof(float) * B * C), *qkv = malloc(sizeof(float) * B * 3 * C),
           *wide = malloc(sizeof(float) * B * 4 * C), *scores = malloc(sizeof(float) * B * H * L);
     int ok = h && qkv && wide && scores;
@@ -153,15 +207,15 @@ int gptkit_decode(float *x, void *const *layers, int n_layer, long B, long C, lo
         for (int i = 0; i < n_layer; i++) {
             void *const *p = layers + i * LAYER_FIELDS;
             layer_norm(x, p[LN1_W], p[LN1_B], h, B, C);
-            products(h, p[ATTN_W], p[ATTN_B], qkv, B, C, 3 * C, SET);
+            products(h, p[ATTN_W], p[ATTN_S], p[ATTN_B], qkv, B, C, 3 * C, SET);
             attend(qkv, p[K_CACHE], p[V_CACHE], h, scores, B, C, H, L, pos, pad);
-            products(h, p[ATTN_PROJ_W], p[ATTN_PROJ_B], x, B, C, C, ADD);
+            products(h, p[ATTN_PROJ_W], p[ATTN_PROJ_S], p[ATTN_PROJ_B], x, B, C, C, ADD);
             layer_norm(x, p[LN2_W], p[LN2_B], h, B, C);
-            products(h, p[FC_W], p[FC_B], wide, B, C, 4 * C, GELU);
-            products(wide, p[MLP_PROJ_W], p[MLP_PROJ_B], x, B, 4 * C, C, ADD);
+            products(h, p[FC_W], p[FC_S], p[FC_B], wide, B, C, 4 * C, GELU);
+            products(wide, p[MLP_PROJ_W], p[MLP_PROJ_S], p[MLP_PROJ_B], x, B, 4 * C, C, ADD);
             if (i == n_layer - 1) {
                 layer_norm(x, lnf_w, lnf_b, h, B, C);
-                products(h, head, NULL, logits, B, C, vocab, SET);
+                products(h, head, head_scale, NULL, logits, B, C, vocab, SET);
             }
         }
     }

@@ -6,24 +6,30 @@ is broken on purpose: the head and the embedding each hold their own quantised c
 kernels want the head's weights packed in their own layout, and 2 x int8 (or int4 + int8) is still
 far below one fp32 copy. Position embeddings, LayerNorms and biases stay fp32 (a few hundred KB).
 
-Kernels, measured on this project's CPU (Xeon, AVX-512 + AMX, 2 threads, torch 2.13; microseconds
-per call for a 2304x768 / 768x3072 / 50304x768 weight; one token, then 32 prompt tokens):
+Kernels, measured on this project's CPU (AMD EPYC, AVX-512, 2 threads, torch 2.13; microseconds
+per call for a 2304x768 / 768x3072 / 50257x768 weight, weights out of cache; one token, then 32):
 
-    fp32 F.linear                        ~200 / 260 / 3000-8000     1.0-1.3 ms / 1.3 ms / 27 ms at 32
-    dynamic int8 (fbgemm, per channel)   85 / 92 / 1984              494 / 420 / 6394 at 32
-    _weight_int8pack_mm, bf16 input      129 / 122 / 4355            5041 / 1681 / 41649 at 32
-    _weight_int8pack_mm, fp32 input      5618 / 2223 / 27937         (unusable: no vectorised path)
-    _weight_int4pack_mm_for_cpu, bf16    109 / 115 / 2300            1219 / 1516 / 32175 at 32
-    _weight_int4pack_mm_for_cpu, fp32    6940 / 4361 / 68622         (unusable)
+    fp32: gptkit's kernel / oneDNN           145 / 184 / 5029        - ; oneDNN 699 / 730 / 13178 at 32
+    int8 weights, gptkit's kernel            55 / 71 / 1260          (one token per sequence only)
+    int8 x int8 torch._int_mm, per-row       77 / 88 / 1565          256 / 339 / 5649 at 32
+    dynamic int8 (fbgemm, per tensor)        72 / 90 / 1587          219 / 282 / 4788 at 32
 
-So int8 uses torch's dynamic-quantised Linear (fbgemm; activations are quantised per call, weights
-per output channel) and int4 uses `_weight_int4pack_mm_for_cpu` with bf16 activations and group-wise
-asymmetric scales. There was no case left for a plain dequantise-then-matmul fallback.
+and on the Xeon (AVX-512 + AMX) of earlier sessions, for the int4 choice:
+
+    _weight_int8pack_mm, bf16 input          129 / 122 / 4355        5041 / 1681 / 41649 at 32
+    _weight_int4pack_mm_for_cpu, bf16        109 / 115 / 2300        1219 / 1516 / 32175 at 32
+    _weight_int4pack_mm_for_cpu, fp32        6940 / 4361 / 68622     (unusable: no vectorised path)
+
+So int8 keeps its weights as plain int8 rows with one scale each: decoding multiplies them in
+gptkit's CPU kernel with fp32 activations (`gptkit.generate.cpu_kernel`; `cpu_decode` runs a whole
+step of them in one call), and prompts quantise their activations per row for `torch._int_mm`
+(fbgemm's packed weights were 10-20% faster at 32 rows but cannot be read by the kernel, and a
+second copy would double the memory). int4 uses `_weight_int4pack_mm_for_cpu` with bf16
+activations and group-wise asymmetric scales.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptkit.errors import GptkitError
+from gptkit.generate.cpu_kernel import kernel, matvec
+from gptkit.generate.cpu_linear import KERNEL_MAX_ROWS
 from gptkit.model import GPT
 
 Mode = Literal["int8", "int4"]
@@ -59,37 +67,51 @@ class QuantizeReport:
         )
 
 
-class Int8Linear(nn.Module):
-    """int8 weights with one scale per output channel, run by fbgemm's dynamic-quantised Linear.
+def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 quantisation with one fp32 scale per row: (int8 values, scales), row r ~ q[r] * s[r]."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
 
-    The activations are quantised per call (per tensor), which is what makes the kernel fast: an
-    int8 x int8 matmul, 2-3x faster than fp32 at one token and at a prompt (see the module docstring).
+
+class Int8Linear(nn.Module):
+    """int8 weights with one scale per output row.
+
+    A few rows of x (decoding) go through gptkit's CPU kernel, which widens the weights to fp32 in
+    registers, so the activations stay fp32 (and `gptkit.generate.cpu_decode` runs a whole step of
+    such layers in one call). More rows (a prompt, scoring), or no kernel: the activations are
+    quantised too, per row, and multiplied int8 x int8 by `torch._int_mm` (see the module docstring).
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
-        out_features, in_features = weight.shape
-        self.in_features, self.out_features = in_features, out_features
-        float_linear = nn.Linear(in_features, out_features, bias=bias is not None)
-        with torch.no_grad():
-            float_linear.weight.copy_(weight)
-            if bias is not None:
-                float_linear.bias.copy_(bias)
-        float_linear.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
-            warnings.simplefilter("ignore")
-            self.inner = torch.ao.nn.quantized.dynamic.Linear.from_float(float_linear)
+        self.out_features, self.in_features = weight.shape
+        qweight, scale = int8_rows(weight)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.kernel = kernel()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.inner(x)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features).float()
+        if self.kernel is not None and x.size(0) <= KERNEL_MAX_ROWS:
+            y = matvec(self.kernel, x.contiguous(), self.qweight, self.bias, self.scale)
+        else:
+            x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+            xq = (x / x_scale).round_().clamp_(-127, 127).to(torch.int8)
+            y = torch._int_mm(xq, self.qweight.T).float().mul_(x_scale).mul_(self.scale)
+            if self.bias is not None:
+                y += self.bias
+        return y.view(*lead, self.out_features)
 
     def dequantized_weight(self) -> Tensor:
-        return self.inner.weight().dequantize()
+        return self.qweight.float() * self.scale[:, None]
 
     def nbytes(self) -> int:
-        """int8 weights, fp32 scales (fbgemm keeps them per channel) and the fp32 bias."""
-        weight, bias = self.inner._weight_bias()
-        return weight.numel() + 4 * self.out_features + (0 if bias is None else 4 * bias.numel())
+        """int8 weights, fp32 scales and the fp32 bias."""
+        bias = 0 if self.bias is None else 4 * self.bias.numel()
+        return self.qweight.numel() + 4 * self.out_features + bias
 
 
 class Int4Linear(nn.Module):
@@ -146,9 +168,8 @@ class Int8Embedding(nn.Module):
 
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
-        w = weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        qweight, scale = int8_rows(weight)
+        self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
 
     def forward(self, idx: Tensor) -> Tensor:
@@ -163,7 +184,7 @@ QUANTIZED = (Int8Linear, Int4Linear, Int8Embedding)
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights: parameters and buffers (a shared tensor once), quantised layers by
-    what they store (fbgemm's packed weights are no parameter, so they are counted by the layer)."""
+    what they store (int4's packed weights are buffers in their own layout: counted by the layer)."""
     total, seen = 0, set()
     for module in model.modules():
         if isinstance(module, QUANTIZED):
