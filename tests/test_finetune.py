@@ -207,6 +207,7 @@ def test_lora_and_prompt_tuning_train_only_their_parameters(tmp_path: Path, tok:
     from gptkit.finetuning.lora import lora_layers
 
     assert not lora_layers(gptkit.load(lora.run_dir).model), "loaded with the adapter merged"
+    assert lora.tokens == 10 * 2 * 128  # packed rows: micro-batch x block_size positions per step
 
     prompt = finetune(
         None,
@@ -225,6 +226,9 @@ def test_lora_and_prompt_tuning_train_only_their_parameters(tmp_path: Path, tok:
     weights = load_checkpoint(prompt.checkpoint)["model"]
     assert all(torch.equal(weights[k], v) for k, v in before.items()), "every base weight bitwise unchanged"
     assert weights["soft_prompt"].shape == (4, 64)
+    # padded batches are as wide as their longest example (in 64s, at most 128 - 4): tokens and
+    # tokens/s count the positions computed, not micro-batch x block_size
+    assert 10 * 2 * 64 <= prompt.tokens < 10 * 2 * 128
     text = gptkit.load(prompt.run_dir).generate("User: hi", temperature=0, max_new_tokens=5)
     assert isinstance(text, str)
 

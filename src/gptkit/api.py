@@ -88,17 +88,16 @@ def load(
     or a HuggingFace GPT-2 folder (with config.json, as `gptkit export hf` writes). `device` "auto" picks
     cuda, then mps, then cpu. `adapters`: LoRA adapter folders (gptkit's or peft's), each a path or
     (path, weight), stacked (their weighted changes add up) and folded into the weights. `quantize`
-    "int8" or "int4" makes weight-only quantised linear layers (CPU inference: less memory, faster
-    decoding; see README); without it, an fp32 model on the CPU runs its linear layers through
-    gptkit's matrix-vector kernel and oneDNN (`gptkit.generate.cpu_linear`).
+    "int8" or "int4" makes quantised linear layers (CPU inference: less memory, faster decoding;
+    see README); without it, an fp32 model on the CPU decodes through gptkit's CPU kernels
+    (`gptkit.generate.cpu_linear`, `cpu_decode`).
     """
     from gptkit.checkpoint import load_any
     from gptkit.device import pick_device
-    from gptkit.errors import GptkitError
+    from gptkit.generate.inference import check_quantize, prepare
     from gptkit.generate.textmodel import TextModel
 
-    if quantize not in (None, "int8", "int4"):
-        raise GptkitError(f"quantize must be int8 or int4, not {quantize!r}")
+    check_quantize(quantize)
     target = pick_device(device)
     model, tokenizer, _, ckpt, payload = load_any(path)
     if adapters:
@@ -108,15 +107,7 @@ def load(
             adapter, weight = item if isinstance(item, tuple) else (item, 1.0)
             load_adapter(model, adapter, weight=weight)
         merge(model)  # one plain model again: decoding as fast as the base
-    model = model.to(target)
-    if quantize is not None:
-        from gptkit.generate.quantize import quantize as quantize_model
-
-        quantize_model(model, quantize)
-    else:
-        from gptkit.generate.cpu_linear import use_cpu_linear
-
-        use_cpu_linear(model)  # CPU fp32: matrix-vector products at memory speed, 2-3x faster decoding
+    model = prepare(model, target, quantize)  # int8/int4, or fp32 through gptkit's CPU kernels
     return TextModel(model, tokenizer, source=str(ckpt), chat_template=payload.get("chat_template"))
 
 

@@ -298,14 +298,11 @@ def _load(
     path: Path, device: torch.device, quantize: str | None
 ) -> tuple[nn.Module, Tokenizer, Any, int | None]:
     from gptkit.checkpoint import load_checkpoint, load_model
+    from gptkit.generate.inference import prepare
 
     payload = load_checkpoint(path)
     model, tokenizer, config = load_model(payload)
-    model = model.to(device)
-    if quantize is not None:
-        from gptkit.generate.quantize import quantize as quantize_model
-
-        quantize_model(model, quantize)
+    model = prepare(model, device, quantize)
     step = (payload.get("progress") or {}).get("step")
     return model, tokenizer, config, step if isinstance(step, int) else None
 
@@ -327,9 +324,9 @@ def evaluate_checkpoints(
     is called as each is done (the CLI prints its table)."""
     from gptkit.checkpoint import find_checkpoint, is_run, run_checkpoints
     from gptkit.device import pick_device
+    from gptkit.generate.inference import check_quantize
 
-    if quantize not in (None, "int8", "int4"):
-        raise GptkitError(f"quantize must be int8 or int4, not {quantize!r}")
+    check_quantize(quantize)
     target = Path(target)
     if all_checkpoints:
         if not is_run(target):

@@ -104,7 +104,7 @@ def gradient_sync(model: nn.Module, procs: Processes, sync: bool) -> Iterator[No
 
 
 def mean(value: Tensor, procs: Processes) -> Tensor:
-    """The mean of a scalar over all ranks (every rank gets it)."""
+    """The mean over all ranks of a scalar or a few (elementwise; every rank gets it)."""
     if not procs.distributed:
         return value
     total = value.detach().clone()

@@ -111,6 +111,7 @@ class Trainer:
         self.micro_batch = int(tc.micro_batch_size)  # resolved from "auto" by the caller
         self.accum = accumulation_steps(config, self.micro_batch, procs.world_size)
         self.tokens_per_step = self.micro_batch * config.model.block_size * self.accum * procs.world_size
+        self.step_positions = self.tokens_per_step  # what the last step computed (padding: fewer)
         # DDP wraps the model; fully_shard (FSDP) shards self.model in place, before the optimiser
         # is made, so that it holds the shards.
         self.step_model = distributed.wrap(self.model, procs, self.device)
@@ -230,7 +231,7 @@ class Trainer:
                     loss, grad_norm, lr = self.train_step()
                     dt = time.perf_counter() - t0
                     result.train_losses.append(loss)
-                    tps = self.tokens_per_step / dt
+                    tps = self.step_positions / dt
                     log.train(
                         self.step,
                         {
@@ -281,9 +282,11 @@ class Trainer:
         lr = learning_rate(self.step, tc)
         set_learning_rate(self.optimizer, lr)
         total = torch.zeros((), device=self.device)
+        positions = 0  # what the model computed: padded batches are narrower than block_size
         for micro in range(self.accum):
             # (x, y) or, with packed examples, (x, y, segments)
             x, y, *segments = (t.to(self.device, non_blocking=True) for t in self.train_source.next_batch())
+            positions += x.numel()
             with distributed.gradient_sync(self.step_model, self.procs, sync=micro == self.accum - 1):
                 with autocast(self.device, self.precision):
                     _, loss = self.step_model(  # fused loss: no logits kept
@@ -299,7 +302,11 @@ class Trainer:
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-        loss = float(distributed.mean(total, self.procs)) / self.accum  # the global batch's loss
+        both = distributed.mean(
+            torch.stack([total, torch.tensor(float(positions), device=self.device)]), self.procs
+        )
+        loss = float(both[0]) / self.accum  # the global batch's loss
+        self.step_positions = round(float(both[1]) * self.procs.world_size)  # over all ranks
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.scaler.step(self.optimizer)
             self.bad_steps = 0
@@ -308,7 +315,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens += self.tokens_per_step
+        self.tokens += self.step_positions
         return loss, grad_norm, lr
 
     def _bad_step(self, loss: float, grad_norm: float) -> None:
