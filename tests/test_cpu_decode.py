@@ -128,7 +128,8 @@ def test_decoder_results_do_not_depend_on_the_number_of_threads() -> None:
 
 def test_decoder_only_for_prepared_fp32_and_int8_cpu_models() -> None:
     plain, fast = pair()
-    assert CPUDecoder.of(fast) is not None
+    assert CPUDecoder.of(fast) is not None and CPUDecoder.of(fast, batch_size=8) is not None
+    assert CPUDecoder.of(fast, batch_size=9) is None  # many sequences: oneDNN through GPT.forward
     assert CPUDecoder.of(plain) is None  # not prepared: GPT.forward decodes
     onednn_only = GPT(plain.config).eval()
     use_cpu_linear(onednn_only, use_kernel=False)
@@ -158,8 +159,22 @@ def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
-def test_kernels_build_into_the_cache_folder(tmp_path: Path) -> None:
-    code = "from gptkit.generate.cpu_kernel import kernel; assert kernel() is not None"
+def test_kernels_build_into_the_cache_folder_only_when_needed(tmp_path: Path) -> None:
+    """A plain model (the trainer's samples, under bf16 autocast) never builds them; the first
+    prepared model does, into the cache folder, autocast or not."""
+    code = (
+        "import torch\n"
+        "from gptkit.config import ModelConfig\n"
+        "from gptkit.generate.cpu_decode import CPUDecoder\n"
+        "from gptkit.generate.cpu_linear import use_cpu_linear\n"
+        "from gptkit.model import GPT\n"
+        "m = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)).eval()\n"
+        "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "    assert CPUDecoder.of(m) is None\n"
+        "    import os; assert not os.path.exists(os.path.join(os.environ['GPTKIT_CACHE'], 'kernels'))\n"
+        "    use_cpu_linear(m)\n"
+        "    assert CPUDecoder.of(m) is not None\n"
+    )
     done = run_python(code, {"GPTKIT_CACHE": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     built = list((tmp_path / "kernels").iterdir())

@@ -293,6 +293,13 @@ def test_lm_eval_gives_the_same_accuracies_on_the_same_examples(
             log_samples=True,
         )
     ours = Evaluator(EvalSettings(list(local), files=files)).run_all(model, tok, BLOCK, "cpu")
+    import gptkit.api  # gptkit eval takes the exported folder itself: the same accuracies
+
+    folder = gptkit.api.evaluate(tmp_path / "hf", list(local), files=files, device="cpu", progress=False)
+    for task in local:
+        for metric in ("acc", "acc_norm") if task != "lambada" else ("acc",):
+            assert folder[0]["results"][task][metric] == ours[task][metric], (task, metric)
+    assert {r["task"] for r in read_results(tmp_path / "hf" / EVAL_FILE)} == set(local)
     for task in local:
         theirs = out["results"][f"local_{task}"]
         assert ours[task]["n"] == n

@@ -294,11 +294,16 @@ def load_model(payload: dict[str, Any]) -> tuple[GPT, Tokenizer, RunConfig]:
     return model.eval(), tokenizer, config
 
 
+def is_hf_folder(path: str | Path) -> bool:
+    """A HuggingFace model folder (config.json inside) rather than a gptkit run."""
+    return (Path(path) / "config.json").is_file() and not is_run(path)
+
+
 def load_any(path: str | Path) -> tuple[GPT, Tokenizer, RunConfig, Path, dict[str, Any]]:
     """(model, tokenizer, run config, source, checkpoint payload) of a run folder (its newest intact
     checkpoint), a checkpoint file, or a HuggingFace GPT-2 folder (payload {}): what every command
     that starts from a trained model accepts."""
-    if (Path(path) / "config.json").is_file() and not is_run(path):
+    if is_hf_folder(path):
         from gptkit.export.hf import load_hf
 
         model, tokenizer, config = load_hf(path)

@@ -289,7 +289,10 @@ def format_table(step: int | None, checkpoint: str, results: dict[str, dict[str,
 
 
 def _run_folder(checkpoint: Path) -> Path:
-    """A checkpoint's run folder (RUN/checkpoints/x.pt → RUN), else the checkpoint's folder."""
+    """Where results go: a checkpoint's run folder (RUN/checkpoints/x.pt → RUN), else the checkpoint's
+    folder; a HuggingFace folder keeps its own."""
+    if checkpoint.is_dir():
+        return checkpoint
     parent = checkpoint.resolve().parent
     return parent.parent if parent.name == "checkpoints" else parent
 
@@ -297,11 +300,10 @@ def _run_folder(checkpoint: Path) -> Path:
 def _load(
     path: Path, device: torch.device, quantize: str | None
 ) -> tuple[nn.Module, Tokenizer, Any, int | None]:
-    from gptkit.checkpoint import load_checkpoint, load_model
+    from gptkit.checkpoint import load_any
     from gptkit.generate.inference import prepare
 
-    payload = load_checkpoint(path)
-    model, tokenizer, config = load_model(payload)
+    model, tokenizer, config, _, payload = load_any(path)  # payload {} for a HuggingFace folder
     model = prepare(model, device, quantize)
     step = (payload.get("progress") or {}).get("step")
     return model, tokenizer, config, step if isinstance(step, int) else None
@@ -322,7 +324,7 @@ def evaluate_checkpoints(
     skipping the (checkpoint, task) pairs its eval.json already holds. Returns one dict per
     checkpoint evaluated: checkpoint, step, results {task: metrics}. `on_result(checkpoint, that)`
     is called as each is done (the CLI prints its table)."""
-    from gptkit.checkpoint import find_checkpoint, is_run, run_checkpoints
+    from gptkit.checkpoint import find_checkpoint, is_hf_folder, is_run, run_checkpoints
     from gptkit.device import pick_device
     from gptkit.generate.inference import check_quantize
 
@@ -337,7 +339,7 @@ def evaluate_checkpoints(
         if not paths:
             raise GptkitError(f"run {str(target)!r} has no checkpoint yet; train it first")
     else:
-        paths = [find_checkpoint(target)[0]]
+        paths = [target if is_hf_folder(target) else find_checkpoint(target)[0]]
     dev = pick_device(device)
     evaluator = Evaluator(settings)
     out: list[dict[str, Any]] = []

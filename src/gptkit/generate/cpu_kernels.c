@@ -11,7 +11,7 @@
  *
  * Products: W (out x n, row-major) is read once, in blocks of ROWS rows shared out between the
  * threads; a block is multiplied with every row of x while it is in the core's cache. Each output
- * adds up LANES partial sums kept in one vector (GCC/Clang vector extensions become AVX-512, AVX2
+ * adds up 4 x LANES partial sums kept in vectors (GCC/Clang vector extensions become AVX-512, AVX2
  * or NEON code, whatever the machine has). int8 weights are widened to fp32 in registers and the
  * row's scale is applied to its sum: the activations stay fp32. One thread computes each output, so
  * the results do not depend on the number of threads.
@@ -82,7 +82,10 @@ static inline void dot_rows(const void *w, int int8, long n, const float *x, flo
         long row = r * n, i = 0;
         vec acc[4] = {0};
         for (; i + 4 * LANES <= n; i += 4 * LANES)
-            for (int a = 0; a < 4; a++) acc[a] += load_w(w, int8, row + i + a * LANES) * load(x + i + a * LANES);
+            for (int a = 0; a < 4; a++) {
+                long at = i + a * LANES;
+                acc[a] += load_w(w, int8, row + at) * load(x + at);
+            }
         for (; i + LANES <= n; i += LANES) acc[0] += load_w(w, int8, row + i) * load(x + i);
         float s = total(acc[0] + acc[1] + acc[2] + acc[3]);
         for (; i < n; i++) s += weight(w, int8, row + i) * x[i];
@@ -178,7 +181,10 @@ static void attend(const float *qkv, float *kc, float *vc, float *y, float *scor
             s[j] = dot(k + j * D, q, D) * scale;
             top = s[j] > top ? s[j] : top;
         }
-        for (long j = first; j <= pos; j++) sum += s[j] = expf(s[j] - top);
+        for (long j = first; j <= pos; j++) {
+            s[j] = expf(s[j] - top);
+            sum += s[j];
+        }
         for (long d = 0; d < D; d++) out[d] = 0;
         for (long j = first; j <= pos; j++) {
             float p = s[j] / sum;
@@ -187,8 +193,8 @@ static void attend(const float *qkv, float *kc, float *vc, float *y, float *scor
     }
 }
 
-/* Per layer, the 18 pointers of gptkit/generate/cpu_decode.py's LAYER_FIELDS, in that order (each
- * matrix's row scales are NULL for fp32 weights). */
+/* Per layer, the 18 pointers gptkit/generate/cpu_decode.py lays out: LayerNorms as (weight, bias),
+ * matrices as (weight, row scales or NULL for fp32, bias), then the cached keys and values. */
 enum { LN1_W, LN1_B, ATTN_W, ATTN_S, ATTN_B, ATTN_PROJ_W, ATTN_PROJ_S, ATTN_PROJ_B, LN2_W, LN2_B, FC_W,
        FC_S, FC_B, MLP_PROJ_W, MLP_PROJ_S, MLP_PROJ_B, K_CACHE, V_CACHE, LAYER_FIELDS };
 

@@ -115,7 +115,7 @@ class Sampler:
                 seen[i, r] = True
         longest = max(map(len, history))
         cache = model.new_cache(len(rows), n_prompt + min(block, longest + settings.max_new_tokens))
-        decoder = CPUDecoder.of(model)  # a whole step in one kernel call, for models gptkit.load prepared
+        decoder = CPUDecoder.of(model, len(rows))  # a step in one kernel call (models gptkit.load made)
         was_training = model.training
         model.eval()
         try:
