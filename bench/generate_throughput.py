@@ -79,8 +79,8 @@ def decode_bytes(model: nn.Module) -> int:
     for name, m in model.named_modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
             total += m.nbytes()
-        elif isinstance(m, CPULinear):  # the head holds the vocabulary's rows only
-            total += m.weight.numel() * 4 + (0 if m.bias is None else 4 * m.bias.numel())
+        elif isinstance(m, CPULinear):  # the head multiplies by the vocabulary's rows only
+            total += m.matrix.numel() * 4 + (0 if m.bias is None else 4 * m.bias.numel())
         elif isinstance(m, nn.Linear):
             rows = VOCAB if name == "lm_head" else m.out_features  # our head reads vocab_size rows
             total += rows * m.in_features * 4 + (0 if m.bias is None else 4 * m.bias.numel())

@@ -21,7 +21,7 @@ import ctypes
 import torch
 from torch import Tensor, nn
 
-from gptkit.generate.cpu_kernel import kernel, pointer
+from gptkit.generate.cpu_kernel import pointer
 from gptkit.generate.cpu_linear import KERNEL_MAX_ROWS, CPULinear
 from gptkit.generate.quantize import Int4Linear, Int8Linear
 from gptkit.model import GPT, KVCache
@@ -38,7 +38,7 @@ def _tensors(module: nn.Module) -> list[Tensor | None]:
         return [module.weight, module.bias]
     if isinstance(module, Int8Linear):
         return [module.qweight, module.scale, module.bias]
-    return [module.weight[: module.rows], None, module.bias]  # a CPULinear
+    return [module.matrix, None, module.bias]  # a CPULinear
 
 
 class CPUDecoder:
@@ -68,10 +68,10 @@ class CPUDecoder:
             and model.device.type == "cpu"
             and model.dtype == torch.float32
             and len(linears) == 4 * model.config.n_layer + 1
-            and (kinds == {Int8Linear} or (kinds == {CPULinear} and all(m.kernel for m in linears)))
+            and kinds in ({Int8Linear}, {CPULinear})
+            and all(m.kernel is not None for m in linears)  # built when the layers were made
         )
-        lib = kernel() if usable else None  # (only now: a plain model never builds the kernels)
-        return cls(model, lib) if lib is not None else None
+        return cls(model, linears[0].kernel) if usable else None
 
     def _layer_pointers(self, cache: KVCache) -> ctypes.Array:
         """The weights' and this cache's addresses, layer by layer (made once per cache)."""

@@ -55,8 +55,13 @@ class CPULinear(nn.Module):
         self.kernel = kernel() if use_kernel and weight.is_contiguous() else None
         self.onednn = onednn_available()
 
+    @property
+    def matrix(self) -> Tensor:
+        """The rows of `weight` this layer multiplies by (a view)."""
+        return self.weight if self.rows == self.weight.size(0) else self.weight[: self.rows]
+
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight if self.rows == self.weight.size(0) else self.weight[: self.rows]
+        weight = self.matrix
         if x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_grad_enabled():
             return F.linear(x, weight, self.bias)
         n = x.numel() // x.size(-1)
