@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -350,3 +354,62 @@ def test_padded_widths_come_in_few_sizes(tok: CharTokenizer) -> None:
     assert x.shape == (len(exs), 64) and (y[:, max(e.length for e in exs) :] == IGNORE_INDEX).all()
     longest = max(e.length for e in exs)
     assert padded_batch(exs, max_width=longest + 1)[0].shape[1] == longest + 1
+
+
+@pytest.fixture(scope="module")
+def full_cli_run(
+    tmp_path_factory: pytest.TempPathFactory, tok: CharTokenizer
+) -> tuple[Path, str, Path, Path]:
+    """`gptkit finetune` of the whole model, 2 steps, through the CLI: (run folder, stderr, base, data)."""
+    root = tmp_path_factory.mktemp("full-cli")
+    base = write_base(root / "base.pt", tok)
+    data = write_records(root / "qa.jsonl", records())
+    overrides = finetune_config(
+        root, base, data, "name=full-cli", "finetune.method=full", "train.max_steps=2"
+    )
+    config = root / "full.yaml"
+    config.write_text("finetune: {method: full}\n")
+    env = {**os.environ, "GPTKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "gptkit", "finetune", str(config), *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / "runs" / "full-cli", out.stderr, base, data
+
+
+def test_trainable_parameters_are_counted_like_all_parameters(
+    full_cli_run: tuple[Path, str, Path, Path],
+) -> None:
+    """A full fine-tune trains every parameter: as many trainable as in all, padding rows in neither."""
+    _, stderr, base, _ = full_cli_run
+    found = re.search(r"([\d,]+) trainable parameters of ([\d,]+)", stderr)
+    assert found, stderr
+    trainable, total = (int(g.replace(",", "")) for g in found.groups())
+    assert trainable == total == gptkit.load(base).model.num_params()
+
+
+def test_finetune_report_describes_what_ran(full_cli_run: tuple[Path, str, Path, Path]) -> None:
+    """report.md names the method, the base and the instruction file, not the unused pre-training data."""
+    run, _, base, data = full_cli_run
+    report = (run / "report.md").read_text()
+    rows = dict(re.findall(r"^\| (fine-tuning|data) \| (.*) \|$", report, re.MULTILINE))
+    assert rows["fine-tuning"].startswith("full: every weight trains") and str(base) in rows["fine-tuning"]
+    assert str(data) in rows["data"] and "template chat" in rows["data"] and "tokenizer char" in rows["data"]
+    assert "data/default" not in report
+
+
+def test_lora_report_names_the_adapter(tmp_path: Path) -> None:
+    """A LoRA fine-tune's report gives the rank, the layers and where the adapter is."""
+    from gptkit.training.report import write_report
+
+    config = RunConfig.model_validate(
+        {"finetune": {"base": "runs/base", "lora": {"r": 4, "targets": ["c_attn"]}}}
+    )
+    report = write_report(tmp_path, {"config": config.model_dump(mode="json")}).read_text()
+    row = re.search(r"^\| fine-tuning \| (.*) \|$", report, re.MULTILINE)
+    assert row and row.group(1).startswith("LoRA (rank 4, alpha ")
+    assert "on c_attn; the adapter alone in `adapter/`" in row.group(1) and "base `runs/base`" in row.group(1)
