@@ -413,3 +413,36 @@ def test_lora_report_names_the_adapter(tmp_path: Path) -> None:
     row = re.search(r"^\| fine-tuning \| (.*) \|$", report, re.MULTILINE)
     assert row and row.group(1).startswith("LoRA (rank 4, alpha ")
     assert "on c_attn; the adapter alone in `adapter/`" in row.group(1) and "base `runs/base`" in row.group(1)
+
+
+def test_no_usable_example_says_why(tmp_path: Path) -> None:
+    """configs/sft.yaml on a context-128 base: Alpaca's preamble fills the context, so no response is
+    left; the breakdown prints before the one-line error, which says what to change."""
+    import string
+
+    from conftest import ROOT, shared_file
+
+    alpaca = json.loads(shared_file("instruct/alpaca_5000.json").read_text())[:20]
+    data = write_records(tmp_path / "alpaca.jsonl", alpaca)
+    base = write_base(tmp_path / "base.pt", CharTokenizer.train([string.printable]))
+    overrides = [f"finetune.base={base}", f"data.instructions={data}", f"runs_dir={tmp_path / 'runs'}"]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gptkit",
+            "finetune",
+            str(ROOT / "configs" / "sft.yaml"),
+            *overrides,
+            "data.skip_bad=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    *_, breakdown, error = out.stderr.strip().splitlines()
+    assert breakdown.startswith("gptkit: instructions: 20 records, ")
+    assert "dropped because the prompt fills the context (128 tokens)" in breakdown
+    assert error.startswith("gptkit: error: 0 usable example(s) in ") and "longer context" in error
+    assert not (tmp_path / "runs").exists()
