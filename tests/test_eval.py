@@ -505,3 +505,22 @@ def test_training_runs_the_configured_tasks_at_each_evaluation(tmp_path: Path) -
     assert [r["step"] for r in val] == [2, 4]
     for r in val:
         assert 0 <= r["piqa_acc"] <= 1 and r["perplexity_loss"] > 0 and "val_loss" in r
+
+
+def test_hf_folder_needs_text_for_perplexity_and_shows_no_step(
+    tmp_path: Path, model: GPT, tok: Tokenizer
+) -> None:
+    """A HF folder names no training data: perplexity without --text is one line asking for it (not
+    gptkit's default data and a tokenizer mismatch); with it, the table's header has no "step None"."""
+    from gptkit.export.hf import export_hf
+
+    export_hf(model, tok, tmp_path / "hf")
+    missing = gptkit_cli("eval", str(tmp_path / "hf"), "--device", "cpu")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert missing.stderr.startswith("gptkit: error: perplexity needs text") and "--text" in missing.stderr
+    text = tmp_path / "text.txt"
+    text.write_text(shared_file("tinyshakespeare/input.txt").read_text()[:3000])
+    done = gptkit_cli("eval", str(tmp_path / "hf"), "--text", str(text), "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == str(tmp_path / "hf")
+    assert "perplexity  bits_per_byte" in done.stdout

@@ -112,7 +112,11 @@ class Evaluator:
         if task == PERPLEXITY:
             text = self.settings.text if self.settings.text is not None else default_text
             if text is None:
-                raise GptkitError("perplexity needs data: pass a prepared data folder or a text file")
+                raise GptkitError(
+                    "perplexity needs text and this model names no training data (a HuggingFace "
+                    "folder): pass --text with a prepared data folder or a text file, or choose "
+                    "--tasks hellaswag, lambada or piqa"
+                )
             return str(Path(text).resolve())
         return str(self.task_data(task).path.resolve())
 
@@ -277,7 +281,7 @@ def format_table(step: int | None, checkpoint: str, results: dict[str, dict[str,
             )
             rows.append((task, name, shown, f"{n} tokens" if "tokens" in metrics else str(n)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"{checkpoint} (step {step})"]
+    lines = [checkpoint if step is None else f"{checkpoint} (step {step})"]  # a HF folder has no step
     for j, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
         if j == 0:
@@ -348,7 +352,8 @@ def evaluate_checkpoints(
         results_path = run_dir / EVAL_FILE
         done = {_key(r) for r in read_results(results_path)}
         model, tokenizer, config, step = _load(path, dev, quantize)
-        default_text = config.data.path if config.data.path else None
+        # a HF folder's config is gptkit's defaults: its data.path names nothing it was trained on
+        default_text = config.data.path if config.data.path and not is_hf_folder(path) else None
 
         def key(
             task: str, path: Path = path, step: int | None = step, default_text: Any = default_text
