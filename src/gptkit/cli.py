@@ -97,6 +97,8 @@ def run_train(args: argparse.Namespace) -> int:
     from gptkit.api import train
 
     result = train(args.config, args.overrides, resume=args.resume, stop_at=args.stop_at)
+    if not result.main:  # under torchrun, rank 0 prints for all
+        return 0
     for prompt, text in result.samples.items():
         print(f"--- sample at step {result.step} ---\n{prompt}{text}\n")
     best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
@@ -116,6 +118,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     from gptkit.api import finetune
 
     result = finetune(args.config, args.overrides, resume=args.resume, stop_at=args.stop_at)
+    if not result.main:
+        return 0
     best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
     print(f"run folder: {result.run_dir} (step {result.step}, {result.tokens:,} tokens{best})")
     return 0
