@@ -409,7 +409,9 @@ def test_lora_report_names_the_adapter(tmp_path: Path) -> None:
     config = RunConfig.model_validate(
         {"finetune": {"base": "runs/base", "lora": {"r": 4, "targets": ["c_attn"]}}}
     )
-    report = write_report(tmp_path, {"config": config.model_dump(mode="json")}).read_text()
+    summary = {"config": config.model_dump(mode="json"), "params": 120_000, "trainable_params": 3_072}
+    report = write_report(tmp_path, summary).read_text()
+    assert "0.12M parameters, 3,072 of them trained |" in report
     row = re.search(r"^\| fine-tuning \| (.*) \|$", report, re.MULTILINE)
     assert row and row.group(1).startswith("LoRA (rank 4, alpha ")
     assert "on c_attn; the adapter alone in `adapter/`" in row.group(1) and "base `runs/base`" in row.group(1)

@@ -36,6 +36,7 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
       resume_command  str, shown when status is not "finished"
       stop_reason     str, why the run stopped
       params          int, parameter count
+      trainable_params  int, those that trained (fine-tuning: fewer)
       tokenizer       str, e.g. "gpt2"
       device, precision, micro_batch_size, grad_accum, tokens_per_step
                       the resolved values, shown instead of the config's "auto" or None
@@ -172,6 +173,8 @@ def _configuration(s: dict[str, Any], config: dict[str, Any]) -> list[tuple[str,
             shape += f", dropout {model['dropout']:g}"
         if "params" in s:
             shape += f"; {s['params'] / 1e6:.2f}M parameters"
+            if s.get("trainable_params", s["params"]) != s["params"]:
+                shape += f", {s['trainable_params']:,} of them trained"
         rows.append(("model", shape))
     finetune = config.get("finetune", {})
     if finetune.get("base"):

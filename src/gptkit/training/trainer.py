@@ -414,6 +414,7 @@ class Trainer:
                 "resume_command": self.resume_command() if stopped else None,
                 "config": self.config.model_dump(mode="json"),
                 "params": self.n_params,
+                "trainable_params": self.model.num_params(trainable=True),
                 "tokenizer": self.tokenizer.kind,
                 "device": str(self.device),
                 "precision": self.precision,
