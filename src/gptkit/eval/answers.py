@@ -45,7 +45,10 @@ def answer_questions(model: TextModel, questions: list[str], max_new_tokens: int
     out = []
     for question in questions:
         chat.reset()
-        out.append({"question": question, "answer": "".join(chat.reply(question))})
+        try:
+            out.append({"question": question, "answer": "".join(chat.reply(question))})
+        except GptkitError as e:
+            raise GptkitError(f"question {question!r}: {e}") from None
     return out
 
 
