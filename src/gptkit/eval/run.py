@@ -127,8 +127,8 @@ class Evaluator:
             text = self.settings.text if self.settings.text is not None else default_text
             if text is None:
                 raise GptkitError(
-                    "perplexity needs text and this model names no training data (a HuggingFace "
-                    "folder): pass --text with a prepared data folder or a text file, or choose "
+                    "perplexity needs text, and this model (e.g. a HuggingFace folder) names no data it "
+                    "was trained on: pass --text with a prepared data folder or a text file, or choose "
                     "--tasks hellaswag, lambada or piqa"
                 )
             return str(Path(text).resolve())
@@ -377,10 +377,12 @@ def evaluate_checkpoints(
             return (path.name, step, task, settings.limit, evaluator.source(task, default_text), quantize)
 
         todo = [t for t in settings.tasks if not (all_checkpoints and key(t) in done)]
-        answers_key = (path.name, step, ANSWERS, None, str(Path(settings.prompts or "").resolve()), quantize)
-        answer = evaluator.questions is not None and not (all_checkpoints and answers_key in done)
+        answers_key = None  # answers are kept per checkpoint and questions file
+        if settings.prompts is not None:
+            answers_key = (path.name, step, ANSWERS, None, str(Path(settings.prompts).resolve()), quantize)
+        answer = answers_key is not None and not (all_checkpoints and answers_key in done)
         if not todo and not answer:
-            asked = [*settings.tasks, *([ANSWERS] if evaluator.questions is not None else [])]
+            asked = [*settings.tasks, *([ANSWERS] if answers_key is not None else [])]
             notice(f"{path.name} (step {step}): already evaluated on {', '.join(asked)}; skipped")
             continue
         results = (
@@ -399,7 +401,7 @@ def evaluate_checkpoints(
         ]
         answered = None
         if answer:
-            assert evaluator.questions is not None
+            assert evaluator.questions is not None and answers_key is not None
             text_model = TextModel(model, tokenizer, source=str(path), chat_template=chat_template)
             qa = answer_questions(text_model, evaluator.questions, settings.max_new_tokens)
             answered = dict(
