@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,8 @@ import pytest
 import torch
 
 from gptkit.api import prepare
-from gptkit.checkpoint import load_checkpoint
+from gptkit.checkpoint import load_checkpoint, load_model
+from gptkit.training.budget import flops_per_token
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 
@@ -68,6 +70,14 @@ def losses(run: Path) -> list[float]:
     return [m["loss"] for m in lines if m["split"] == "train"]
 
 
+def mfu_per_token(run: Path) -> float:
+    """MFU / tokens per second: FLOPs per token over the ceiling the run measured (the same each step)."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ratios = [m["mfu"] / m["tokens_per_sec"] for m in lines if m["split"] == "train"]
+    assert max(ratios) <= min(ratios) * (1 + 1e-9)
+    return ratios[0]
+
+
 def final_weights(run: Path, step: int = 20) -> dict[str, torch.Tensor]:
     return load_checkpoint(run / "checkpoints" / f"step_{step:08d}.pt")["model"]
 
@@ -97,7 +107,19 @@ def test_two_processes_train_like_one(setup: tuple[Path, Path], one_process: Pat
         cfg, f"name=two-{strategy}", "train.micro_batch_size=4", f"train.distributed={strategy}", procs=2
     )
     assert out.stderr.count("parameters on cpu") == 1, "only rank 0 speaks"
+    assert out.stdout.count("run folder:") == 1 and out.stdout.count("--- sample at step 20 ---") == 1, (
+        out.stdout
+    )
     assert_same_training(one_process, root / "runs" / f"two-{strategy}")
+    # MFU divides all processes' tokens by all processes' ceilings (it reached 109.7% with one's)
+    ceiling = re.search(
+        r"MFU against ([\d.e+-]+) TFLOP/s, the measured matmul ceiling of 2 processes together", out.stderr
+    )
+    assert ceiling, out.stderr
+    run = root / "runs" / f"two-{strategy}"
+    model = load_model(load_checkpoint(run / "checkpoints" / "step_00000020.pt"))[0]
+    expected = flops_per_token(model.config, model.num_params()) / (float(ceiling.group(1)) * 1e12)
+    assert mfu_per_token(run) == pytest.approx(expected, rel=1e-3)
     state = load_checkpoint(root / "runs" / f"two-{strategy}" / "checkpoints" / "step_00000020.pt")["state"]
     assert len(state["rng_ranks"]) == 2, "each rank's generators are kept"
 

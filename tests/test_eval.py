@@ -505,3 +505,112 @@ def test_training_runs_the_configured_tasks_at_each_evaluation(tmp_path: Path) -
     assert [r["step"] for r in val] == [2, 4]
     for r in val:
         assert 0 <= r["piqa_acc"] <= 1 and r["perplexity_loss"] > 0 and "val_loss" in r
+
+
+def test_hf_folder_needs_text_for_perplexity_and_shows_no_step(
+    tmp_path: Path, model: GPT, tok: Tokenizer
+) -> None:
+    """A HF folder names no training data: perplexity without --text is one line asking for it (not
+    gptkit's default data and a tokenizer mismatch); with it, the table's header has no "step None"."""
+    from gptkit.export.hf import export_hf
+
+    export_hf(model, tok, tmp_path / "hf")
+    missing = gptkit_cli("eval", str(tmp_path / "hf"), "--device", "cpu")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert missing.stderr.startswith("gptkit: error: perplexity needs text") and "--text" in missing.stderr
+    text = tmp_path / "text.txt"
+    text.write_text(shared_file("tinyshakespeare/input.txt").read_text()[:3000])
+    done = gptkit_cli("eval", str(tmp_path / "hf"), "--text", str(text), "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == str(tmp_path / "hf")
+    assert "perplexity  bits_per_byte" in done.stdout
+
+
+def test_all_checkpoints_answer_test_questions_into_eval_md_and_mlflow(tmp_path: Path) -> None:
+    """--prompts: every checkpoint answers each question greedily (a chat-tuned one in its template),
+    the answers go to eval.md and MLflow as text, and running it again adds nothing."""
+    import string
+
+    from mlflow.tracking import MlflowClient
+
+    import gptkit
+    from gptkit.generate import ChatTemplate, SampleSettings
+    from gptkit.tokenizer import CharTokenizer
+    from gptkit.training.trackers import mlflow_local_uri
+
+    tok = CharTokenizer.train([string.printable])
+    template = ChatTemplate.named("chat")
+    run = tmp_path / "run"
+    for seed, step in enumerate([10, 20]):
+        torch.manual_seed(seed)
+        config = load_config(
+            None, ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=64"]
+        )
+        config.model.vocab_size = tok.vocab_size
+        m = GPT(config.model)
+        with torch.no_grad():  # peaked distributions: answers of some length before any end-of-text
+            for p in m.parameters():
+                p.mul_(8)
+        save_checkpoint(
+            run / "checkpoints" / f"step_{step:08d}.pt",
+            model_state=m.state_dict(),
+            config=config.model_dump(mode="json"),
+            tokenizer=tok.describe(),
+            progress={"step": step},
+            chat_template=template.to_dict() if step == 20 else None,  # the later one is chat-tuned
+        )
+    questions = ["What do bees make?", "Name a colour."]
+    prompts = tmp_path / "questions.txt"
+    prompts.write_text("\n".join(questions[:1]) + "\n\n" + questions[1] + "\n")
+
+    args = ["eval", str(run), "--all-checkpoints", "--prompts", str(prompts), "--max-new-tokens", "12"]
+    first = gptkit_cli(*args, "--mlflow", "--device", "cpu")
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    # what each checkpoint says, computed here with the sampler directly
+    greedy = SampleSettings.of(temperature=0, max_new_tokens=12)
+    base = gptkit.load(run / "checkpoints" / "step_00000010.pt")
+    expected = {10: [base.generate(q, **greedy.model_dump()).rstrip() for q in questions]}
+    tuned = gptkit.load(run / "checkpoints" / "step_00000020.pt")
+    expected[20] = []
+    for q in questions:
+        ids, _ = template.encode(tok, [{"role": "user", "content": q}], add_generation_prefix=True)
+        text = tok.decode(tuned.sampler.generate_ids([ids], greedy)[0])
+        for stop in template.stop:
+            text = text.split(stop)[0]
+        expected[20].append(text.rstrip())
+    assert any(a for answers in expected.values() for a in answers), "some answer is not empty"
+    records = {r["step"]: r for r in read_results(run / EVAL_FILE) if r["task"] == "answers"}
+    for step in (10, 20):
+        assert records[step]["answers"] == [
+            {"question": q, "answer": a} for q, a in zip(questions, expected[step], strict=True)
+        ]
+        assert records[step]["file"] == str(prompts.resolve())
+    eval_md = (run / "eval.md").read_text()
+    assert eval_md.index("## step 10:") < eval_md.index("## step 20:")
+    for step in (10, 20):
+        section = eval_md.split(f"## step {step}:")[1].split("## step")[0]
+        for q, a in zip(questions, expected[step], strict=True):
+            assert f"`{q}`" in section and f"```text\n{a}\n```" in section
+
+    client = MlflowClient(mlflow_local_uri(run))
+    run_id = (run / "mlflow_run_id").read_text().strip()
+
+    def logged() -> dict[str, str]:
+        files = [f.path for f in client.list_artifacts(run_id, "answers")]
+        return {
+            f: Path(client.download_artifacts(run_id, f, str(tmp_path / "dl"))).read_text() for f in files
+        }
+
+    texts = logged()
+    assert sorted(texts) == ["answers/step_00000010.md", "answers/step_00000020.md"]
+    for step in (10, 20):
+        for q, a in zip(questions, expected[step], strict=True):
+            assert f"**{q}**\n\n```text\n{a}\n```" in texts[f"answers/step_{step:08d}.md"]
+
+    before = (run / EVAL_FILE).read_text(), eval_md
+    again = gptkit_cli(*args, "--mlflow", "--device", "cpu")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout == "" and again.stderr.count("already evaluated on answers; skipped") == 2
+    assert ((run / EVAL_FILE).read_text(), (run / "eval.md").read_text()) == before
+    assert logged() == texts and len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1

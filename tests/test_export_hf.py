@@ -341,3 +341,28 @@ def test_cli_export_and_import(tmp_path: Path, capsys: pytest.CaptureFixture[str
     back, _, _ = load_model(load_checkpoint(tmp_path / "back.pt"))
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, back.state_dict()[name]), name
+
+
+def test_exports_keep_the_umask_mode(tmp_path: Path) -> None:
+    """Every exported file gets the mode the umask gives new files (safetensors writes 0600 itself)."""
+    tok = char_tokenizer()
+    model = tiny(tok, n_layer=1)
+    save_checkpoint(
+        tmp_path / "m.pt",
+        model_state=model.state_dict(),
+        config=RunConfig(model=model.config).model_dump(mode="json"),
+        tokenizer=tok.describe(),
+    )
+    script = (
+        "from gptkit.api import export_model\n"
+        f"for target, out in (('hf', 'hf'), ('safetensors', 'w.safetensors'), ('onnx', 'm.onnx')):\n"
+        f"    export_model({str(tmp_path / 'm.pt')!r}, target, {str(tmp_path)!r} + '/' + out)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, umask=0o027, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = [p for p in tmp_path.rglob("*") if p.name != "m.pt"]
+    assert tmp_path / "hf" / "model.safetensors" in files
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in files}
+    assert modes == {p.name: oct(0o750 if p.is_dir() else 0o640) for p in files}

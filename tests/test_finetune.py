@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -350,3 +354,97 @@ def test_padded_widths_come_in_few_sizes(tok: CharTokenizer) -> None:
     assert x.shape == (len(exs), 64) and (y[:, max(e.length for e in exs) :] == IGNORE_INDEX).all()
     longest = max(e.length for e in exs)
     assert padded_batch(exs, max_width=longest + 1)[0].shape[1] == longest + 1
+
+
+@pytest.fixture(scope="module")
+def full_cli_run(
+    tmp_path_factory: pytest.TempPathFactory, tok: CharTokenizer
+) -> tuple[Path, str, Path, Path]:
+    """`gptkit finetune` of the whole model, 2 steps, through the CLI: (run folder, stderr, base, data)."""
+    root = tmp_path_factory.mktemp("full-cli")
+    base = write_base(root / "base.pt", tok)
+    data = write_records(root / "qa.jsonl", records())
+    overrides = finetune_config(
+        root, base, data, "name=full-cli", "finetune.method=full", "train.max_steps=2"
+    )
+    config = root / "full.yaml"
+    config.write_text("finetune: {method: full}\n")
+    env = {**os.environ, "GPTKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "gptkit", "finetune", str(config), *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / "runs" / "full-cli", out.stderr, base, data
+
+
+def test_trainable_parameters_are_counted_like_all_parameters(
+    full_cli_run: tuple[Path, str, Path, Path],
+) -> None:
+    """A full fine-tune trains every parameter: as many trainable as in all, padding rows in neither."""
+    _, stderr, base, _ = full_cli_run
+    found = re.search(r"([\d,]+) trainable parameters of ([\d,]+)", stderr)
+    assert found, stderr
+    trainable, total = (int(g.replace(",", "")) for g in found.groups())
+    assert trainable == total == gptkit.load(base).model.num_params()
+
+
+def test_finetune_report_describes_what_ran(full_cli_run: tuple[Path, str, Path, Path]) -> None:
+    """report.md names the method, the base and the instruction file, not the unused pre-training data."""
+    run, _, base, data = full_cli_run
+    report = (run / "report.md").read_text()
+    rows = dict(re.findall(r"^\| (fine-tuning|data) \| (.*) \|$", report, re.MULTILINE))
+    assert rows["fine-tuning"].startswith("full: every weight trains") and str(base) in rows["fine-tuning"]
+    assert str(data) in rows["data"] and "template chat" in rows["data"] and "tokenizer char" in rows["data"]
+    assert "data/default" not in report
+
+
+def test_lora_report_names_the_adapter(tmp_path: Path) -> None:
+    """A LoRA fine-tune's report gives the rank, the layers and where the adapter is."""
+    from gptkit.training.report import write_report
+
+    config = RunConfig.model_validate(
+        {"finetune": {"base": "runs/base", "lora": {"r": 4, "targets": ["c_attn"]}}}
+    )
+    summary = {"config": config.model_dump(mode="json"), "params": 120_000, "trainable_params": 3_072}
+    report = write_report(tmp_path, summary).read_text()
+    assert "0.12M parameters, 3,072 of them trained |" in report
+    row = re.search(r"^\| fine-tuning \| (.*) \|$", report, re.MULTILINE)
+    assert row and row.group(1).startswith("LoRA (rank 4, alpha ")
+    assert "on c_attn; the adapter alone in `adapter/`" in row.group(1) and "base `runs/base`" in row.group(1)
+
+
+def test_no_usable_example_says_why(tmp_path: Path) -> None:
+    """configs/sft.yaml on a context-128 base: Alpaca's preamble fills the context, so no response is
+    left; the breakdown prints before the one-line error, which says what to change."""
+    import string
+
+    from conftest import ROOT, shared_file
+
+    alpaca = json.loads(shared_file("instruct/alpaca_5000.json").read_text())[:20]
+    data = write_records(tmp_path / "alpaca.jsonl", alpaca)
+    base = write_base(tmp_path / "base.pt", CharTokenizer.train([string.printable]))
+    overrides = [f"finetune.base={base}", f"data.instructions={data}", f"runs_dir={tmp_path / 'runs'}"]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gptkit",
+            "finetune",
+            str(ROOT / "configs" / "sft.yaml"),
+            *overrides,
+            "data.skip_bad=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    *_, breakdown, error = out.stderr.strip().splitlines()
+    assert breakdown.startswith("gptkit: instructions: 20 records, ")
+    assert "dropped because the prompt fills the context (128 tokens)" in breakdown
+    assert error.startswith("gptkit: error: 0 usable example(s) in ") and "longer context" in error
+    assert not (tmp_path / "runs").exists()

@@ -117,6 +117,24 @@ def test_one_large_text_file_is_chunked_before_the_split(tmp_path: Path, shakesp
     assert all(line in text for line in parts["val"].split("\n")[:50])
 
 
+@pytest.mark.parametrize("tokenizer", ["gpt2", "bpe", "char"])
+def test_a_chunked_file_gives_the_tokens_of_the_whole_file(
+    tmp_path: Path, shakespeare: Path, tokenizer: str
+) -> None:
+    """Chunks end where the tokenizers' pre-tokenizers split the whole text too: the prepared tokens
+    are the whole file's (GPT-2: 338,025, as tiktoken gives; cutting after newlines gave 338,022)."""
+    settings = {"vocab_size": 512} if tokenizer == "bpe" else {}
+    data = run(tmp_path, [shakespeare], tokenizer=tokenizer, val_fraction=0.0, **settings)
+    assert data.meta["splits"]["train"]["documents"] > 100  # chunks
+    ids = np.concatenate([np.asarray(x) for x in data.shards("train")]).tolist()
+    tok = data.tokenizer()
+    assert ids[-1] == tok.eot_id
+    whole = tok.encode(shakespeare.read_text(encoding="utf-8"))
+    assert ids[:-1] == whole
+    if tokenizer == "gpt2":
+        assert len(whole) == 338_025
+
+
 def test_folder_parquet_and_hf_sources(tmp_path: Path) -> None:
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")

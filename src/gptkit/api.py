@@ -161,7 +161,7 @@ def import_model(source: str | Path, out: str | Path, *, force: bool = False) ->
 
 def evaluate(
     path: str | Path,
-    tasks: str | list[str] = "perplexity",
+    tasks: str | list[str] | None = None,
     *,
     limit: int | None = None,
     batch_size: int = 8,
@@ -176,6 +176,8 @@ def evaluate(
     tensorboard: bool = False,
     mlflow: bool = False,
     progress: bool = True,
+    prompts: str | Path | None = None,
+    max_new_tokens: int = 128,
     on_result: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate a checkpoint (or a run's newest, or with `all_checkpoints` every one not yet evaluated)
@@ -184,10 +186,16 @@ def evaluate(
     Task files are found under `data_dir` or named in `files` ({"piqa": "valid.jsonl"}); perplexity
     reads `text` (a prepared data folder's val shards or a text file; None: the model's training data)
     in windows of `window` tokens (default: the context) starting `stride` apart (default: window).
-    Returns, per checkpoint evaluated: {"checkpoint", "step", "results": {task: metrics}}.
+    `prompts`: a file of test questions, one a line, that each checkpoint also answers (greedily, at
+    most `max_new_tokens` tokens, with its chat template), kept in eval.json and the run's eval.md.
+    `tasks` None: perplexity, or no task when `prompts` is given.
+    Returns, per checkpoint evaluated: {"checkpoint", "step", "results": {task: metrics},
+    "answers": [{"question", "answer"}] or None}.
     """
     from gptkit.eval.run import EvalSettings, evaluate_checkpoints
 
+    if tasks is None:
+        tasks = [] if prompts is not None else ["perplexity"]
     settings = EvalSettings(
         tasks=tasks if isinstance(tasks, list) else tasks.split(","),
         limit=limit,
@@ -198,6 +206,8 @@ def evaluate(
         window=window,
         stride=stride,
         progress=progress,
+        prompts=prompts,
+        max_new_tokens=max_new_tokens,
     )
     return evaluate_checkpoints(
         path,

@@ -97,6 +97,8 @@ def run_train(args: argparse.Namespace) -> int:
     from gptkit.api import train
 
     result = train(args.config, args.overrides, resume=args.resume, stop_at=args.stop_at)
+    if not result.main:  # under torchrun, rank 0 prints for all
+        return 0
     for prompt, text in result.samples.items():
         print(f"--- sample at step {result.step} ---\n{prompt}{text}\n")
     best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
@@ -116,6 +118,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     from gptkit.api import finetune
 
     result = finetune(args.config, args.overrides, resume=args.resume, stop_at=args.stop_at)
+    if not result.main:
+        return 0
     best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
     print(f"run folder: {result.run_dir} (step {result.step}, {result.tokens:,} tokens{best})")
     return 0
@@ -361,9 +365,10 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     add_model_source(p)
     p.add_argument(
         "--tasks",
-        default="perplexity",
+        default=None,
         metavar="LIST",
-        help="comma-separated: perplexity, hellaswag, lambada, piqa",
+        help="comma-separated: perplexity, hellaswag, lambada, piqa (default: perplexity, or none with "
+        "--prompts)",
     )
     p.add_argument(
         "--limit", type=int, default=None, help="examples per task, perplexity windows (default: all)"
@@ -393,6 +398,14 @@ def add_eval(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="every checkpoint of the run not evaluated yet, and a plot",
     )
+    p.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help="test questions, one a line: each checkpoint's greedy answers (with its chat template) go "
+        "to RUN/eval.md and, with --mlflow, to MLflow as text",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=128, help="the longest answer to --prompts")
     p.add_argument("--tensorboard", action="store_true", help="also log to the run's TensorBoard folder")
     p.add_argument("--mlflow", action="store_true", help="also log to the run's MLflow run")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
@@ -412,7 +425,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
     def show(checkpoint: str, result: dict[str, Any]) -> None:
         if not args.json:
-            print(format_table(result["step"], checkpoint, result["results"]) + "\n", flush=True)
+            if result["results"]:
+                print(format_table(result["step"], checkpoint, result["results"]) + "\n", flush=True)
+            for qa in result["answers"] or []:
+                print(f"{checkpoint}: {qa['question']}\n{qa['answer']}\n", flush=True)
 
     results = evaluate(
         args.model,
@@ -430,6 +446,8 @@ def run_eval(args: argparse.Namespace) -> int:
         tensorboard=args.tensorboard,
         mlflow=args.mlflow,
         progress=not args.no_progress,
+        prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens,
         on_result=show,
     )
     if args.json:

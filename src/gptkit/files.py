@@ -33,3 +33,32 @@ def fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status), since
+    setting it to read it would race with other threads creating files."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_modes(path: Path, executable: bool = False) -> None:
+    """Give `path` (a file, or a folder and everything in it) the mode a plain `open` or `mkdir`
+    would: writers such as safetensors or mkstemp create files 0600, which then differ from their
+    neighbours once renamed into place. `executable`: files get the execute bits too."""
+    mask = umask()
+    file_mode = (0o777 if executable else 0o666) & ~mask
+    if path.is_dir():
+        for child in path.rglob("*"):
+            os.chmod(child, (0o777 & ~mask) if child.is_dir() else file_mode)
+        os.chmod(path, 0o777 & ~mask)
+    else:
+        os.chmod(path, file_mode)

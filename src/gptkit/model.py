@@ -297,12 +297,16 @@ class GPT(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.transformer.wpe.weight.dtype
 
-    def num_params(self, include_position: bool = True) -> int:
-        """Number of parameters as HF counts them: tied weights once, padding rows not at all."""
-        n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
-        n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
-        if not include_position:
-            n -= self.transformer.wpe.weight.numel()
+    def num_params(self, include_position: bool = True, trainable: bool = False) -> int:
+        """Number of parameters as HF counts them: tied weights once, padding rows not at all.
+        `trainable`: only those that require gradients, counted the same way, so never more than all."""
+        wte, wpe = self.transformer.wte.weight, self.transformer.wpe.weight
+        # parameters() yields a shared tensor once
+        n = sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable)
+        if not trainable or wte.requires_grad:
+            n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
+        if not include_position and (not trainable or wpe.requires_grad):
+            n -= wpe.numel()
         return n
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:

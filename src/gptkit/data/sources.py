@@ -136,7 +136,7 @@ def _file_source(path: Path, name: str) -> Source:
 
 
 def _text_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Piece]:
-    """A text file is one document, cut after newlines into chunks of a size set by the file."""
+    """A text file is one document, cut before newlines into chunks of a size set by the file."""
     assert src.path is not None
     size = src.path.stat().st_size
     chunk = min(MAX_CHUNK, max(MIN_CHUNK, size // CHUNKS_PER_FILE))
@@ -174,9 +174,29 @@ def _text_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Piece
 
 
 def _cut_point(buffer: bytes, final: bool) -> int:
-    """Cut after the last newline (never inside a UTF-8 character or a line)."""
+    """Where a chunk ends: just before the last newline that is followed by a non-space character.
+
+    The GPT-2 and bpe pre-tokenizers split the whole text there too (a newline before text is a
+    pre-token of its own, and whatever precedes it ends there), so the chunks of a file tokenize to
+    exactly the tokens of the whole file. After a newline would not do: a run of blank lines at the
+    end of a chunk is one pre-token, while inside the text its last newline stands alone.
+    Without such a newline (one very long line): after the last newline, else never inside a
+    UTF-8 character.
+    """
     if final:
         return len(buffer)
+    nl = len(buffer)
+    while (nl := buffer.rfind(b"\n", 1, nl)) > 0:
+        lead = buffer[nl + 1] if nl + 1 < len(buffer) else None
+        if lead is None:
+            continue
+        size = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+        try:
+            after = buffer[nl + 1 : nl + 1 + size].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if len(after) == 1 and not after.isspace():
+            return nl
     nl = buffer.rfind(b"\n")
     if nl >= 0:
         return nl + 1

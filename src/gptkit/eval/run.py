@@ -33,6 +33,14 @@ from torch import Tensor, nn
 
 from gptkit.console import notice
 from gptkit.errors import GptkitError
+from gptkit.eval.answers import (
+    ANSWERS,
+    EVAL_MD,
+    answer_questions,
+    answers_text,
+    read_questions,
+    write_answers_file,
+)
 from gptkit.eval.perplexity import perplexity, read_tokens
 from gptkit.eval.scoring import logits_fn, score_requests
 from gptkit.eval.tasks import (
@@ -45,6 +53,7 @@ from gptkit.eval.tasks import (
     parse_tasks,
 )
 from gptkit.files import write_atomic
+from gptkit.generate.textmodel import TextModel
 from gptkit.tokenizer import Tokenizer
 
 EVAL_FILE = "eval.json"
@@ -72,9 +81,13 @@ class EvalSettings:
     window: int | None = None
     stride: int | None = None
     progress: bool = True
+    prompts: str | Path | None = None  # a file of test questions, one a line, answered per checkpoint
+    max_new_tokens: int = 128  # the longest answer
 
     def __post_init__(self) -> None:
-        self.tasks = parse_tasks(self.tasks)
+        self.tasks = parse_tasks(self.tasks) if self.tasks or self.prompts is None else []
+        if self.max_new_tokens < 1:
+            raise GptkitError(f"max new tokens must be at least 1, not {self.max_new_tokens}")
         if self.limit is not None and self.limit < 1:
             raise GptkitError(f"limit must be at least 1, not {self.limit}")
         if self.batch_size < 1:
@@ -96,6 +109,7 @@ class Evaluator:
         self.settings = settings
         self._data: dict[str, TaskData] = {}
         self._tokens: dict[tuple[str, str], np.ndarray] = {}
+        self.questions = read_questions(settings.prompts) if settings.prompts is not None else None
 
     def task_data(self, task: str) -> TaskData:
         if task not in self._data:
@@ -112,7 +126,11 @@ class Evaluator:
         if task == PERPLEXITY:
             text = self.settings.text if self.settings.text is not None else default_text
             if text is None:
-                raise GptkitError("perplexity needs data: pass a prepared data folder or a text file")
+                raise GptkitError(
+                    "perplexity needs text, and this model (e.g. a HuggingFace folder) names no data it "
+                    "was trained on: pass --text with a prepared data folder or a text file, or choose "
+                    "--tasks hellaswag, lambada or piqa"
+                )
             return str(Path(text).resolve())
         return str(self.task_data(task).path.resolve())
 
@@ -277,7 +295,7 @@ def format_table(step: int | None, checkpoint: str, results: dict[str, dict[str,
             )
             rows.append((task, name, shown, f"{n} tokens" if "tokens" in metrics else str(n)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"{checkpoint} (step {step})"]
+    lines = [checkpoint if step is None else f"{checkpoint} (step {step})"]  # a HF folder has no step
     for j, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
         if j == 0:
@@ -299,14 +317,15 @@ def _run_folder(checkpoint: Path) -> Path:
 
 def _load(
     path: Path, device: torch.device, quantize: str | None
-) -> tuple[nn.Module, Tokenizer, Any, int | None]:
+) -> tuple[nn.Module, Tokenizer, Any, int | None, dict[str, Any] | None]:
+    """The model prepared for inference, its tokenizer, config, step and chat template."""
     from gptkit.checkpoint import load_any
     from gptkit.generate.inference import prepare
 
     model, tokenizer, config, _, payload = load_any(path)  # payload {} for a HuggingFace folder
     model = prepare(model, device, quantize)
     step = (payload.get("progress") or {}).get("step")
-    return model, tokenizer, config, step if isinstance(step, int) else None
+    return model, tokenizer, config, step if isinstance(step, int) else None, payload.get("chat_template")
 
 
 def evaluate_checkpoints(
@@ -321,9 +340,10 @@ def evaluate_checkpoints(
     on_result: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate a checkpoint, a run's newest one, or (`all_checkpoints`) every checkpoint of a run,
-    skipping the (checkpoint, task) pairs its eval.json already holds. Returns one dict per
-    checkpoint evaluated: checkpoint, step, results {task: metrics}. `on_result(checkpoint, that)`
-    is called as each is done (the CLI prints its table)."""
+    skipping the (checkpoint, task) pairs its eval.json already holds; with `settings.prompts`, each
+    checkpoint also answers the questions (kept in eval.json and RUN/eval.md). Returns one dict per
+    checkpoint evaluated: checkpoint, step, results {task: metrics}, answers (or None).
+    `on_result(checkpoint, that)` is called as each is done (the CLI prints its table)."""
     from gptkit.checkpoint import find_checkpoint, is_hf_folder, is_run, run_checkpoints
     from gptkit.device import pick_device
     from gptkit.generate.inference import check_quantize
@@ -347,8 +367,9 @@ def evaluate_checkpoints(
         run_dir = _run_folder(path)
         results_path = run_dir / EVAL_FILE
         done = {_key(r) for r in read_results(results_path)}
-        model, tokenizer, config, step = _load(path, dev, quantize)
-        default_text = config.data.path if config.data.path else None
+        model, tokenizer, config, step, chat_template = _load(path, dev, quantize)
+        # a HF folder's config is gptkit's defaults: its data.path names nothing it was trained on
+        default_text = config.data.path if config.data.path and not is_hf_folder(path) else None
 
         def key(
             task: str, path: Path = path, step: int | None = step, default_text: Any = default_text
@@ -356,10 +377,19 @@ def evaluate_checkpoints(
             return (path.name, step, task, settings.limit, evaluator.source(task, default_text), quantize)
 
         todo = [t for t in settings.tasks if not (all_checkpoints and key(t) in done)]
-        if not todo:
-            notice(f"{path.name} (step {step}): already evaluated on {', '.join(settings.tasks)}; skipped")
+        answers_key = None  # answers are kept per checkpoint and questions file
+        if settings.prompts is not None:
+            answers_key = (path.name, step, ANSWERS, None, str(Path(settings.prompts).resolve()), quantize)
+        answer = answers_key is not None and not (all_checkpoints and answers_key in done)
+        if not todo and not answer:
+            asked = [*settings.tasks, *([ANSWERS] if answers_key is not None else [])]
+            notice(f"{path.name} (step {step}): already evaluated on {', '.join(asked)}; skipped")
             continue
-        results = evaluator.run_all(model, tokenizer, model.config.block_size, dev, default_text, todo)
+        results = (
+            evaluator.run_all(model, tokenizer, model.config.block_size, dev, default_text, todo)
+            if todo
+            else {}
+        )
         now = time.time()
         records = [
             dict(
@@ -369,13 +399,29 @@ def evaluate_checkpoints(
             )
             for task, m in results.items()
         ]
+        answered = None
+        if answer:
+            assert evaluator.questions is not None and answers_key is not None
+            text_model = TextModel(model, tokenizer, source=str(path), chat_template=chat_template)
+            qa = answer_questions(text_model, evaluator.questions, settings.max_new_tokens)
+            answered = dict(
+                zip(KEY_FIELDS, answers_key, strict=True), metrics={"n": len(qa)}, answers=qa, time=now
+            )
+            records.append(answered)
         all_records = save_results(results_path, records)
         if len({r.get("step") for r in all_records}) > 1 or all_checkpoints:
             plot_results(all_records, run_dir / EVAL_PNG, run_dir.name)
+        if answered is not None:
+            write_answers_file(all_records, run_dir / EVAL_MD, run_dir.name)
         flat = flat_metrics(results)
-        if (tensorboard or mlflow) and step is not None:
-            _track(run_dir, config, step, flat, tensorboard, mlflow)
-        done_one = {"checkpoint": str(path), "step": step, "results": results}
+        if (tensorboard or mlflow) and step is not None and (flat or answered is not None):
+            _track(run_dir, config, step, flat, tensorboard, mlflow, answered)
+        done_one = {
+            "checkpoint": str(path),
+            "step": step,
+            "results": results,
+            "answers": answered["answers"] if answered else None,
+        }
         out.append(done_one)
         if on_result is not None:
             on_result(str(path), done_one)
@@ -395,9 +441,16 @@ def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def _track(
-    run_dir: Path, config: Any, step: int, metrics: dict[str, float], tensorboard: bool, mlflow: bool
+    run_dir: Path,
+    config: Any,
+    step: int,
+    metrics: dict[str, float],
+    tensorboard: bool,
+    mlflow: bool,
+    answered: dict[str, Any] | None = None,
 ) -> None:
-    """The trainer's TensorBoard/MLflow writers, under the split "eval", at the checkpoint's step."""
+    """The trainer's TensorBoard/MLflow writers, under the split "eval", at the checkpoint's step;
+    answers go to MLflow as text, one file per checkpoint (answers/step_N.md)."""
     from gptkit.training.trackers import MLflowTracker, TensorBoardTracker
 
     trackers: list[TensorBoardTracker | MLflowTracker] = []
@@ -407,7 +460,10 @@ def _track(
         if mlflow:
             trackers.append(MLflowTracker(run_dir, config, run_dir.name, resume=True))
         for tracker in trackers:
-            tracker.log("eval", step, metrics)
+            if metrics:
+                tracker.log("eval", step, metrics)
+            if answered is not None and isinstance(tracker, MLflowTracker):
+                tracker.log_text(answers_text(answered), f"{ANSWERS}/step_{step:08d}.md")
     finally:
         for tracker in trackers:
             tracker.close("finished")

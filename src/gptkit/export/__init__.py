@@ -20,6 +20,7 @@ import torch
 
 from gptkit.config import RunConfig
 from gptkit.errors import GptkitError
+from gptkit.files import give_default_modes
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer
 
@@ -82,6 +83,7 @@ def staged_output(path: str | Path, force: bool, *, folder: bool = False) -> Ite
         tmp.mkdir()
     try:
         yield tmp
+        give_default_modes(tmp)
         if folder and path.is_dir():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -44,21 +44,49 @@ class Example:
 
 @dataclass
 class Report:
+    """What became of the records: the breakdown printed before training, or before the error
+    that none is usable."""
+
     records: int = 0
-    bad: int = 0
+    bad: int = 0  # malformed
+    unencodable: int = 0  # text the tokenizer cannot encode (characters a char vocabulary lacks)
     truncated: int = 0
-    dropped: int = 0
+    dropped: int = 0  # longer than the context, with too_long=drop
+    no_response: int = 0  # the context holds none of the response
     first_bad: list[str] = field(default_factory=list)
+    first_unencodable: list[str] = field(default_factory=list)
+    context: int | None = None  # tokens an example may hold
 
     def summary(self) -> str:
+        context = f" ({self.context} tokens)" if self.context is not None else ""
         parts = [f"{self.records} records"]
         if self.bad:
             parts.append(f"{self.bad} malformed skipped (first: {self.first_bad[0]})")
+        if self.unencodable:
+            parts.append(
+                f"{self.unencodable} with text the vocabulary lacks skipped "
+                f"(first: {self.first_unencodable[0]})"
+            )
         if self.truncated:
-            parts.append(f"{self.truncated} truncated to the context")
+            parts.append(f"{self.truncated} truncated to the context{context}")
         if self.dropped:
-            parts.append(f"{self.dropped} longer than the context dropped")
+            parts.append(f"{self.dropped} longer than the context{context} dropped")
+        if self.no_response:
+            parts.append(f"{self.no_response} dropped because the prompt fills the context{context}")
         return ", ".join(parts)
+
+    def advice(self) -> str:
+        """How to get usable examples, for the commonest reason records were lost."""
+        reasons = [
+            (
+                self.no_response + self.dropped,
+                "use a base with a longer context, shorter records or the shorter data.template=chat",
+            ),
+            (self.unencodable, "use a base whose tokenizer covers the text (e.g. one trained with gpt2)"),
+            (self.bad, "fix the malformed records"),
+        ]
+        count, text = max(reasons, key=lambda r: r[0])
+        return text if count else "add records to data.instructions"
 
 
 def read_records(path: str | Path, skip_bad: bool, report: Report) -> list[dict[str, Any]]:
@@ -153,8 +181,9 @@ def encode(
     """Examples of at most block_size + 1 ids; longer ones are cut at the end or dropped.
 
     A conversation the tokenizer cannot encode (a character a `char` vocabulary never saw) is an
-    error naming it, or with `skip_bad` a bad record, counted and reported like a malformed one.
+    error naming it, or with `skip_bad` counted and reported like a malformed one.
     """
+    report.context = block_size
     out = []
     for n, messages in enumerate(conversations, 1):
         try:
@@ -165,20 +194,20 @@ def encode(
                 raise GptkitError(
                     f"{message}; or set data.skip_bad=true to count and skip such records"
                 ) from None
-            report.bad += 1
-            if not report.first_bad:
-                report.first_bad.append(message)
+            report.unencodable += 1
+            if not report.first_unencodable:
+                report.first_unencodable.append(message)
             continue
-        if len(ids) > block_size + 1:
-            if too_long == "drop":
-                report.dropped += 1
-                continue
-            report.truncated += 1
-            ids, mask = ids[: block_size + 1], mask[: block_size + 1]
+        cut = len(ids) > block_size + 1
+        if cut and too_long == "drop":
+            report.dropped += 1
+            continue
+        ids, mask = ids[: block_size + 1], mask[: block_size + 1]
         targets = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:], strict=True)]
         if all(t == IGNORE_INDEX for t in targets):
-            report.dropped += 1  # truncation left nothing of the response
+            report.no_response += 1  # nothing of the response is left to learn from
             continue
+        report.truncated += cut
         out.append(Example(ids, targets))
     return out
 
@@ -342,6 +371,14 @@ def load_instructions(
         )
 
     train = examples(data.instructions)
+    needed = 1 if data.val_instructions else 2
+    if len(train) < needed:
+        notice(f"instructions: {report.summary()}")
+        held_out = "" if data.val_instructions else " (one held out)"
+        raise GptkitError(
+            f"{len(train)} usable example(s) in {data.instructions}: fine-tuning needs at least "
+            f"{needed}{held_out}; {report.advice()}"
+        )
     if data.val_instructions:
         val = examples(data.val_instructions)
     else:

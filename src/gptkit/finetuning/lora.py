@@ -35,6 +35,7 @@ TARGETS = {
     "c_fc": "mlp.c_fc",  # MLP up-projection
     "mlp.c_proj": "mlp.c_proj",  # MLP down-projection
 }
+ADAPTER_DIR = "adapter"  # inside a LoRA run's folder: the adapter alone, in peft's layout
 GPTKIT_META = "gptkit_adapter.json"  # beside peft's files: what base the adapter was trained on
 
 

@@ -21,8 +21,6 @@ from gptkit.training import distributed
 from gptkit.training.launch import Parts, resolve_batch, shard_sources
 from gptkit.training.trainer import Trainer, seed_everything
 
-ADAPTER_DIR = "adapter"  # inside the run folder: the LoRA adapter alone, in peft's layout
-
 
 def finetune_parts(
     config: RunConfig, procs: distributed.Processes, path: Path | None, payload: dict[str, Any] | None
@@ -58,15 +56,16 @@ def finetune_parts(
         data = PreparedData.open(config.data.path)
         data.check_tokenizer(tokenizer.fingerprint(), f"base model {base_path}")
         source, val = shard_sources(config, data, procs, window=room)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    notice(f"{trainable:,} trainable parameters of {model.num_params():,}")
+    notice(f"{model.num_params(trainable=True):,} trainable parameters of {model.num_params():,}")
     finish = _save_adapter(fc, base_path) if fc.method == "lora" else None
     return Parts(config, model, tokenizer, source, val, chat_template=template, finish=finish)
 
 
 def _save_adapter(fc: FinetuneConfig, base_path: Path) -> Any:
     def finish(trainer: Trainer) -> None:
-        out = lora.save_adapter(trainer.model, trainer.run_dir / ADAPTER_DIR, fc.lora, base=str(base_path))
+        out = lora.save_adapter(
+            trainer.model, trainer.run_dir / lora.ADAPTER_DIR, fc.lora, base=str(base_path)
+        )
         notice(f"LoRA adapter: {out} (peft layout; gptkit.finetuning.lora.load_adapter or peft load it)")
 
     return finish

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptkit.console import notice
+from gptkit.files import give_default_modes
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
@@ -90,6 +91,7 @@ def _build(cc: str, source: bytes, path: Path) -> None:
         if done.returncode != 0:
             lines = done.stderr.decode(errors="replace").strip().splitlines() or ["no message"]
             raise subprocess.SubprocessError(lines[-1])
+        give_default_modes(Path(tmp), executable=True)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from gptkit.config import RunConfig
 from gptkit.files import write_atomic
+from gptkit.finetuning.lora import ADAPTER_DIR
 from gptkit.training.runlog import (
     LOSS_PNG,
     METRICS_FILE,
@@ -35,6 +36,7 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
       resume_command  str, shown when status is not "finished"
       stop_reason     str, why the run stopped
       params          int, parameter count
+      trainable_params  int, those that trained (fine-tuning: fewer)
       tokenizer       str, e.g. "gpt2"
       device, precision, micro_batch_size, grad_accum, tokens_per_step
                       the resolved values, shown instead of the config's "auto" or None
@@ -171,8 +173,15 @@ def _configuration(s: dict[str, Any], config: dict[str, Any]) -> list[tuple[str,
             shape += f", dropout {model['dropout']:g}"
         if "params" in s:
             shape += f"; {s['params'] / 1e6:.2f}M parameters"
+            if s.get("trainable_params", s["params"]) != s["params"]:
+                shape += f", {s['trainable_params']:,} of them trained"
         rows.append(("model", shape))
-    if data or "tokenizer" in s:
+    finetune = config.get("finetune", {})
+    if finetune.get("base"):
+        rows.append(("fine-tuning", _finetuning(finetune)))
+    if data.get("instructions") and finetune.get("base"):
+        rows.append(("data", _instructions(data, s)))
+    elif data or "tokenizer" in s:
         where = markdown_code(str(data.get("path", "—")), block=False)
         rows.append(
             ("data", f"{where}, {data.get('sampling', '?')} sampling; tokenizer {s.get('tokenizer', '—')}")
@@ -205,6 +214,45 @@ def _configuration(s: dict[str, Any], config: dict[str, Any]) -> list[tuple[str,
         compiled = ", compiled" if train.get("compile") else ""
         rows.append(("precision, device", f"{precision} on {device}{compiled}; seed {train.get('seed')}"))
     return rows
+
+
+def _finetuning(finetune: dict[str, Any]) -> str:
+    """The method, its settings and the base: what this fine-tune trained, from what."""
+    method = finetune.get("method")
+    base = markdown_code(str(finetune["base"]), block=False)
+    if method == "lora":
+        lora = finetune.get("lora", {})
+        extras = [
+            n for n, on in (("biases", "train_biases"), ("LayerNorms", "train_layernorms")) if lora.get(on)
+        ]
+        text = (
+            f"LoRA (rank {lora.get('r')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout', 0):g}) on "
+            f"{', '.join(lora.get('targets', []))}{''.join(f', {e}' for e in extras)}; the adapter alone "
+            f"in `{ADAPTER_DIR}/` (peft layout)"
+        )
+    elif method == "prompt":
+        init = finetune.get("prompt_init")
+        text = f"prompt tuning: {finetune.get('prompt_tokens')} virtual tokens" + (
+            f", started from the embeddings of {markdown_code(init, block=False)}" if init else ""
+        )
+    else:
+        text = "full: every weight trains"
+    return f"{text}; base {base}"
+
+
+def _instructions(data: dict[str, Any], s: dict[str, Any]) -> str:
+    """Instruction data: the file, its held-out part, the template and how examples fill rows."""
+    held_out = (
+        f"held out: {markdown_code(data['val_instructions'], block=False)}"
+        if data.get("val_instructions")
+        else f"{100 * data.get('val_fraction', 0):g}% held out"
+    )
+    rows = "packed several to a row" if data.get("packing") else "padded one to a row"
+    return (
+        f"instructions {markdown_code(str(data['instructions']), block=False)}, {held_out}; "
+        f"template {data.get('template')}, examples {rows}, too long ones {data.get('too_long')}d; "
+        f"tokenizer {s.get('tokenizer', '—')} (the base's)"
+    )
 
 
 def _samples(run_dir: Path, s: dict[str, Any]) -> str:

@@ -143,6 +143,10 @@ class MLflowTracker:
         batch = [self._metric(_mlflow_key(split, k), v, now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """A text artifact (e.g. a checkpoint's answers); the same name again replaces it."""
+        self.client.log_text(self.run_id, text, artifact_file)
+
     def close(self, status: Status) -> None:
         self.client.set_terminated(self.run_id, status=self.STATUS[status])
 

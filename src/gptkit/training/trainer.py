@@ -54,6 +54,7 @@ class TrainResult:
     samples: dict[str, str] = field(default_factory=dict)  # the last ones, by prompt
     checkpoint: Path | None = None
     stopped_early: bool = False
+    main: bool = True  # rank 0, which speaks for all processes of a multi-process run
 
 
 def rng_state() -> dict[str, Any]:
@@ -215,12 +216,15 @@ class Trainer:
         self._print_budget()
         if main:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
-        ceiling = matmul_ceiling(self.device.type, self.precision)
+        # MFU compares all processes' tokens with all processes' ceilings (each measures its own)
+        ceiling = sum(distributed.gather(matmul_ceiling(self.device.type, self.precision), self.procs))
+        together = f" of {self.procs.world_size} processes together" if self.procs.distributed else ""
+        notice(f"MFU against {ceiling / 1e12:.4g} TFLOP/s, the measured matmul ceiling{together}")
         flops_token = flops_per_token(self.config.model, self.n_params)
         log: RunLog | QuietLog = (
             RunLog(self.run_dir, self.config, self.run_name, self.step, tc.max_steps) if main else QuietLog()
         )
-        result = TrainResult(self.run_dir, self.step, self.tokens)
+        result = TrainResult(self.run_dir, self.step, self.tokens, main=main)
         last_save = time.monotonic()
         stopped = False
         try:
@@ -410,6 +414,7 @@ class Trainer:
                 "resume_command": self.resume_command() if stopped else None,
                 "config": self.config.model_dump(mode="json"),
                 "params": self.n_params,
+                "trainable_params": self.model.num_params(trainable=True),
                 "tokenizer": self.tokenizer.kind,
                 "device": str(self.device),
                 "precision": self.precision,
