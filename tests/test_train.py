@@ -433,3 +433,58 @@ def test_auto_micro_batch_fits_memory_and_keeps_the_step(tmp_path: Path, char_da
     assert isinstance(micro, int) and 1 <= micro <= 32 and 1024 % (micro * 32) == 0
     assert result.tokens == 2 * 1024
     assert micro == 32, "a 30k-parameter model fits the largest micro-batch that divides the step"
+
+
+def flip_tensor_bytes(path: Path, count: int = 16) -> None:
+    """XOR `count` bytes in the middle of the largest tensor record of a torch.save zip file."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        record = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    # a local header is 30 bytes plus the name and extra field; the record's bytes follow it
+    name_len = int.from_bytes(data[record.header_offset + 26 : record.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[record.header_offset + 28 : record.header_offset + 30], "little")
+    start = record.header_offset + 30 + name_len + extra_len + record.file_size // 2
+    for i in range(start, start + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_changed_tensor_byte_fails_the_content_check_and_resume_falls_back(
+    tmp_path: Path, char_data: Path
+) -> None:
+    """torch loads a checkpoint with flipped tensor bytes without a word; the stored sha256 finds them."""
+    env = {**os.environ, "GPTKIT_NO_PROGRESS": "1"}
+    args = ["eval.every=0", "checkpoint.every_steps=2", "checkpoint.keep_last=5"]
+    first = subprocess.run(
+        cli(tmp_path, char_data, "train.max_steps=4", *args), env=env, capture_output=True, text=True
+    )
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "runs" / "sig"
+    newest = step_files(run)[-1][1]
+    assert newest.name == "step_00000004.pt"
+    flip_tensor_bytes(newest)
+    with pytest.raises(GptkitError, match=r"step_00000004.pt' fails its content check"):
+        load_checkpoint(newest)
+    resumed = subprocess.run(
+        cli(tmp_path, char_data, "train.max_steps=6", *args) + ["--resume", "latest"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step_00000004.pt' fails its content check" in resumed.stderr
+    assert "falling back to an earlier checkpoint" in resumed.stderr
+    assert "step_00000002.pt (step 2)" in resumed.stderr
+    assert load_checkpoint(step_files(run)[-1][1])["progress"]["step"] == 6
+
+
+def test_checkpoints_without_a_stored_digest_still_load(tmp_path: Path, char_data: Path) -> None:
+    """Checkpoints written before the sha256 was stored load unchecked; a stored one matches."""
+    result = train(config(tmp_path, char_data, "name=old", "train.max_steps=2", "eval.every=0"))
+    payload = torch.load(result.checkpoint, weights_only=True)
+    assert len(payload.pop("sha256")) == 64
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    assert load_checkpoint(old)["progress"]["step"] == 2
