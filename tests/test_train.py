@@ -488,3 +488,43 @@ def test_checkpoints_without_a_stored_digest_still_load(tmp_path: Path, char_dat
     old = tmp_path / "old.pt"
     torch.save(payload, old)
     assert load_checkpoint(old)["progress"]["step"] == 2
+
+
+def test_when_every_checkpoint_is_damaged_both_messages_give_one_way_out(
+    tmp_path: Path, char_data: Path
+) -> None:
+    train(config(tmp_path, char_data, "name=dmg", "train.max_steps=4", "checkpoint.every_steps=2"))
+    run = tmp_path / "runs" / "dmg"
+    for _, path in step_files(run):
+        path.write_bytes(path.read_bytes()[:1000])
+    way_out = r"choose another run name \(name=\.\.\.\)"
+    with pytest.raises(
+        GptkitError, match=r"step_00000002.pt, step_00000004.pt: damaged.*move the folder away"
+    ) as e:
+        train(config(tmp_path, char_data, "name=dmg", "train.max_steps=6"), resume="latest")
+    assert re.search(way_out, str(e.value)) and "start the run again" in str(e.value)
+    with pytest.raises(GptkitError, match=way_out):
+        train(config(tmp_path, char_data, "name=dmg", "train.max_steps=6"))
+    run.rename(tmp_path / "damaged")  # the way out both messages name
+    assert train(config(tmp_path, char_data, "name=dmg", "train.max_steps=2")).step == 2
+
+
+def test_a_folder_with_an_earlier_runs_metrics_but_no_checkpoint_is_not_reused(
+    tmp_path: Path, char_data: Path
+) -> None:
+    """Its metrics.jsonl was emptied and a stale eval.json kept; now it is refused, naming the fix."""
+    run = tmp_path / "runs" / "stale"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 3.0}\n')
+    (run / "eval.json").write_text("[]")
+    with pytest.raises(
+        GptkitError,
+        match=r"holds an earlier run's metrics.jsonl, eval.json but no checkpoint.*"
+        r"move the folder away or choose another run name",
+    ):
+        train(config(tmp_path, char_data, "name=stale", "train.max_steps=2"))
+    with pytest.raises(GptkitError, match=r"no checkpoint to resume from .*move the folder away"):
+        train(config(tmp_path, char_data, "name=stale", "train.max_steps=2"), resume="latest")
+    assert (run / "metrics.jsonl").read_text().startswith('{"step": 1'), "nothing was replaced"
+    # --resume auto (a requeued job that died before its first checkpoint) redoes the run
+    assert train(config(tmp_path, char_data, "name=stale", "train.max_steps=2"), resume="auto").step == 2
