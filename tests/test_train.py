@@ -528,3 +528,18 @@ def test_a_folder_with_an_earlier_runs_metrics_but_no_checkpoint_is_not_reused(
     assert (run / "metrics.jsonl").read_text().startswith('{"step": 1'), "nothing was replaced"
     # --resume auto (a requeued job that died before its first checkpoint) redoes the run
     assert train(config(tmp_path, char_data, "name=stale", "train.max_steps=2"), resume="auto").step == 2
+
+
+def test_stop_at_must_be_after_the_starting_step(tmp_path: Path, char_data: Path) -> None:
+    """--stop-at -3 used to run one step and stop; a step not after the resumed one did the same."""
+    for bad in (-3, 0):
+        with pytest.raises(
+            GptkitError, match=rf"--stop-at {bad} is not after the step training starts from \(0\)"
+        ):
+            train(config(tmp_path, char_data, "name=s", "train.max_steps=6"), stop_at=bad)
+    assert not (tmp_path / "runs" / "s").exists(), "refused before the run folder is made"
+    assert (
+        train(config(tmp_path, char_data, "name=s", "train.max_steps=6", "eval.every=0"), stop_at=2).step == 2
+    )
+    with pytest.raises(GptkitError, match=r"--stop-at 2 is not after the step training starts from \(2\)"):
+        train(config(tmp_path, char_data, "name=s", "train.max_steps=6"), resume="latest", stop_at=2)

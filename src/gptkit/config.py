@@ -169,7 +169,7 @@ class EvalConfig(Section):
     batches: int = Field(20, ge=1, description="fixed val batches (the same ones each time)")
     prompts: list[str] = Field(default_factory=lambda: ["\n"], description="prompts to sample from")
     sample_tokens: int = Field(200, ge=0, description="tokens per sample; 0 = no samples")
-    temperature: float = Field(0.8, gt=0)
+    temperature: float = Field(0.8, gt=0, allow_inf_nan=False)
     top_k: int | None = Field(200, ge=1)
     tasks: list[Literal["perplexity", "hellaswag", "lambada", "piqa"]] = Field(
         default_factory=list, description="zero-shot tasks (gptkit eval) run at every evaluation; [] = none"

@@ -182,6 +182,11 @@ def _train(
     config = config.model_copy(update={"name": name})  # so the saved config.yaml resumes the same run
     run_dir = Path(config.runs_dir) / name
     path, payload = find_resume(run_dir, resume)
+    start = payload["progress"].get("step", 0) if payload is not None and payload.get("state") else 0
+    if stop_at is not None and stop_at <= start:
+        raise GptkitError(
+            f"--stop-at {stop_at} is not after the step training starts from ({start}); give a later step"
+        )
     if config.finetune.base is not None:
         from gptkit.finetuning.setup import finetune_parts
 
