@@ -23,7 +23,7 @@ from gptkit.model import GPT
 from gptkit.tokenizer import from_description
 
 
-def describe(target: str) -> dict[str, Any]:
+def describe(target: str, verify: bool = False) -> dict[str, Any]:
     path = Path(target)
     if target in MODEL_PRESETS and not path.exists():
         config = ModelConfig(preset=target, vocab_size=GPT2_VOCAB_SIZE)
@@ -33,7 +33,7 @@ def describe(target: str) -> dict[str, Any]:
     if path.is_file():
         return _checkpoint_info(path)
     if path.is_dir() and (path / "meta.json").is_file():
-        return _data_info(path)
+        return _data_info(path, verify)
     if path.is_dir() and is_run(path):
         return _run_info(path)
     if path.exists():
@@ -74,10 +74,12 @@ def _tokenizer_summary(description: dict[str, Any]) -> dict[str, Any]:
     return {"type": tok.kind, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
 
 
-def _data_info(path: Path) -> dict[str, Any]:
-    data = PreparedData.open(path)
+def _data_info(path: Path, verify: bool) -> dict[str, Any]:
+    data = PreparedData.open(path, verify=False)
     meta = data.meta
+    verified = {"verified_shards": data.verify()} if verify else {}
     return {
+        **verified,
         "kind": "data",
         "name": str(path),
         "tokenizer": _tokenizer_summary(meta["tokenizer"]),
@@ -132,6 +134,13 @@ def format_info(info: dict[str, Any]) -> str:
         for split, s in info["splits"].items():
             lines.append(f"{split}: {s['tokens']:,} tokens, {s['documents']:,} documents")
         lines.append(f"token dtype: {info['dtype']}")
+    if "verified_shards" in info:
+        n = info["verified_shards"]
+        lines.append(
+            f"verified: {n} shard(s) match the sha256 in meta.json"
+            if n
+            else "verified: no shard has a sha256 in meta.json (prepared before gptkit recorded them)"
+        )
     if info.get("progress"):
         lines.append(
             "progress: "
