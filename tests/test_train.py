@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -543,3 +545,119 @@ def test_stop_at_must_be_after_the_starting_step(tmp_path: Path, char_data: Path
     )
     with pytest.raises(GptkitError, match=r"--stop-at 2 is not after the step training starts from \(2\)"):
         train(config(tmp_path, char_data, "name=s", "train.max_steps=6"), resume="latest", stop_at=2)
+
+
+# -- issue 14: errors before and after step 1, NaN, damaged shards ----------------------------
+
+
+def test_eval_inputs_are_checked_before_step_1(tmp_path: Path, shakespeare: Path) -> None:
+    """configs/tiny.yaml's own prompt holds '"', which a char tokenizer built on Shakespeare lacks:
+    training ran to the first evaluation, then died with no checkpoint (and again on resume)."""
+    data = tmp_path / "shakespeare"
+    prepare([str(shakespeare)], data, tokenizer="char", progress=False, workers=1)
+    env = {**os.environ, "GPTKIT_NO_PROGRESS": "1"}
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    common = [str(tiny), *TINY, f"data.path={data}", f"runs_dir={tmp_path / 'runs'}", "eval.every=25"]
+    for extra, message in [
+        ([], "eval.prompts[0] 'The \"if\" statement' cannot be sampled from: character '\"' (U+0022)"),
+        (["eval.tasks=[lambada]", "eval.task_data=nope", "eval.sample_tokens=0"], "lambada needs nope"),
+    ]:
+        out = subprocess.run(
+            [sys.executable, "-m", "gptkit", "train", *common, *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and "parameters on" not in out.stderr, "before any work"
+        assert not (tmp_path / "runs" / "tiny" / "metrics.jsonl").exists()
+        assert not step_files(tmp_path / "runs" / "tiny")
+
+
+def write_ids(data: Path, split_index: int, offset: int, value: int) -> bytes:
+    """Put `value` at `offset` of a train shard and record the shard's new sha256 in meta.json, as a
+    tokenizer bug would write it; returns the shard's original bytes."""
+    import hashlib
+
+    meta = json.loads((data / "meta.json").read_text())
+    entry = meta["splits"]["train"]["shards"][split_index]
+    shard = data / entry["file"]
+    original = shard.read_bytes()
+    ids = np.frombuffer(original, dtype=meta["dtype"]).copy()
+    ids[offset] = value
+    shard.write_bytes(ids.tobytes())
+    entry["sha256"] = hashlib.sha256(ids.tobytes()).hexdigest()
+    (data / "meta.json").write_text(json.dumps(meta))
+    return original
+
+
+def test_an_error_after_step_1_saves_an_emergency_checkpoint_that_resumes_exactly(
+    tmp_path: Path, char_data: Path
+) -> None:
+    """An id outside the vocabulary at step 6 was `IndexError: index out of range in self` and the
+    five steps were lost; now it is one line, after an emergency checkpoint of step 5."""
+    import shutil
+
+    from gptkit.data.shards import PreparedData
+    from gptkit.training.batches import ShardBatches
+
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data)
+    meta_before = (data / "meta.json").read_text()
+    args = ["data.sampling=ordered", "train.seed=1", "eval.every=0", "checkpoint.every_steps=0"]
+    args += ["checkpoint.every_minutes=0", "train.max_steps=20"]
+    source = ShardBatches(PreparedData.open(data).shards("train"), 4, 32, "ordered", seed=1)
+    for _ in range(5):
+        source.next_batch()
+    shard, offset = source._ordered_starts(4)[0]  # the first window of step 6
+    original = write_ids(data, shard, offset + 10, 65000)
+    env = {**os.environ, "GPTKIT_NO_PROGRESS": "1"}
+    out = subprocess.run(cli(tmp_path, data, *args), env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "holds token id 65000" in out.stderr and "the vocabulary has 104 ids" in out.stderr
+    assert "saved an emergency checkpoint before stopping" in out.stderr
+    run = tmp_path / "runs" / "sig"
+    assert [s for s, _ in step_files(run)] == [5]
+
+    shard_file = data / json.loads(meta_before)["splits"]["train"]["shards"][shard]["file"]
+    shard_file.write_bytes(original)
+    (data / "meta.json").write_text(meta_before)
+    resumed = subprocess.run(
+        cli(tmp_path, data, *args) + ["--resume", "latest", "--stop-at", "8"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    straight = train(config(tmp_path, data, "name=straight", *args), stop_at=8)
+    assert [m["loss"] for m in metrics(run)] == straight.train_losses
+
+
+def test_no_checkpoint_with_nan_and_the_advice_names_a_sound_one(tmp_path: Path, char_data: Path) -> None:
+    """lr=1e6: the advice said "lower lr and resume" while the checkpoints held diverged weights."""
+    common = ["name=nan", "eval.every=0", "train.max_steps=50", "train.warmup_steps=0"]
+    train(config(tmp_path, char_data, *common, "checkpoint.every_steps=2"), stop_at=4)
+    run = tmp_path / "runs" / "nan"
+    diverge = ["train.lr=1e6", "train.grad_clip=0", "train.max_bad_steps=3", "checkpoint.every_steps=1"]
+    with pytest.raises(
+        GptkitError, match=r"3 steps in a row had NaN/inf loss or gradients \(steps 6 to 8\)"
+    ) as e:
+        train(config(tmp_path, char_data, *common, *diverge), resume="latest")
+    sound = run / "checkpoints" / "step_00000004.pt"
+    assert f"--resume {sound} name=NEW_NAME" in str(e.value)
+    # step 5's update diverged (its weights are finite but gave NaN): nothing after it was written
+    assert [s for s, _ in step_files(run)] == [2, 4, 5]
+    following = train(config(tmp_path, char_data, *common, "name=nan2"), resume=str(sound), stop_at=6)
+    assert following.step == 6 and all(math.isfinite(x) for x in following.train_losses)
+
+    cfg = config(tmp_path, char_data, "model.vocab_size=104", "train.max_steps=1")
+    model = GPT(cfg.model)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    from gptkit.tokenizer import CharTokenizer
+
+    trainer = Trainer(cfg, tmp_path / "w", "w", model, CharTokenizer.train(["ab"]), ListSource([]), None)
+    assert trainer.save("periodic") is None and not step_files(tmp_path / "w"), "non-finite weights: no file"

@@ -262,10 +262,11 @@ def shard_sources(
         config.train.seed,
         rank=procs.rank,
         world_size=procs.world_size,
+        vocab_size=data.vocab_size,
     )
     val = None
     if data.tokens("val") > block:
-        val = fixed_batches(data.shards("val"), config.eval.batches, micro, block)
+        val = fixed_batches(data.shards("val"), config.eval.batches, micro, block, data.vocab_size)
     else:
         notice(f"no val loss: the val split of {config.data.path} has fewer than {block + 1} tokens")
     return source, val
