@@ -118,6 +118,16 @@ class FinetuneConfig(Section):
     prompt_tokens: int = Field(20, ge=1, description="prompt tuning: trainable virtual tokens")
     prompt_init: str | None = Field(None, description="prompt tuning: text whose embeddings start it")
 
+    @model_validator(mode="after")
+    def _check_lora_trains_something(self) -> FinetuneConfig:
+        lc = self.lora
+        if self.method == "lora" and not lc.targets and not (lc.train_biases or lc.train_layernorms):
+            raise ValueError(
+                "lora.targets is empty, so nothing would train; name layers (c_attn, attn.c_proj, c_fc, "
+                "mlp.c_proj), set lora.train_biases=true, or use finetune.method=full"
+            )
+        return self
+
 
 class TrainConfig(Section):
     """The optimisation: steps, batch, optimiser, schedule, precision."""
