@@ -192,10 +192,19 @@ def save_safetensors_checkpoint(
         "tied": json.dumps(tied),
         **{k: json.dumps(v) for k, v in fields.items() if v is not None},
     }
+    metadata[DIGEST_KEY] = _safetensors_digest(tensors, metadata)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, safetensors_bytes(tensors, metadata=metadata), durable=True)
     return path
+
+
+def _safetensors_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """The content digest of a safetensors checkpoint: its tensors and metadata, by name (the file
+    orders tensors its own way)."""
+    return content_digest(
+        {"model": dict(sorted(tensors.items())), "metadata": dict(sorted(metadata.items()))}
+    )
 
 
 def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str, Any]:
@@ -218,6 +227,12 @@ def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str,
         raise GptkitError(
             f"{str(path)!r} is a safetensors file without gptkit's metadata; import HuggingFace folders "
             "with gptkit import hf"
+        )
+    stored = metadata.pop(DIGEST_KEY, None)
+    if stored is not None and stored != _safetensors_digest(model, metadata):
+        raise GptkitError(
+            f"checkpoint {str(path)!r} fails its content check (its sha256 differs from the one saved "
+            "with it: the file was damaged after it was written); use another one"
         )
     for alias, key in json.loads(metadata.get("tied", "{}")).items():
         model[alias] = model[key]
