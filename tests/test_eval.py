@@ -505,3 +505,23 @@ def test_training_runs_the_configured_tasks_at_each_evaluation(tmp_path: Path) -
     assert [r["step"] for r in val] == [2, 4]
     for r in val:
         assert 0 <= r["piqa_acc"] <= 1 and r["perplexity_loss"] > 0 and "val_loss" in r
+
+
+def test_perplexity_data_with_ids_outside_the_vocabulary_is_one_line(tmp_path: Path) -> None:
+    """A val shard with an id >= vocab (whose sha256 was recorded so) was an IndexError in the model."""
+    import hashlib
+
+    from gptkit.api import prepare
+    from gptkit.data.shards import PreparedData
+
+    prepare([], tmp_path / "d", tokenizer="char", progress=False, workers=1)
+    data = PreparedData.open(tmp_path / "d")
+    meta = json.loads((data.path / "meta.json").read_text())
+    entry = meta["splits"]["val"]["shards"][0]
+    ids = np.fromfile(data.path / entry["file"], dtype=data.dtype)
+    ids[5] = 60000
+    ids.tofile(data.path / entry["file"])
+    entry["sha256"] = hashlib.sha256(ids.tobytes()).hexdigest()
+    (data.path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(GptkitError, match=r"hold token id 60000, but the vocabulary has 104 ids"):
+        read_tokens(data.path, data.tokenizer())
