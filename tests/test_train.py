@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from gptkit.api import prepare
-from gptkit.checkpoint import clean_state_dict, load_checkpoint
+from gptkit.checkpoint import clean_state_dict, find_checkpoint, load_checkpoint
 from gptkit.config import RunConfig, load_config
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
@@ -507,6 +507,10 @@ def test_when_every_checkpoint_is_damaged_both_messages_give_one_way_out(
     assert re.search(way_out, str(e.value)) and "start the run again" in str(e.value)
     with pytest.raises(GptkitError, match=way_out):
         train(config(tmp_path, char_data, "name=dmg", "train.max_steps=6"))
+    with pytest.raises(
+        GptkitError, match=r"step_00000002.pt, step_00000004.pt: damaged.*train the run again"
+    ):
+        find_checkpoint(run)  # sample, eval, export: not "train it first"
     run.rename(tmp_path / "damaged")  # the way out both messages name
     assert train(config(tmp_path, char_data, "name=dmg", "train.max_steps=2")).step == 2
 

@@ -321,7 +321,13 @@ def find_checkpoint(
                 f"{str(path)!r} is not a run folder (no checkpoints/ inside); pass a run folder such as "
                 "runs/tiny or a checkpoint file"
             )
-        found = load_newest(run_checkpoints(path), map_location)
+        files = run_checkpoints(path)
+        found = load_newest(files, map_location)
+        if found is None and files:
+            raise GptkitError(
+                f"no checkpoint of run {str(path)!r} is intact ({', '.join(p.name for p in files)}: "
+                "damaged, see above); pass a checkpoint file from elsewhere, or train the run again"
+            )
         if found is None:
             raise GptkitError(f"run {str(path)!r} has no intact checkpoint yet; train it first")
         return found
