@@ -622,6 +622,9 @@ def test_an_error_after_step_1_saves_an_emergency_checkpoint_that_resumes_exactl
     assert "Traceback" not in out.stderr
     assert "holds token id 65000" in out.stderr and "the vocabulary has 104 ids" in out.stderr
     assert "saved an emergency checkpoint before stopping" in out.stderr
+    assert "resume with: gptkit train" in out.stderr and out.stderr.index("resume with") < out.stderr.index(
+        "error:"
+    )
     run = tmp_path / "runs" / "sig"
     assert [s for s, _ in step_files(run)] == [5]
 

@@ -224,7 +224,7 @@ class Trainer:
         self._saved_step = self.step
         return path
 
-    def _save_after_error(self, error: Exception) -> None:
+    def _save_after_error(self) -> None:
         """An error ends the run: keep the steps done since the last checkpoint, as SIGINT does.
 
         An error inside a step, before its update, rolls the data position and generators back to
@@ -244,7 +244,10 @@ class Trainer:
             notice(f"could not save an emergency checkpoint at step {self.step}: {e}")
             return
         if path is not None:
-            notice(f"saved an emergency checkpoint before stopping: {path} (step {self.step})")
+            notice(
+                f"saved an emergency checkpoint before stopping: {path} (step {self.step}); once the "
+                f"error below is fixed, resume with: {self.resume_command()}"
+            )
 
     def last_val_loss_if_fresh(self) -> float | None:
         """The val loss counts for 'best' only on the step it was measured."""
@@ -309,8 +312,8 @@ class Trainer:
                     self.evaluate(log)
                 if not stopped:
                     result.checkpoint = self.save("final")
-        except Exception as e:
-            self._save_after_error(e)
+        except Exception:
+            self._save_after_error()
             raise
         finally:
             log.close("stopped" if stopped else None)  # None: "failed" if an exception is on its way
