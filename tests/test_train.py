@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptkit.api import prepare
+from gptkit.api import info, prepare
 from gptkit.checkpoint import clean_state_dict, find_checkpoint, load_checkpoint
 from gptkit.config import RunConfig, load_config
 from gptkit.errors import GptkitError
@@ -511,6 +511,8 @@ def test_when_every_checkpoint_is_damaged_both_messages_give_one_way_out(
         GptkitError, match=r"step_00000002.pt, step_00000004.pt: damaged.*train the run again"
     ):
         find_checkpoint(run)  # sample, eval, export: not "train it first"
+    with pytest.raises(GptkitError, match=r"step_00000004.pt: damaged"):
+        info(str(run))
     run.rename(tmp_path / "damaged")  # the way out both messages name
     assert train(config(tmp_path, char_data, "name=dmg", "train.max_steps=2")).step == 2
 

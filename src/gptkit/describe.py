@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from gptkit.checkpoint import is_run, load_checkpoint, load_newest, run_checkpoints
+from gptkit.checkpoint import find_checkpoint, is_run, load_checkpoint
 from gptkit.config import (
     GPT2_VOCAB_SIZE,
     MODEL_PRESETS,
@@ -90,8 +90,8 @@ def _data_info(path: Path, verify: bool) -> dict[str, Any]:
     }
 
 
-def _checkpoint_info(path: Path) -> dict[str, Any]:
-    payload = load_checkpoint(path, map_location="cpu")
+def _checkpoint_info(path: Path, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    payload = payload if payload is not None else load_checkpoint(path, map_location="cpu")
     config = validate(RunConfig, payload["config"], f"checkpoint {path}")
     return {
         "kind": "checkpoint",
@@ -105,11 +105,8 @@ def _checkpoint_info(path: Path) -> dict[str, Any]:
 
 def _run_info(path: Path) -> dict[str, Any]:
     """The newest intact checkpoint of the run speaks for it."""
-    found = load_newest(run_checkpoints(path))
-    if found is None:
-        raise GptkitError(f"run {str(path)!r} has no intact checkpoint yet")
-    ckpt, _ = found
-    return {**_checkpoint_info(ckpt), "kind": "run", "name": str(path), "checkpoint": str(ckpt)}
+    ckpt, payload = find_checkpoint(path)
+    return {**_checkpoint_info(ckpt, payload), "kind": "run", "name": str(path), "checkpoint": str(ckpt)}
 
 
 def format_info(info: dict[str, Any]) -> str:
