@@ -199,6 +199,13 @@ def save_safetensors_checkpoint(
     return path
 
 
+def _fails_check(path: Path) -> GptkitError:
+    return GptkitError(
+        f"checkpoint {str(path)!r} fails its content check (its sha256 differs from the one saved "
+        "with it: the file was damaged after it was written); use another one"
+    )
+
+
 def _safetensors_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """The content digest of a safetensors checkpoint: its tensors and metadata, by name (the file
     orders tensors its own way)."""
@@ -230,10 +237,7 @@ def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str,
         )
     stored = metadata.pop(DIGEST_KEY, None)
     if stored is not None and stored != _safetensors_digest(model, metadata):
-        raise GptkitError(
-            f"checkpoint {str(path)!r} fails its content check (its sha256 differs from the one saved "
-            "with it: the file was damaged after it was written); use another one"
-        )
+        raise _fails_check(path)
     for alias, key in json.loads(metadata.get("tied", "{}")).items():
         model[alias] = model[key]
     payload = {k: json.loads(metadata[k]) for k in _JSON_FIELDS if k in metadata}
@@ -278,10 +282,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         )
     stored = payload.get(DIGEST_KEY)
     if stored is not None and stored != content_digest(payload):
-        raise GptkitError(
-            f"checkpoint {str(path)!r} fails its content check (its sha256 differs from the one saved "
-            "with it: the file was damaged after it was written); use another one"
-        )
+        raise _fails_check(path)
     return payload
 
 

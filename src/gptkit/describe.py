@@ -75,7 +75,7 @@ def _tokenizer_summary(description: dict[str, Any]) -> dict[str, Any]:
 
 
 def _data_info(path: Path, verify: bool) -> dict[str, Any]:
-    data = PreparedData.open(path, verify=False)
+    data = PreparedData.open(path, verify=False if verify else None)  # hashed once, below
     meta = data.meta
     verified = {"verified_shards": data.verify()} if verify else {}
     return {
