@@ -614,3 +614,23 @@ def test_all_checkpoints_answer_test_questions_into_eval_md_and_mlflow(tmp_path:
     assert again.stdout == "" and again.stderr.count("already evaluated on answers; skipped") == 2
     assert ((run / EVAL_FILE).read_text(), (run / "eval.md").read_text()) == before
     assert logged() == texts and len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+
+
+def test_perplexity_data_with_ids_outside_the_vocabulary_is_one_line(tmp_path: Path) -> None:
+    """A val shard with an id >= vocab (whose sha256 was recorded so) was an IndexError in the model."""
+    import hashlib
+
+    from gptkit.api import prepare
+    from gptkit.data.shards import PreparedData
+
+    prepare([], tmp_path / "d", tokenizer="char", progress=False, workers=1)
+    data = PreparedData.open(tmp_path / "d")
+    meta = json.loads((data.path / "meta.json").read_text())
+    entry = meta["splits"]["val"]["shards"][0]
+    ids = np.fromfile(data.path / entry["file"], dtype=data.dtype)
+    ids[5] = 60000
+    ids.tofile(data.path / entry["file"])
+    entry["sha256"] = hashlib.sha256(ids.tobytes()).hexdigest()
+    (data.path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(GptkitError, match=r"hold token id 60000, but the vocabulary has 104 ids"):
+        read_tokens(data.path, data.tokenizer())

@@ -262,6 +262,11 @@ def test_safetensors_checkpoint_keeps_weights_config_and_tokenizer(tmp_path: Pat
     assert again.lm_head.weight is again.transformer.wte.weight
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name]), name
+    data = bytearray(out.read_bytes())  # tensor bytes changed after writing: safetensors loads them
+    data[-100:-84] = bytes(b ^ 0xFF for b in data[-100:-84])
+    out.write_bytes(bytes(data))
+    with pytest.raises(GptkitError, match=r"a.safetensors' fails its content check"):
+        load_checkpoint(out)
 
 
 def test_bad_input_is_one_clear_error(tmp_path: Path) -> None:

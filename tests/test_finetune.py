@@ -448,3 +448,25 @@ def test_no_usable_example_says_why(tmp_path: Path) -> None:
     assert "dropped because the prompt fills the context (128 tokens)" in breakdown
     assert error.startswith("gptkit: error: 0 usable example(s) in ") and "longer context" in error
     assert not (tmp_path / "runs").exists()
+
+
+def test_changed_method_on_resume_and_empty_lora_targets_are_one_line_errors(
+    tmp_path: Path, tok: CharTokenizer
+) -> None:
+    """Both were tracebacks: an error in backward, and a state-dict/optimizer mismatch."""
+    base = write_base(tmp_path / "base.pt", tok)
+    data = write_records(tmp_path / "qa.jsonl", records())
+    with pytest.raises(GptkitError, match=r"lora.targets is empty, so nothing would train") as e:
+        finetune(None, finetune_config(tmp_path, base, data, "name=empty", "finetune.lora.targets=[]"))
+    assert "\n" not in str(e.value)
+    common = finetune_config(tmp_path, base, data, "name=r", "train.max_steps=6")
+    finetune(None, common, stop_at=2)
+    for change, message in [
+        ("finetune.lora.r=4", "finetune.lora.r 8 -> 4"),
+        ("finetune.method=full", "finetune.method lora -> full"),
+        ("finetune.lora.targets=[c_fc]", "finetune.lora.targets ['c_attn', 'attn.c_proj'] -> ['c_fc']"),
+    ]:
+        with pytest.raises(GptkitError, match=r"fine-tuning differs from checkpoint") as e:
+            finetune(None, [*common, change], resume="latest")
+        assert message in str(e.value)
+    assert finetune(None, common, resume="latest").step == 6

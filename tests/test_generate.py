@@ -202,6 +202,9 @@ def test_long_prompt_and_generation_past_the_context(sampler: Sampler, char: Cha
     ("change", "message"),
     [
         (dict(temperature=-0.5), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),  # was accepted: every token equally likely
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_k=0), "top_k"),
@@ -293,6 +296,7 @@ def test_sample_command(tmp_path: Path, sampler: Sampler, char: CharTokenizer) -
     ("args", "message"),
     [
         (["--prompt", "x", "--temperature", "-1"], "temperature"),
+        (["--prompt", "x", "--temperature", "inf"], "temperature"),
         (["--prompt", "x", "--top-p", "0"], "top_p"),
         (["--prompt", ""], "prompt is empty"),
         (["--prompt-file", "missing.txt"], "prompt file 'missing.txt' not found"),

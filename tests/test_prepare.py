@@ -329,3 +329,60 @@ def test_workers_run_from_a_script_on_standard_input(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert PreparedData.open(tmp_path / "out").tokenizer().describe() == gpt2_tokenizer().describe()
+
+
+def gptkit_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gptkit", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_shards_carry_a_sha256_and_edited_meta_is_refused(tmp_path: Path) -> None:
+    """Garbage ids inside the vocabulary, an edited split total and an edited vocab_size were all
+    accepted (the last one failed later with a traceback); folders without checksums still load."""
+    src = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    data = run(tmp_path, [src], tokenizer="char")
+    meta_path = data.path / "meta.json"
+    pristine = meta_path.read_text()
+    shard = data.path / data.meta["splits"]["train"]["shards"][0]["file"]
+    assert all(
+        len(s["sha256"]) == 64 for split in ("train", "val") for s in data.meta["splits"][split]["shards"]
+    )
+    intact = gptkit_cli("info", str(data.path), "--verify")
+    assert intact.returncode == 0 and "verified: 2 shard(s) match the sha256" in intact.stdout, intact.stderr
+
+    original = shard.read_bytes()
+    ids = np.frombuffer(original, dtype=data.dtype).copy()
+    ids[100:110] = ids[200]  # valid ids, wrong text: only the checksum sees it
+    shard.write_bytes(ids.tobytes())
+    with pytest.raises(
+        GptkitError, match=r"train_000000.bin fails its content check.*prepare the data again"
+    ):
+        PreparedData.open(data.path)  # small data: verified on open
+    damaged = gptkit_cli("info", str(data.path), "--verify")
+    assert damaged.returncode == 2 and damaged.stderr.count("\n") == 1, damaged.stderr
+    assert "fails its content check" in damaged.stderr
+
+    meta = json.loads(pristine)
+    for split in ("train", "val"):
+        for s in meta["splits"][split]["shards"]:
+            del s["sha256"]
+    meta_path.write_text(json.dumps(meta))  # as prepared by an earlier gptkit
+    assert PreparedData.open(data.path).verify() == 0
+    assert "no shard has a sha256" in gptkit_cli("info", str(data.path), "--verify").stdout
+    shard.write_bytes(original)
+
+    meta = json.loads(pristine)
+    meta["splits"]["train"]["tokens"] += 1000
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(GptkitError, match=r"says the train split has \d+ tokens, but its shards hold \d+"):
+        PreparedData.open(data.path)
+
+    meta = json.loads(pristine)
+    meta["vocab_size"] = 50
+    meta_path.write_text(json.dumps(meta))
+    edited = gptkit_cli("info", str(data.path))
+    assert edited.returncode == 2 and edited.stderr.count("\n") == 1, edited.stderr
+    assert "says vocab_size 50 and dtype uint16, but its tokenizer has" in edited.stderr
+    meta_path.write_text(pristine)
+    assert PreparedData.open(data.path, verify=True).verify() == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -11,11 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from gptkit.api import prepare
-from gptkit.checkpoint import clean_state_dict, load_checkpoint
+from gptkit.api import info, prepare
+from gptkit.checkpoint import clean_state_dict, find_checkpoint, load_checkpoint
 from gptkit.config import RunConfig, load_config
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
@@ -433,3 +435,238 @@ def test_auto_micro_batch_fits_memory_and_keeps_the_step(tmp_path: Path, char_da
     assert isinstance(micro, int) and 1 <= micro <= 32 and 1024 % (micro * 32) == 0
     assert result.tokens == 2 * 1024
     assert micro == 32, "a 30k-parameter model fits the largest micro-batch that divides the step"
+
+
+def flip_tensor_bytes(path: Path, count: int = 16) -> None:
+    """XOR `count` bytes in the middle of the largest tensor record of a torch.save zip file."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        record = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    # a local header is 30 bytes plus the name and extra field; the record's bytes follow it
+    name_len = int.from_bytes(data[record.header_offset + 26 : record.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[record.header_offset + 28 : record.header_offset + 30], "little")
+    start = record.header_offset + 30 + name_len + extra_len + record.file_size // 2
+    for i in range(start, start + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_changed_tensor_byte_fails_the_content_check_and_resume_falls_back(
+    tmp_path: Path, char_data: Path
+) -> None:
+    """torch loads a checkpoint with flipped tensor bytes without a word; the stored sha256 finds them."""
+    env = {**os.environ, "GPTKIT_NO_PROGRESS": "1"}
+    args = ["eval.every=0", "checkpoint.every_steps=2", "checkpoint.keep_last=5"]
+    first = subprocess.run(
+        cli(tmp_path, char_data, "train.max_steps=4", *args), env=env, capture_output=True, text=True
+    )
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "runs" / "sig"
+    newest = step_files(run)[-1][1]
+    assert newest.name == "step_00000004.pt"
+    flip_tensor_bytes(newest)
+    with pytest.raises(GptkitError, match=r"step_00000004.pt' fails its content check"):
+        load_checkpoint(newest)
+    resumed = subprocess.run(
+        cli(tmp_path, char_data, "train.max_steps=6", *args) + ["--resume", "latest"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step_00000004.pt' fails its content check" in resumed.stderr
+    assert "falling back to an earlier checkpoint" in resumed.stderr
+    assert "step_00000002.pt (step 2)" in resumed.stderr
+    assert load_checkpoint(step_files(run)[-1][1])["progress"]["step"] == 6
+
+
+def test_checkpoints_without_a_stored_digest_still_load(tmp_path: Path, char_data: Path) -> None:
+    """Checkpoints written before the sha256 was stored load unchecked; a stored one matches."""
+    result = train(config(tmp_path, char_data, "name=old", "train.max_steps=2", "eval.every=0"))
+    payload = torch.load(result.checkpoint, weights_only=True)
+    assert len(payload.pop("sha256")) == 64
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    assert load_checkpoint(old)["progress"]["step"] == 2
+
+
+def test_when_every_checkpoint_is_damaged_both_messages_give_one_way_out(
+    tmp_path: Path, char_data: Path
+) -> None:
+    train(config(tmp_path, char_data, "name=dmg", "train.max_steps=4", "checkpoint.every_steps=2"))
+    run = tmp_path / "runs" / "dmg"
+    for _, path in step_files(run):
+        path.write_bytes(path.read_bytes()[:1000])
+    way_out = r"choose another run name \(name=\.\.\.\)"
+    with pytest.raises(
+        GptkitError, match=r"step_00000002.pt, step_00000004.pt: damaged.*move the folder away"
+    ) as e:
+        train(config(tmp_path, char_data, "name=dmg", "train.max_steps=6"), resume="latest")
+    assert re.search(way_out, str(e.value)) and "start the run again" in str(e.value)
+    with pytest.raises(GptkitError, match=way_out):
+        train(config(tmp_path, char_data, "name=dmg", "train.max_steps=6"))
+    with pytest.raises(
+        GptkitError, match=r"step_00000002.pt, step_00000004.pt: damaged.*train the run again"
+    ):
+        find_checkpoint(run)  # sample, eval, export: not "train it first"
+    with pytest.raises(GptkitError, match=r"step_00000004.pt: damaged"):
+        info(str(run))
+    run.rename(tmp_path / "damaged")  # the way out both messages name
+    assert train(config(tmp_path, char_data, "name=dmg", "train.max_steps=2")).step == 2
+
+
+def test_a_folder_with_an_earlier_runs_metrics_but_no_checkpoint_is_not_reused(
+    tmp_path: Path, char_data: Path
+) -> None:
+    """Its metrics.jsonl was emptied and a stale eval.json kept; now it is refused, naming the fix."""
+    run = tmp_path / "runs" / "stale"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 3.0}\n')
+    (run / "eval.json").write_text("[]")
+    with pytest.raises(
+        GptkitError,
+        match=r"holds an earlier run's metrics.jsonl, eval.json but no checkpoint.*"
+        r"move the folder away or choose another run name",
+    ):
+        train(config(tmp_path, char_data, "name=stale", "train.max_steps=2"))
+    with pytest.raises(GptkitError, match=r"no checkpoint to resume from .*move the folder away"):
+        train(config(tmp_path, char_data, "name=stale", "train.max_steps=2"), resume="latest")
+    assert (run / "metrics.jsonl").read_text().startswith('{"step": 1'), "nothing was replaced"
+    # --resume auto (a requeued job that died before its first checkpoint) redoes the run
+    assert train(config(tmp_path, char_data, "name=stale", "train.max_steps=2"), resume="auto").step == 2
+
+
+def test_stop_at_must_be_after_the_starting_step(tmp_path: Path, char_data: Path) -> None:
+    """--stop-at -3 used to run one step and stop; a step not after the resumed one did the same."""
+    for bad in (-3, 0):
+        with pytest.raises(
+            GptkitError, match=rf"--stop-at {bad} is not after the step training starts from \(0\)"
+        ):
+            train(config(tmp_path, char_data, "name=s", "train.max_steps=6"), stop_at=bad)
+    assert not (tmp_path / "runs" / "s").exists(), "refused before the run folder is made"
+    assert (
+        train(config(tmp_path, char_data, "name=s", "train.max_steps=6", "eval.every=0"), stop_at=2).step == 2
+    )
+    with pytest.raises(GptkitError, match=r"--stop-at 2 is not after the step training starts from \(2\)"):
+        train(config(tmp_path, char_data, "name=s", "train.max_steps=6"), resume="latest", stop_at=2)
+
+
+# -- issue 14: errors before and after step 1, NaN, damaged shards ----------------------------
+
+
+def test_eval_inputs_are_checked_before_step_1(tmp_path: Path, shakespeare: Path) -> None:
+    """configs/tiny.yaml's own prompt holds '"', which a char tokenizer built on Shakespeare lacks:
+    training ran to the first evaluation, then died with no checkpoint (and again on resume)."""
+    data = tmp_path / "shakespeare"
+    prepare([str(shakespeare)], data, tokenizer="char", progress=False, workers=1)
+    env = {**os.environ, "GPTKIT_NO_PROGRESS": "1"}
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    common = [str(tiny), *TINY, f"data.path={data}", f"runs_dir={tmp_path / 'runs'}", "eval.every=25"]
+    for extra, message in [
+        ([], "eval.prompts[0] 'The \"if\" statement' cannot be sampled from: character '\"' (U+0022)"),
+        (["eval.tasks=[lambada]", "eval.task_data=nope", "eval.sample_tokens=0"], "lambada needs nope"),
+    ]:
+        out = subprocess.run(
+            [sys.executable, "-m", "gptkit", "train", *common, *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and "parameters on" not in out.stderr, "before any work"
+        assert not (tmp_path / "runs" / "tiny" / "metrics.jsonl").exists()
+        assert not step_files(tmp_path / "runs" / "tiny")
+
+
+def write_ids(data: Path, split_index: int, offset: int, value: int) -> bytes:
+    """Put `value` at `offset` of a train shard and record the shard's new sha256 in meta.json, as a
+    tokenizer bug would write it; returns the shard's original bytes."""
+    import hashlib
+
+    meta = json.loads((data / "meta.json").read_text())
+    entry = meta["splits"]["train"]["shards"][split_index]
+    shard = data / entry["file"]
+    original = shard.read_bytes()
+    ids = np.frombuffer(original, dtype=meta["dtype"]).copy()
+    ids[offset] = value
+    shard.write_bytes(ids.tobytes())
+    entry["sha256"] = hashlib.sha256(ids.tobytes()).hexdigest()
+    (data / "meta.json").write_text(json.dumps(meta))
+    return original
+
+
+def test_an_error_after_step_1_saves_an_emergency_checkpoint_that_resumes_exactly(
+    tmp_path: Path, char_data: Path
+) -> None:
+    """An id outside the vocabulary at step 6 was `IndexError: index out of range in self` and the
+    five steps were lost; now it is one line, after an emergency checkpoint of step 5."""
+    import shutil
+
+    from gptkit.data.shards import PreparedData
+    from gptkit.training.batches import ShardBatches
+
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data)
+    meta_before = (data / "meta.json").read_text()
+    args = ["data.sampling=ordered", "train.seed=1", "eval.every=0", "checkpoint.every_steps=0"]
+    args += ["checkpoint.every_minutes=0", "train.max_steps=20"]
+    source = ShardBatches(PreparedData.open(data).shards("train"), 4, 32, "ordered", seed=1)
+    for _ in range(5):
+        source.next_batch()
+    shard, offset = source._ordered_starts(4)[0]  # the first window of step 6
+    original = write_ids(data, shard, offset + 10, 65000)
+    env = {**os.environ, "GPTKIT_NO_PROGRESS": "1"}
+    out = subprocess.run(cli(tmp_path, data, *args), env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "holds token id 65000" in out.stderr and "the vocabulary has 104 ids" in out.stderr
+    assert "saved an emergency checkpoint before stopping" in out.stderr
+    assert "resume with: gptkit train" in out.stderr and out.stderr.index("resume with") < out.stderr.index(
+        "error:"
+    )
+    run = tmp_path / "runs" / "sig"
+    assert [s for s, _ in step_files(run)] == [5]
+
+    shard_file = data / json.loads(meta_before)["splits"]["train"]["shards"][shard]["file"]
+    shard_file.write_bytes(original)
+    (data / "meta.json").write_text(meta_before)
+    resumed = subprocess.run(
+        cli(tmp_path, data, *args) + ["--resume", "latest", "--stop-at", "8"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    straight = train(config(tmp_path, data, "name=straight", *args), stop_at=8)
+    assert [m["loss"] for m in metrics(run)] == straight.train_losses
+
+
+def test_no_checkpoint_with_nan_and_the_advice_names_a_sound_one(tmp_path: Path, char_data: Path) -> None:
+    """lr=1e6: the advice said "lower lr and resume" while the checkpoints held diverged weights."""
+    common = ["name=nan", "eval.every=0", "train.max_steps=50", "train.warmup_steps=0"]
+    train(config(tmp_path, char_data, *common, "checkpoint.every_steps=2"), stop_at=4)
+    run = tmp_path / "runs" / "nan"
+    diverge = ["train.lr=1e6", "train.grad_clip=0", "train.max_bad_steps=3", "checkpoint.every_steps=1"]
+    with pytest.raises(
+        GptkitError, match=r"3 steps in a row had NaN/inf loss or gradients \(steps 6 to 8\)"
+    ) as e:
+        train(config(tmp_path, char_data, *common, *diverge), resume="latest")
+    sound = run / "checkpoints" / "step_00000004.pt"
+    assert f"--resume {sound} name=NEW_NAME" in str(e.value)
+    # step 5's update diverged (its weights are finite but gave NaN): nothing after it was written
+    assert [s for s, _ in step_files(run)] == [2, 4, 5]
+    following = train(config(tmp_path, char_data, *common, "name=nan2"), resume=str(sound), stop_at=6)
+    assert following.step == 6 and all(math.isfinite(x) for x in following.train_losses)
+
+    cfg = config(tmp_path, char_data, "model.vocab_size=104", "train.max_steps=1")
+    model = GPT(cfg.model)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    from gptkit.tokenizer import CharTokenizer
+
+    trainer = Trainer(cfg, tmp_path / "w", "w", model, CharTokenizer.train(["ab"]), ListSource([]), None)
+    assert trainer.save("periodic") is None and not step_files(tmp_path / "w"), "non-finite weights: no file"

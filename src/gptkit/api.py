@@ -68,11 +68,12 @@ def finetune(
     return run_training(run, config_path=config, resume=resume, stop_at=stop_at)
 
 
-def info(target: str) -> dict[str, Any]:
-    """Describe a preset, config file, prepared data folder, run folder or checkpoint."""
+def info(target: str, verify: bool = False) -> dict[str, Any]:
+    """Describe a preset, config file, prepared data folder, run folder or checkpoint; `verify`
+    checks every shard of prepared data against the sha256 in its meta.json, however large."""
     from gptkit.describe import describe
 
-    return describe(target)
+    return describe(target, verify=verify)
 
 
 def load(

@@ -9,6 +9,9 @@ strings), so it loads with `weights_only=True`:
   progress    counters such as step and tokens seen
   state       everything else a resume needs (optimiser, schedule, loader, RNG, ...)
   chat_template  (only in instruction-tuned checkpoints) the ChatTemplate as a dict, see generate/chat.py
+  sha256      the digest of everything above (`content_digest`), checked on load: a flipped byte in
+              a tensor record loads without error in torch, so only this finds it. Checkpoints
+              written before gptkit stored it load unchecked.
 
 The weights alone can also be saved as `.safetensors` (`save_safetensors_checkpoint`): no pickle, so
 safe to load from anyone; config, tokenizer, progress and chat template ride along as JSON metadata,
@@ -17,6 +20,7 @@ and `load_checkpoint` reads it like a `.pt` with an empty `state` (sampling, eva
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -38,6 +42,36 @@ SUFFIX = ".pt"
 SAFETENSORS_SUFFIX = ".safetensors"
 _JSON_FIELDS = ("config", "tokenizer", "progress", "chat_template")  # safetensors metadata holds strings
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+DIGEST_KEY = "sha256"
+
+
+def content_digest(payload: dict[str, Any]) -> str:
+    """SHA-256 of a checkpoint's content as loaded: tensors by dtype, shape and bytes, everything else
+    by its repr, in order. Computed from memory on both sides, so checking costs one pass over the
+    weights (~1.7 GB/s) and no second read of the file."""
+    digest = hashlib.sha256()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"T{t.dtype}{tuple(value.shape)}".encode())
+            digest.update(memoryview(t.view(torch.uint8).numpy()))
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for key, item in value.items():
+                digest.update(repr(key).encode())
+                walk(item)
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[" if isinstance(value, list) else b"(")
+            for item in value:
+                walk(item)
+            digest.update(b"]")
+        else:
+            digest.update(repr(value).encode())
+
+    walk({k: v for k, v in payload.items() if k != DIGEST_KEY})
+    return digest.hexdigest()
 
 
 def clean_state_dict(state: dict[str, Any]) -> dict[str, Any]:
@@ -97,6 +131,7 @@ def save_checkpoint(
     }
     if chat_template is not None:
         payload["chat_template"] = chat_template
+    payload[DIGEST_KEY] = content_digest(payload)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("wb") as f:
@@ -157,10 +192,26 @@ def save_safetensors_checkpoint(
         "tied": json.dumps(tied),
         **{k: json.dumps(v) for k, v in fields.items() if v is not None},
     }
+    metadata[DIGEST_KEY] = _safetensors_digest(tensors, metadata)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, safetensors_bytes(tensors, metadata=metadata), durable=True)
     return path
+
+
+def _fails_check(path: Path) -> GptkitError:
+    return GptkitError(
+        f"checkpoint {str(path)!r} fails its content check (its sha256 differs from the one saved "
+        "with it: the file was damaged after it was written); use another one"
+    )
+
+
+def _safetensors_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """The content digest of a safetensors checkpoint: its tensors and metadata, by name (the file
+    orders tensors its own way)."""
+    return content_digest(
+        {"model": dict(sorted(tensors.items())), "metadata": dict(sorted(metadata.items()))}
+    )
 
 
 def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str, Any]:
@@ -184,6 +235,9 @@ def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str,
             f"{str(path)!r} is a safetensors file without gptkit's metadata; import HuggingFace folders "
             "with gptkit import hf"
         )
+    stored = metadata.pop(DIGEST_KEY, None)
+    if stored is not None and stored != _safetensors_digest(model, metadata):
+        raise _fails_check(path)
     for alias, key in json.loads(metadata.get("tied", "{}")).items():
         model[alias] = model[key]
     payload = {k: json.loads(metadata[k]) for k in _JSON_FIELDS if k in metadata}
@@ -226,6 +280,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"checkpoint {str(path)!r} has format version {payload.get('format_version')}, "
             f"this gptkit reads version {FORMAT_VERSION}; use a matching gptkit version"
         )
+    stored = payload.get(DIGEST_KEY)
+    if stored is not None and stored != content_digest(payload):
+        raise _fails_check(path)
     return payload
 
 
@@ -265,7 +322,13 @@ def find_checkpoint(
                 f"{str(path)!r} is not a run folder (no checkpoints/ inside); pass a run folder such as "
                 "runs/tiny or a checkpoint file"
             )
-        found = load_newest(run_checkpoints(path), map_location)
+        files = run_checkpoints(path)
+        found = load_newest(files, map_location)
+        if found is None and files:
+            raise GptkitError(
+                f"no checkpoint of run {str(path)!r} is intact ({', '.join(p.name for p in files)}: "
+                "damaged, see above); pass a checkpoint file from elsewhere, or train the run again"
+            )
         if found is None:
             raise GptkitError(f"run {str(path)!r} has no intact checkpoint yet; train it first")
         return found

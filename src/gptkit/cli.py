@@ -132,13 +132,16 @@ def add_info(p: argparse.ArgumentParser) -> None:
         help="a preset name, run folder, checkpoint, prepared data folder or config file",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument(
+        "--verify", action="store_true", help="prepared data: check every shard against its sha256"
+    )
 
 
 def run_info(args: argparse.Namespace) -> int:
     from gptkit.api import info
     from gptkit.describe import format_info
 
-    result = info(args.target)
+    result = info(args.target, verify=args.verify)
     print(json.dumps(result, indent=1) if args.json else format_info(result))
     return 0
 

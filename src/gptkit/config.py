@@ -118,6 +118,16 @@ class FinetuneConfig(Section):
     prompt_tokens: int = Field(20, ge=1, description="prompt tuning: trainable virtual tokens")
     prompt_init: str | None = Field(None, description="prompt tuning: text whose embeddings start it")
 
+    @model_validator(mode="after")
+    def _check_lora_trains_something(self) -> FinetuneConfig:
+        lc = self.lora
+        if self.method == "lora" and not lc.targets and not (lc.train_biases or lc.train_layernorms):
+            raise ValueError(
+                "lora.targets is empty, so nothing would train; name layers (c_attn, attn.c_proj, c_fc, "
+                "mlp.c_proj), set lora.train_biases=true, or use finetune.method=full"
+            )
+        return self
+
 
 class TrainConfig(Section):
     """The optimisation: steps, batch, optimiser, schedule, precision."""
@@ -169,7 +179,7 @@ class EvalConfig(Section):
     batches: int = Field(20, ge=1, description="fixed val batches (the same ones each time)")
     prompts: list[str] = Field(default_factory=lambda: ["\n"], description="prompts to sample from")
     sample_tokens: int = Field(200, ge=0, description="tokens per sample; 0 = no samples")
-    temperature: float = Field(0.8, gt=0)
+    temperature: float = Field(0.8, gt=0, allow_inf_nan=False)
     top_k: int | None = Field(200, ge=1)
     tasks: list[Literal["perplexity", "hellaswag", "lambada", "piqa"]] = Field(
         default_factory=list, description="zero-shot tasks (gptkit eval) run at every evaluation; [] = none"

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from gptkit.checkpoint import is_run, load_checkpoint, load_newest, run_checkpoints
+from gptkit.checkpoint import find_checkpoint, is_run, load_checkpoint
 from gptkit.config import (
     GPT2_VOCAB_SIZE,
     MODEL_PRESETS,
@@ -23,7 +23,7 @@ from gptkit.model import GPT
 from gptkit.tokenizer import from_description
 
 
-def describe(target: str) -> dict[str, Any]:
+def describe(target: str, verify: bool = False) -> dict[str, Any]:
     path = Path(target)
     if target in MODEL_PRESETS and not path.exists():
         config = ModelConfig(preset=target, vocab_size=GPT2_VOCAB_SIZE)
@@ -33,7 +33,7 @@ def describe(target: str) -> dict[str, Any]:
     if path.is_file():
         return _checkpoint_info(path)
     if path.is_dir() and (path / "meta.json").is_file():
-        return _data_info(path)
+        return _data_info(path, verify)
     if path.is_dir() and is_run(path):
         return _run_info(path)
     if path.exists():
@@ -74,10 +74,12 @@ def _tokenizer_summary(description: dict[str, Any]) -> dict[str, Any]:
     return {"type": tok.kind, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
 
 
-def _data_info(path: Path) -> dict[str, Any]:
-    data = PreparedData.open(path)
+def _data_info(path: Path, verify: bool) -> dict[str, Any]:
+    data = PreparedData.open(path, verify=False if verify else None)  # hashed once, below
     meta = data.meta
+    verified = {"verified_shards": data.verify()} if verify else {}
     return {
+        **verified,
         "kind": "data",
         "name": str(path),
         "tokenizer": _tokenizer_summary(meta["tokenizer"]),
@@ -88,8 +90,8 @@ def _data_info(path: Path) -> dict[str, Any]:
     }
 
 
-def _checkpoint_info(path: Path) -> dict[str, Any]:
-    payload = load_checkpoint(path, map_location="cpu")
+def _checkpoint_info(path: Path, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    payload = payload if payload is not None else load_checkpoint(path, map_location="cpu")
     config = validate(RunConfig, payload["config"], f"checkpoint {path}")
     return {
         "kind": "checkpoint",
@@ -103,11 +105,8 @@ def _checkpoint_info(path: Path) -> dict[str, Any]:
 
 def _run_info(path: Path) -> dict[str, Any]:
     """The newest intact checkpoint of the run speaks for it."""
-    found = load_newest(run_checkpoints(path))
-    if found is None:
-        raise GptkitError(f"run {str(path)!r} has no intact checkpoint yet")
-    ckpt, _ = found
-    return {**_checkpoint_info(ckpt), "kind": "run", "name": str(path), "checkpoint": str(ckpt)}
+    ckpt, payload = find_checkpoint(path)
+    return {**_checkpoint_info(ckpt, payload), "kind": "run", "name": str(path), "checkpoint": str(ckpt)}
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -132,6 +131,13 @@ def format_info(info: dict[str, Any]) -> str:
         for split, s in info["splits"].items():
             lines.append(f"{split}: {s['tokens']:,} tokens, {s['documents']:,} documents")
         lines.append(f"token dtype: {info['dtype']}")
+    if "verified_shards" in info:
+        n = info["verified_shards"]
+        lines.append(
+            f"verified: {n} shard(s) match the sha256 in meta.json"
+            if n
+            else "verified: no shard has a sha256 in meta.json (prepared before gptkit recorded them)"
+        )
     if info.get("progress"):
         lines.append(
             "progress: "

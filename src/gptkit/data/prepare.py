@@ -139,13 +139,15 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 class ShardWriter:
-    """Appends tokens of one split to shard files of at most `shard_tokens` tokens."""
+    """Appends tokens of one split to shard files of at most `shard_tokens` tokens, each with the
+    sha256 of its bytes (computed as they are written: no second read)."""
 
     def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
         self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
         self.shards: list[dict[str, Any]] = []
         self.documents = 0
         self._file: BinaryIO | None = None
+        self._digest = hashlib.sha256()
 
     def write(self, tokens: np.ndarray, documents: int) -> None:
         self.documents += documents
@@ -155,13 +157,16 @@ class ShardWriter:
             room = self.shard_tokens - self.shards[-1]["tokens"]
             part, tokens = tokens[:room], tokens[room:]
             assert self._file is not None
-            self._file.write(part.tobytes())
+            data = part.tobytes()
+            self._file.write(data)
+            self._digest.update(data)
             self.shards[-1]["tokens"] += len(part)
 
     def _open_next(self) -> None:
         self._close_file()
         name = shard_name(self.split, len(self.shards))
         self._file = (self.folder / name).open("wb")
+        self._digest = hashlib.sha256()
         self.shards.append({"file": name, "tokens": 0})
 
     def _close_file(self) -> None:
@@ -170,6 +175,7 @@ class ShardWriter:
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
+            self.shards[-1]["sha256"] = self._digest.hexdigest()
 
     def close(self) -> dict[str, Any]:
         self._close_file()

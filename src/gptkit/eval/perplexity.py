@@ -136,7 +136,13 @@ def read_tokens(source: str | Path, tokenizer: Tokenizer, limit_tokens: int | No
                 break
         if have < 2:
             raise GptkitError(f"{path} has no val tokens; prepare it with a val_fraction above 0")
-        return np.concatenate(parts)
+        tokens = np.concatenate(parts)
+        if int(tokens.max()) >= tokenizer.vocab_size:  # else an IndexError deep in the embedding
+            raise GptkitError(
+                f"the val shards of {path} hold token id {int(tokens.max())}, but the vocabulary has "
+                f"{tokenizer.vocab_size} ids; the data is damaged: prepare it again"
+            )
+        return tokens
     if not path.is_file():
         raise GptkitError(
             f"perplexity data {str(path)!r} not found; pass a prepared data folder (its val shards are "

@@ -479,6 +479,20 @@ def training_metrics(
 ) -> dict[str, float]:
     """The configured tasks (config.eval.tasks) on the model being trained, as flat metrics for
     `RunLog.eval`; task files are read once per run."""
+    evaluator = _training_evaluator(config)
+    results = evaluator.run_all(model, tokenizer, config.model.block_size, device, config.data.path)
+    return flat_metrics(results)
+
+
+def check_training_tasks(config: Any) -> None:
+    """Read the configured tasks' files now, before training's first step, so that a missing or
+    malformed one is an error then rather than at the first evaluation."""
+    evaluator = _training_evaluator(config)
+    for task in config.eval.tasks:
+        evaluator.source(task, config.data.path)
+
+
+def _training_evaluator(config: Any) -> Evaluator:
     ec = config.eval
     settings_key = (tuple(ec.tasks), ec.task_limit, ec.task_data, ec.task_batch_size)
     if settings_key not in _training_evaluators:
@@ -490,6 +504,4 @@ def training_metrics(
             progress=False,
         )
         _training_evaluators[settings_key] = Evaluator(settings)
-    evaluator = _training_evaluators[settings_key]
-    results = evaluator.run_all(model, tokenizer, config.model.block_size, device, config.data.path)
-    return flat_metrics(results)
+    return _training_evaluators[settings_key]

@@ -33,6 +33,8 @@ def finetune_parts(
         raise GptkitError(
             f"checkpoint {path} was fine-tuned from a base with another tokenizer than {fc.base}"
         )
+    if payload is not None and payload.get("state"):
+        check_same_method(fc, payload["config"].get("finetune") or {}, path)
     shape = base_config.model.model_copy(update={"dropout": config.model.dropout})
     config = config.model_copy(update={"model": shape})
     seed_everything(config.train.seed)
@@ -59,6 +61,29 @@ def finetune_parts(
     notice(f"{model.num_params(trainable=True):,} trainable parameters of {model.num_params():,}")
     finish = _save_adapter(fc, base_path) if fc.method == "lora" else None
     return Parts(config, model, tokenizer, source, val, chat_template=template, finish=finish)
+
+
+def check_same_method(fc: FinetuneConfig, saved: dict[str, Any], path: Path | None) -> None:
+    """What shapes the trained parameters and the optimiser's groups must match the checkpoint's:
+    compared here, before any state dict is loaded, so a change is named rather than a mismatch."""
+    now = fc.model_dump(mode="json")
+    keys = ["method"]
+    if now["method"] == "lora" and saved.get("method") == "lora":
+        keys += [f"lora.{k}" for k in ("r", "alpha", "targets", "train_biases", "train_layernorms")]
+    if now["method"] == "prompt" and saved.get("method") == "prompt":
+        keys.append("prompt_tokens")
+
+    def get(tree: dict[str, Any], key: str) -> Any:
+        for part in key.split("."):
+            tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+        return tree
+
+    diffs = [f"finetune.{k} {get(saved, k)} -> {get(now, k)}" for k in keys if get(saved, k) != get(now, k)]
+    if diffs:
+        raise GptkitError(
+            f"the config's fine-tuning differs from checkpoint {path} ({', '.join(diffs)}); resume with "
+            "the checkpoint's settings, or fine-tune under a new run name (name=...)"
+        )
 
 
 def _save_adapter(fc: FinetuneConfig, base_path: Path) -> Any:

@@ -15,13 +15,18 @@ class SampleSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     max_new_tokens: int = Field(256, ge=0, description="tokens to generate at most, per sample")
-    temperature: float = Field(1.0, ge=0.0, description="0: greedy (always the most likely token)")
+    temperature: float = Field(
+        1.0, ge=0.0, allow_inf_nan=False, description="0: greedy (always the most likely token)"
+    )
     top_k: int | None = Field(None, ge=1, description="sample among the k most likely tokens only")
     top_p: float = Field(
         1.0, gt=0.0, le=1.0, description="sample from the nucleus: the fewest tokens holding p"
     )
     repetition_penalty: float = Field(
-        1.0, gt=0.0, description="> 1 discourages tokens already in the prompt or the output (CTRL's rule)"
+        1.0,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="> 1 discourages tokens already in the prompt or the output (CTRL's rule)",
     )
     stop: list[str] = Field(default_factory=list, description="strings that end a sample (not included)")
     stop_tokens: list[int] | None = Field(None, description="token ids that end a sample; None: end-of-text")

@@ -24,9 +24,23 @@ class TokenSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def _windows(shards: list[np.ndarray], starts: list[tuple[int, int]], block_size: int) -> Batch:
-    """Stack windows of block_size + 1 tokens; y is x shifted by one (next-token targets)."""
+def _windows(
+    shards: list[np.ndarray], starts: list[tuple[int, int]], block_size: int, vocab_size: int | None = None
+) -> Batch:
+    """Stack windows of block_size + 1 tokens; y is x shifted by one (next-token targets).
+
+    With `vocab_size`, an id outside the vocabulary (a damaged shard) is a one-line error naming the
+    shard, not an IndexError deep in the embedding; the max of a batch costs next to nothing."""
     rows = np.stack([np.asarray(shards[s][o : o + block_size + 1], dtype=np.int64) for s, o in starts])
+    if vocab_size is not None and rows.size and int(rows.max()) >= vocab_size:
+        row, col = divmod(int(rows.argmax()), rows.shape[1])
+        shard, offset = starts[row]
+        name = getattr(shards[shard], "filename", None) or f"shard {shard}"
+        raise GptkitError(
+            f"{name} holds token id {int(rows.max())} at token {offset + col}, but the vocabulary has "
+            f"{vocab_size} ids; the data is damaged: prepare it again (gptkit info DATA --verify checks "
+            "every shard's sha256)"
+        )
     data = torch.from_numpy(rows)
     return data[:, :-1], data[:, 1:]
 
@@ -61,8 +75,10 @@ class ShardBatches:
         rank: int = 0,
         world_size: int = 1,
         split: str = "train",
+        vocab_size: int | None = None,
     ) -> None:
         self.shards, self.batch_size, self.block_size = shards, batch_size, block_size
+        self.vocab_size = vocab_size
         self.mode, self.seed, self.rank, self.world_size = mode, seed, rank, world_size
         self.counts = _usable(shards, block_size, split)
         self.cum = np.cumsum(self.counts)
@@ -78,7 +94,7 @@ class ShardBatches:
         n = self.batch_size * self.world_size  # the global micro-batch, the same on every rank
         starts = self._random_starts(n) if self.mode == "random" else self._ordered_starts(n)
         mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return _windows(self.shards, mine, self.block_size)
+        return _windows(self.shards, mine, self.block_size, self.vocab_size)
 
     def _random_starts(self, n: int) -> list[tuple[int, int]]:
         flat = self.rng.integers(0, self.cum[-1], size=n)
@@ -122,7 +138,9 @@ class ShardBatches:
         self.order = self._order(self.epoch)
 
 
-def fixed_batches(shards: list[np.ndarray], n_batches: int, batch_size: int, block_size: int) -> list[Batch]:
+def fixed_batches(
+    shards: list[np.ndarray], n_batches: int, batch_size: int, block_size: int, vocab_size: int | None = None
+) -> list[Batch]:
     """The same val batches every time: windows spread evenly over the whole split."""
     counts = _usable(shards, block_size, "val")
     cum = np.cumsum(counts)
@@ -132,5 +150,6 @@ def fixed_batches(shards: list[np.ndarray], n_batches: int, batch_size: int, blo
     offset = flat - (cum[shard] - counts[shard])
     starts = [(int(s), int(o)) for s, o in zip(shard, offset, strict=True)]
     return [
-        _windows(shards, starts[i * batch_size : (i + 1) * batch_size], block_size) for i in range(n_batches)
+        _windows(shards, starts[i * batch_size : (i + 1) * batch_size], block_size, vocab_size)
+        for i in range(n_batches)
     ]

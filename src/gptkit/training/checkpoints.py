@@ -17,6 +17,7 @@ from gptkit.errors import GptkitError
 from gptkit.files import write_atomic
 
 NAME = re.compile(r"^step_(\d+)\.pt$")
+RUN_RECORDS = ("metrics.jsonl", "samples.md", "eval.json", "report.md")  # runlog, report, eval.run
 
 
 def step_files(run_dir: Path) -> list[tuple[int, Path]]:
@@ -32,11 +33,25 @@ def load_latest(run_dir: Path, map_location: str = "cpu") -> tuple[Path, dict[st
     """The newest checkpoint of the run that loads; damaged newer ones are named and skipped."""
     files = step_files(run_dir)
     if not files:
+        if earlier_run_files(run_dir):
+            raise GptkitError(
+                f"run {str(run_dir)!r} has no checkpoint to resume from (an earlier run stopped before "
+                "saving one); move the folder away or choose another run name (name=...)"
+            )
         raise GptkitError(f"run {str(run_dir)!r} has no checkpoint to resume from; start it without --resume")
     found = load_newest([p for _, p in files], map_location)
     if found is None:
-        raise GptkitError(f"no checkpoint of run {str(run_dir)!r} is intact; start the run again")
+        names = ", ".join(p.name for _, p in files)
+        raise GptkitError(
+            f"no checkpoint of run {str(run_dir)!r} is intact ({names}: damaged, see above); to start the "
+            "run again, move the folder away or choose another run name (name=...)"
+        )
     return found
+
+
+def earlier_run_files(run_dir: Path) -> list[str]:
+    """What a run that logged or was evaluated left in its folder: a fresh run there would mix with it."""
+    return [name for name in RUN_RECORDS if (run_dir / name).is_file()]
 
 
 class RunCheckpoints:

@@ -24,7 +24,7 @@ from gptkit.tokenizer import Tokenizer, from_description
 from gptkit.training import distributed
 from gptkit.training.batches import Batch, ShardBatches, TokenSource, fixed_batches
 from gptkit.training.budget import available_memory, memory_estimate
-from gptkit.training.checkpoints import load_latest, step_files
+from gptkit.training.checkpoints import earlier_run_files, load_latest, step_files
 from gptkit.training.trainer import Trainer, TrainResult, accumulation_steps, seed_everything
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "pad_vocab_multiple")
@@ -42,13 +42,20 @@ def run_name(config: RunConfig, config_path: str | Path | None) -> str:
 def find_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, dict[str, Any] | None]:
     """`latest`: the run's newest intact checkpoint; a path: that checkpoint; None: a fresh run;
     `auto`: latest if the run has checkpoints, else a fresh run (a requeued cluster job)."""
-    if resume == "auto":
-        resume = "latest" if step_files(run_dir) else None
+    if resume == "auto":  # a requeued job that died before its first checkpoint is redone
+        if not step_files(run_dir):
+            return None, None
+        resume = "latest"
     if resume is None:
         if step_files(run_dir):
             raise GptkitError(
                 f"run folder {str(run_dir)!r} already holds checkpoints; continue it with --resume latest, "
                 "or choose another run name (name=...)"
+            )
+        if found := earlier_run_files(run_dir):
+            raise GptkitError(
+                f"run folder {str(run_dir)!r} holds an earlier run's {', '.join(found)} but no checkpoint "
+                "to continue from; move the folder away or choose another run name (name=...)"
             )
         return None, None
     if resume == "latest":
@@ -175,6 +182,11 @@ def _train(
     config = config.model_copy(update={"name": name})  # so the saved config.yaml resumes the same run
     run_dir = Path(config.runs_dir) / name
     path, payload = find_resume(run_dir, resume)
+    start = payload["progress"].get("step", 0) if payload is not None and payload.get("state") else 0
+    if stop_at is not None and stop_at <= start:
+        raise GptkitError(
+            f"--stop-at {stop_at} is not after the step training starts from ({start}); give a later step"
+        )
     if config.finetune.base is not None:
         from gptkit.finetuning.setup import finetune_parts
 
@@ -250,10 +262,11 @@ def shard_sources(
         config.train.seed,
         rank=procs.rank,
         world_size=procs.world_size,
+        vocab_size=data.vocab_size,
     )
     val = None
     if data.tokens("val") > block:
-        val = fixed_batches(data.shards("val"), config.eval.batches, micro, block)
+        val = fixed_batches(data.shards("val"), config.eval.batches, micro, block, data.vocab_size)
     else:
         notice(f"no val loss: the val split of {config.data.path} has fewer than {block + 1} tokens")
     return source, val

@@ -35,7 +35,7 @@ from gptkit.training.budget import (
     matmul_ceiling,
     memory_estimate,
 )
-from gptkit.training.checkpoints import RunCheckpoints
+from gptkit.training.checkpoints import RunCheckpoints, step_files
 from gptkit.training.distributed import Processes
 from gptkit.training.optim import learning_rate, make_optimizer, set_learning_rate
 from gptkit.training.report import write_report
@@ -77,6 +77,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_finite(state: dict[str, Any]) -> bool:
+    """No NaN or inf in any floating-point tensor of a state dict."""
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
 
 
 def seed_everything(seed: int) -> None:
@@ -127,8 +132,15 @@ class Trainer:
         self.last_val_loss: float | None = None
         self.last_samples: dict[str, str] = {}
         self._val_step = -1  # the step the last val loss was measured at
+        # the data position and generators at the start of the step under way (None between steps and
+        # once the update is applied): an error before the update rolls back to them, so that the
+        # emergency checkpoint it writes resumes exactly
+        self._step_start: tuple[dict[str, Any], dict[str, Any]] | None = None
+        self._saving = False
+        self.diverging = False  # the last step's loss or gradient was NaN/inf (not an fp16 overflow)
         if resume is not None:
             self._restore(resume)
+        self._saved_step = self.step  # the newest step a checkpoint holds (or the start)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -187,12 +199,18 @@ class Trainer:
 
     def save(self, reason: str) -> Path | None:
         """Save a checkpoint (every rank gathers, rank 0 writes); a full disk is reported, and the
-        previous checkpoint stays usable."""
-        state = self._state()
-        if not self.procs.main:
-            return None
+        previous checkpoint stays usable. Never one whose last loss or whose weights are NaN/inf:
+        resuming from it could only diverge again."""
+        self._saving = True
         try:
-            return self.checkpoints.save(self.step, val_loss=self.last_val_loss_if_fresh(), **state)
+            state = self._state()
+            if not self.procs.main:
+                return None
+            if self.diverging or not all_finite(state["model_state"]):
+                what = "its last loss or gradient" if self.diverging else "its weights"
+                notice(f"not saving the {reason} checkpoint at step {self.step}: {what} are NaN/inf")
+                return None
+            path = self.checkpoints.save(self.step, val_loss=self.last_val_loss_if_fresh(), **state)
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
@@ -202,6 +220,35 @@ class Trainer:
                 f"earlier checkpoints in {previous} stay usable; free space to save the next one"
             )
             return None
+        finally:
+            self._saving = False
+        self._saved_step = self.step
+        return path
+
+    def _save_after_error(self) -> None:
+        """An error ends the run: keep the steps done since the last checkpoint, as SIGINT does.
+
+        An error inside a step, before its update, rolls the data position and generators back to
+        the step's start, so the checkpoint is the previous step's exactly. Not with several
+        processes (saving gathers from every rank, and the others may not be there to answer)."""
+        if self._step_start is not None:
+            data, rng = self._step_start
+            self.train_source.load_state_dict(data)
+            set_rng_state(rng)
+            self.optimizer.zero_grad(set_to_none=True)
+            self._step_start = None
+        if self._saving or self.procs.distributed or self.step == self._saved_step:
+            return
+        try:
+            path = self.save("emergency")
+        except Exception as e:  # the run's error is the one to report; this one is said in passing
+            notice(f"could not save an emergency checkpoint at step {self.step}: {e}")
+            return
+        if path is not None:
+            notice(
+                f"saved an emergency checkpoint before stopping: {path} (step {self.step}); once the "
+                f"error below is fixed, resume with: {self.resume_command()}"
+            )
 
     def last_val_loss_if_fresh(self) -> float | None:
         """The val loss counts for 'best' only on the step it was measured."""
@@ -213,6 +260,7 @@ class Trainer:
         """Train to max_steps; `stop_at` pauses earlier (checkpoint and exit), as a signal would."""
         tc = self.config.train
         main = self.procs.main
+        self._check_inputs()
         self._print_budget()
         if main:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
@@ -268,6 +316,9 @@ class Trainer:
                     self.evaluate(log)
                 if not stopped:
                     result.checkpoint = self.save("final")
+        except Exception:
+            self._save_after_error()
+            raise
         finally:
             log.close("stopped" if stopped else None)  # None: "failed" if an exception is on its way
         result.step, result.tokens = self.step, self.tokens
@@ -285,6 +336,7 @@ class Trainer:
         tc = self.config.train
         lr = learning_rate(self.step, tc)
         set_learning_rate(self.optimizer, lr)
+        self._step_start = (self.train_source.state_dict(), rng_state())
         total = torch.zeros((), device=self.device)
         positions = 0  # what the model computed: padded batches are narrower than block_size
         for micro in range(self.accum):
@@ -311,9 +363,11 @@ class Trainer:
         )
         loss = float(both[0]) / self.accum  # the global batch's loss
         self.step_positions = round(float(both[1]) * self.procs.world_size)  # over all ranks
+        self._step_start = None
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.scaler.step(self.optimizer)
             self.bad_steps = 0
+            self.diverging = False
         else:
             self._bad_step(loss, grad_norm)
         self.scaler.update()
@@ -328,12 +382,43 @@ class Trainer:
         limit = self.config.train.max_bad_steps
         if self.precision == "fp16" and math.isfinite(loss):
             return  # the gradient scaler found an overflow; it lowers its scale and this is normal
+        self.diverging = True
         notice(f"step {self.step + 1}: loss {loss}, grad norm {grad_norm}: skipping this update")
         if self.bad_steps >= limit:
+            first = self.step + 2 - self.bad_steps
+            fix = "lower train.lr, raise train.warmup_steps or use train.precision=fp32"
+            # the weights after step first-1 gave the first NaN: only checkpoints before them are sound
+            sound = [path for step, path in step_files(self.run_dir) if step <= first - 2]
+            if sound:
+                how = (
+                    f"{fix}, and resume from the newest checkpoint before them under a new run name: "
+                    f"gptkit train {self.run_dir / 'config.yaml'} --resume {sound[-1]} name=NEW_NAME"
+                )
+            else:
+                how = f"no checkpoint precedes them: {fix}, and start again under a new run name (name=...)"
             raise GptkitError(
-                f"{self.bad_steps} steps in a row had NaN/inf loss or gradients (to step {self.step + 1}); "
-                "lower train.lr, raise train.warmup_steps or use train.precision=fp32, and resume"
+                f"{self.bad_steps} steps in a row had NaN/inf loss or gradients (steps {first} to "
+                f"{self.step + 1}); {how}"
             )
+
+    def _check_inputs(self) -> None:
+        """What the first evaluation would read, checked before step 1: an error there would
+        otherwise end the run after the work of the steps before it."""
+        ec = self.config.eval
+        if ec.sample_tokens:
+            for i, prompt in enumerate(ec.prompts):
+                try:
+                    if not self.tokenizer.encode(prompt):
+                        raise GptkitError("it is empty")
+                except GptkitError as e:
+                    raise GptkitError(
+                        f"eval.prompts[{i}] {prompt!r} cannot be sampled from: {e}; change eval.prompts, "
+                        "or set eval.sample_tokens=0 for no samples"
+                    ) from None
+        if ec.tasks:
+            from gptkit.eval.run import check_training_tasks
+
+            check_training_tasks(self.config)
 
     @torch.no_grad()
     def evaluate(self, log: RunLog | QuietLog) -> None:
