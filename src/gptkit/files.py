@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+from gptkit.locks import alive
+
+TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")  # `.NAME.tmp-PID`: write_atomic's, checkpoint saves'
 
 
 def write_atomic(path: Path, data: bytes | str, durable: bool = False) -> None:
@@ -18,6 +23,9 @@ def write_atomic(path: Path, data: bytes | str, durable: bool = False) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # named after the file it was for, not its temporary
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -33,3 +41,17 @@ def fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def remove_orphans(folder: Path) -> list[Path]:
+    """Delete the temporaries (`.NAME.tmp-PID`) that killed writers left in `folder`: those whose
+    process is gone. A live writer's temporary is kept. Returns what was removed."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        m = TEMPORARY.match(path.name)
+        if m and int(m.group(1)) != os.getpid() and not alive(int(m.group(1))) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
