@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_train import TINY, wait_for_step
 
-from gptkit.api import prepare, train
+from gptkit.api import export_model, prepare, train
 from gptkit.checkpoint import load_checkpoint
 from gptkit.export import MANIFEST
 from gptkit.locks import hold
@@ -218,6 +218,14 @@ def test_temporaries_of_dead_processes_are_removed_when_the_run_is_opened(tmp_pa
         train(None, overrides, resume="latest", stop_at=4)
         assert not [p for p in orphans if p.exists()]
         assert writing.exists(), "a live process's temporary is not ours to remove"
+
+        partial = tmp_path / f".hf.partial-{dead_pid}"  # an export killed while writing its folder
+        partial.mkdir()
+        (partial / "model.safetensors").write_bytes(b"\0" * 1000)
+        export_model(run, "safetensors", tmp_path / "w.safetensors")
+        assert partial.exists(), "only the partial output of the same path is removed"
+        export_model(run, "hf", tmp_path / "hf")
+        assert not partial.exists()
     finally:
         live.kill()
         live.wait()

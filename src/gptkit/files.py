@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 from gptkit.locks import alive
@@ -54,4 +55,21 @@ def remove_orphans(folder: Path) -> list[Path]:
         if m and int(m.group(1)) != os.getpid() and not alive(int(m.group(1))) and path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path)
+    return removed
+
+
+def remove_dead_partials(path: Path) -> list[Path]:
+    """Delete the `.NAME.partial-PID` files or folders beside `path` that killed writers of `path`
+    left (their process is gone). Returns what was removed."""
+    removed: list[Path] = []
+    if not path.parent.is_dir():
+        return removed
+    for stale in path.parent.glob(f".{path.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+            removed.append(stale)
     return removed

@@ -37,7 +37,7 @@ from gptkit.console import notice
 from gptkit.data.shards import FORMAT, FORMAT_VERSION, SPLITS, shard_name, token_dtype
 from gptkit.data.sources import Piece, SkipLog, Source, resolve_sources
 from gptkit.errors import GptkitError, os_error
-from gptkit.files import fsync_dir, write_atomic
+from gptkit.files import fsync_dir, remove_dead_partials, write_atomic
 from gptkit.locks import alive, hold
 from gptkit.tokenizer import (
     BPETokenizer,
@@ -164,11 +164,8 @@ def _own_files(out: Path) -> set[str] | None:
 
 def _remove_stale_partials(out: Path) -> None:
     """Remove what killed runs left behind (their process is gone), saying so."""
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not alive(int(pid)):
-            notice(f"removing {stale}, left by an interrupted prepare")
-            shutil.rmtree(stale, ignore_errors=True)
+    for stale in remove_dead_partials(out):
+        notice(f"removed {stale}, left by an interrupted prepare")
 
 
 def _publish(tmp: Path, final: Path) -> None:

@@ -20,7 +20,9 @@ from types import ModuleType
 import torch
 
 from gptkit.config import RunConfig
+from gptkit.console import notice
 from gptkit.errors import GptkitError
+from gptkit.files import remove_dead_partials
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer
 
@@ -116,6 +118,8 @@ def staged_output(path: str | Path, force: bool, *, folder: bool = False) -> Ite
     path = Path(path)
     check_output(path, force, folder)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in remove_dead_partials(path):
+        notice(f"removed {stale}, left by an interrupted export")
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     if folder:
         tmp.mkdir()
