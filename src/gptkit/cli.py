@@ -476,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     except GptkitError as e:
         print(f"gptkit: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of our output left (`| head`): not an error of ours
+        raise
     except OSError as e:  # a system error no command words itself: still one line, no traceback
         print(f"gptkit: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
