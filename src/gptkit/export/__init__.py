@@ -3,7 +3,8 @@
 Each target lives in its own module (`hf`, `onnx`, `gguf`) and imports its optional packages
 (safetensors, onnx, onnxruntime, gguf) only when used, through `require`, so that a plain install
 of gptkit trains and samples without them. Every writer goes through `staged_output`: the result
-appears under its name only when complete, and an existing path is replaced only with `force`.
+appears under its name only when complete, and an existing path is replaced only with `force`,
+a folder only when it holds nothing but a previous export (its manifest lists what gptkit wrote).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def check_output(path: Path, force: bool, folder: bool = False) -> None:
         )
     if not folder and is_dir:
         raise GptkitError(
-            f"{str(path)!r} is a folder, and this export writes a file; name a file (nothing was deleted)"
+            f"{str(path)!r} is a folder, and the output is a file; name a file (nothing was deleted)"
         )
     if is_dir:
         foreign = foreign_files(path)
