@@ -61,6 +61,11 @@ def immutable(path: Path) -> Iterator[None]:
         subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPTKIT_NO_PROGRESS", "1")
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("data") / "pydoc"
@@ -76,14 +81,15 @@ def tiny(root: Path, data: Path, *overrides: str) -> list[str]:
 def run(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Path:
     """A trained run of 2 steps (one checkpoint); tests that change it take a copy."""
     root = tmp_path_factory.mktemp("run")
-    os.environ["GPTKIT_NO_PROGRESS"] = "1"
-    result = train(None, tiny(root, data, "name=base", "train.max_steps=2"))
-    return result.run_dir
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GPTKIT_NO_PROGRESS", "1")
+        return train(None, tiny(root, data, "name=base", "train.max_steps=2")).run_dir
 
 
 # -- 1. --force and --overwrite replace only what gptkit wrote --------------------------------
 
 
+@pytest.mark.slow
 def test_export_force_replaces_only_a_folder_gptkit_exported(tmp_path: Path, run: Path) -> None:
     project = tmp_path / "proj"  # the issue's case: a project that happens to hold a config.json
     for name, text in {"config.json": "{}", "src/main.py": "print(1)\n", "data/thesis.txt": "years"}.items():
@@ -118,6 +124,7 @@ def test_export_force_replaces_only_a_folder_gptkit_exported(tmp_path: Path, run
     assert a_file.read_text() == "keep"
 
 
+@pytest.mark.slow
 def test_prepare_overwrite_replaces_only_data_gptkit_prepared(tmp_path: Path) -> None:
     source = tmp_path / "source.txt"
     source.write_text(TEXT)
@@ -234,6 +241,7 @@ def test_temporaries_of_dead_processes_are_removed_when_the_run_is_opened(tmp_pa
 # -- 8. system errors: one line naming the path and the cause ---------------------------------
 
 
+@pytest.mark.slow
 def test_unwritable_folders_give_one_line_errors(tmp_path: Path, data: Path, run: Path) -> None:
     """Folders that refuse writes even to root (chattr +i): prepare, export, train --resume and
     eval end in one line naming the path and the cause; eval prints its results first."""
@@ -250,9 +258,9 @@ def test_unwritable_folders_give_one_line_errors(tmp_path: Path, data: Path, run
         one_line_error(gptkit("prepare", source, "--out", locked / "d", "--tokenizer", "char"), "locked/")
         one_line_error(gptkit("export", "hf", run, locked / "hf"), "locked/", "Operation not permitted")
         resumed = gptkit("train", cfg, *tiny(tmp_path, data, "train.max_steps=4"), "--resume", "latest")
-        print(one_line_error(resumed, f"{run.name}/", "Operation not permitted"))
+        one_line_error(resumed, f"{run.name}/", "Operation not permitted")
         evaluated = gptkit("eval", own, "--text", source, "--no-progress")
-        print(one_line_error(evaluated, "eval.json", "were not saved"))
+        one_line_error(evaluated, "eval.json", "were not saved")
         assert "perplexity" in evaluated.stdout, "the results are printed before the save fails"
     assert tree(own / "checkpoints") == checkpoints, "the checkpoints are kept"
     assert not [p for p in own.rglob("*") if ".tmp-" in p.name]
@@ -263,6 +271,7 @@ def _small_file_limit(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, data: Path) -> None:
     """`ulimit -f` below a checkpoint's size: saves fail with EFBIG, which is reported like a full
     disk, and the checkpoint written before the limit stays the one to resume."""
