@@ -296,7 +296,7 @@ def test_bad_input_is_one_clear_error(tmp_path: Path) -> None:
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    with pytest.raises(GptkitError, match="does not hold a previous export"):
+    with pytest.raises(GptkitError, match="gptkit did not export there .notes.txt."):
         export_hf(model, tok, precious, force=True)
     assert (precious / "notes.txt").read_text() == "keep me"
 

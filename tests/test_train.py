@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -381,6 +382,57 @@ def test_sigkill_at_any_moment_leaves_an_intact_checkpoint(tmp_path: Path, char_
     assert final.returncode == 0, final.stderr
     assert "resuming from" in final.stderr
     assert step_files(run)[-1][0] == 40
+
+
+def logged_since(run: Path, step: int, since: float, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until this process (a record written after `since`) has logged `step`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        lines = (run / "metrics.jsonl").read_text() if (run / "metrics.jsonl").exists() else ""
+        records = [json.loads(line) for line in lines.splitlines() if line.endswith("}")]
+        if any(r["step"] >= step and r["time"] >= since for r in records):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.005)
+    pytest.fail(f"step {step} never came")
+
+
+@pytest.mark.slow
+def test_ten_random_kills_then_resume_auto_give_the_uninterrupted_weights(
+    tmp_path: Path, char_data: Path
+) -> None:
+    """The fault-injection loop: kill -9 at 10 random moments of a run saving every 2 steps, each
+    time restarted with --resume auto (as a requeued job is); the last weights are bitwise those of
+    a run never interrupted, and no temporary file is left behind."""
+    env = {**os.environ, "GPTKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    args = ["model.dropout=0.1", "eval.every=0", "checkpoint.every_steps=2", "train.max_steps=60"]
+    run = tmp_path / "runs" / "sig"
+    moments = random.Random(14)
+    for _ in range(10):
+        start = step_files(run)[-1][0] if step_files(run) else 0
+        launched = time.time()
+        proc = subprocess.Popen(
+            cli(tmp_path, char_data, *args) + ["--resume", "auto"], env=env, stderr=subprocess.PIPE, text=True
+        )
+        logged_since(run, start + moments.randint(1, 4), launched, proc)
+        time.sleep(moments.uniform(0.0, 0.03))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert step_files(run)[-1][0] < 60, "every kill landed before the end"
+    final = subprocess.run(
+        cli(tmp_path, char_data, *args) + ["--resume", "auto"], env=env, capture_output=True, text=True
+    )
+    assert final.returncode == 0, final.stderr
+    straight = subprocess.run(  # the same process setup (threads) as the killed ones
+        cli(tmp_path, char_data, *args, "name=straight"), env=env, capture_output=True, text=True
+    )
+    assert straight.returncode == 0, straight.stderr
+    resumed = weights(step_files(run)[-1][1])
+    uninterrupted = weights(step_files(tmp_path / "runs" / "straight")[-1][1])
+    assert step_files(run)[-1][0] == 60
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    assert not [p for p in run.rglob("*") if ".tmp-" in p.name or ".partial-" in p.name]
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(

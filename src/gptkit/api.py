@@ -129,6 +129,9 @@ def export_model(
 
     if target not in EXPORT_TARGETS:
         raise GptkitError(f"export target must be one of {', '.join(EXPORT_TARGETS)}, not {target!r}")
+    from gptkit.export import check_not_input
+
+    check_not_input(out, source)
     model, tokenizer, config, _, payload = load_any(source)
     if target == "hf":
         from gptkit.export.hf import export_hf

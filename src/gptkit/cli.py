@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gptkit.config import PrepareConfig
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, describe_os_error
 
 
 class Formatter(argparse.HelpFormatter):
@@ -496,6 +496,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except GptkitError as e:
         print(f"gptkit: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader of our output left (`| head`): not an error of ours
+        raise
+    except OSError as e:  # a system error no command words itself: still one line, no traceback
+        print(f"gptkit: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gptkit: interrupted", file=sys.stderr)

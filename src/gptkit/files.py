@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
+
+from gptkit.locks import alive
+
+TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")  # `.NAME.tmp-PID`: write_atomic's, checkpoint saves'
 
 
 def write_atomic(path: Path, data: bytes | str, durable: bool = False) -> None:
@@ -18,6 +24,9 @@ def write_atomic(path: Path, data: bytes | str, durable: bool = False) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # named after the file it was for, not its temporary
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -62,3 +71,34 @@ def give_default_modes(path: Path, executable: bool = False) -> None:
         os.chmod(path, 0o777 & ~mask)
     else:
         os.chmod(path, file_mode)
+
+
+def remove_orphans(folder: Path) -> list[Path]:
+    """Delete the temporaries (`.NAME.tmp-PID`) that killed writers left in `folder`: those whose
+    process is gone. A live writer's temporary is kept. Returns what was removed."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        m = TEMPORARY.match(path.name)
+        if m and int(m.group(1)) != os.getpid() and not alive(int(m.group(1))) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def remove_dead_partials(path: Path) -> list[Path]:
+    """Delete the `.NAME.partial-PID` files or folders beside `path` that killed writers of `path`
+    left (their process is gone). Returns what was removed."""
+    removed: list[Path] = []
+    if not path.parent.is_dir():
+        return removed
+    for stale in path.parent.glob(f".{path.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed

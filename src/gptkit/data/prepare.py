@@ -36,8 +36,9 @@ from gptkit.config import PrepareConfig
 from gptkit.console import notice
 from gptkit.data.shards import FORMAT, FORMAT_VERSION, SPLITS, shard_name, token_dtype
 from gptkit.data.sources import Piece, SkipLog, Source, resolve_sources
-from gptkit.errors import GptkitError
-from gptkit.files import fsync_dir, write_atomic
+from gptkit.errors import GptkitError, os_error
+from gptkit.files import fsync_dir, remove_dead_partials, write_atomic
+from gptkit.locks import alive, hold
 from gptkit.tokenizer import (
     BPETokenizer,
     CharTokenizer,
@@ -55,8 +56,21 @@ Batch = tuple[list[str], list[bool], list[bool]]  # texts, ends-of-document, is-
 def prepare_data(
     specs: list[str], out: Path, config: PrepareConfig, *, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
+    """Prepare `specs` into `out`, which this process holds the lock of from the first check to the
+    last rename: a second `prepare` into it is refused, naming this one."""
     sources = resolve_sources(specs)
-    final = _check_output(out, overwrite)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(hold(out, f"output folder {str(out)!r}"))
+        except OSError as e:
+            raise os_error(e, "write") from None
+        return _prepare(sources, out, config, overwrite, progress)
+
+
+def _prepare(
+    sources: list[Source], out: Path, config: PrepareConfig, overwrite: bool, progress: bool
+) -> dict[str, Any]:
+    final = _check_output(out, overwrite, sources)
     skips = SkipLog(config.skip_bad)
     tokenizer = _build_tokenizer(sources, config, skips, progress)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -93,37 +107,65 @@ def prepare_data(
 # Output folder
 
 
-def _check_output(out: Path, overwrite: bool) -> Path:
+def _check_output(out: Path, overwrite: bool, sources: list[Source]) -> Path:
+    """`out` is replaced only when it holds nothing, or prepared data gptkit wrote and nothing else,
+    and never when it holds one of the sources."""
     if out.exists() and not out.is_dir():
         raise GptkitError(f"output {str(out)!r} is a file; choose a folder with --out")
+    for src in sources:
+        if src.path is not None and _inside(src.path, out):
+            raise GptkitError(
+                f"source {src.spec!r} is inside --out {str(out)!r}, which the output replaces; "
+                "choose another --out (nothing was deleted)"
+            )
     if out.is_dir() and any(out.iterdir()):
-        if not (out / "meta.json").is_file():
+        ours = _own_files(out)
+        if ours is None:
             raise GptkitError(
                 f"output folder {str(out)!r} is not empty and holds no prepared data; "
                 "choose another --out (nothing was deleted)"
+            )
+        foreign = sorted(
+            p.relative_to(out).as_posix()
+            for p in out.rglob("*")
+            if not p.is_dir() and p.relative_to(out).as_posix() not in ours
+        )
+        if foreign:
+            more = " ..." if len(foreign) > 3 else ""
+            raise GptkitError(
+                f"output folder {str(out)!r} holds files gptkit did not write there "
+                f"({', '.join(foreign[:3])}{more}); move them away or choose another --out "
+                "(nothing was deleted)"
             )
         if not overwrite:
             raise GptkitError(f"{str(out)!r} already holds prepared data; pass --overwrite to replace it")
     return out
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """`path` is `folder` or lies inside it (as written, or once links are resolved)."""
+    for p, f in ((path.absolute(), folder.absolute()), (path.resolve(), folder.resolve())):
+        if p == f or f in p.parents:
+            return True
+    return False
+
+
+def _own_files(out: Path) -> set[str] | None:
+    """The files a gptkit meta.json in `out` says it wrote there; None if it holds no such meta.json."""
+    try:
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+        shards = [s["file"] for split in SPLITS for s in meta["splits"][split]["shards"]]
+        if meta.get("format") != FORMAT or not all(isinstance(f, str) for f in shards):
+            return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return {"meta.json", "tokenizer.json", *shards}
+
+
 def _remove_stale_partials(out: Path) -> None:
     """Remove what killed runs left behind (their process is gone), saying so."""
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            notice(f"removing {stale}, left by an interrupted prepare")
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    for stale in remove_dead_partials(out):
+        notice(f"removed {stale}, left by an interrupted prepare")
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -237,7 +279,7 @@ def _init_worker(description: dict[str, Any], dtype: str, parent: int | None = N
 
 def _exit_with(parent: int) -> None:
     """A worker outlives a killed `prepare` (it would wait for work forever): leave when it is gone."""
-    while _alive(parent):
+    while alive(parent):
         time.sleep(1.0)
     os._exit(1)
 
@@ -323,6 +365,13 @@ def _build_tokenizer(
     """gpt2 is fixed; char and bpe are built from the text first (a streaming pass)."""
     if config.tokenizer == "gpt2":
         return gpt2_tokenizer()
+    once = next((s for s in sources if s.once), None)
+    if once is not None:
+        raise GptkitError(
+            f"source {once.spec!r} is a pipe or device, which can be read only once, and the "
+            f"{config.tokenizer} tokenizer reads its sources twice; save it to a file first, or use "
+            "--tokenizer gpt2"
+        )
     if config.tokenizer == "char":
         notice("building the character vocabulary (first pass over the text)")
         return CharTokenizer.train(p.text for p in _all_pieces(sources, config, skips))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,7 @@ class Source:
     name: str = ""  # stable name used in piece keys
     sha256: str | None = None
     nbytes: int | None = None
+    once: bool = False  # a pipe or device: its text can be read only once
 
     def pieces(self, text_field: str, skips: SkipLog) -> Iterator[Piece]:
         readers: dict[str, Callable[..., Iterator[Piece]]] = {
@@ -123,6 +125,10 @@ def _resolve_path(spec: str) -> list[Source]:
 def _file_source(path: Path, name: str) -> Source:
     suffix = path.suffix.lower()
     kind = {".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix, "text")
+    if not path.is_file():  # a pipe (`<(cmd)`, a FIFO) or a device: opening it to look would take data
+        if not os.access(path, os.R_OK):
+            raise GptkitError(f"cannot read source {str(path)!r}: permission denied; check its permissions")
+        return Source(str(path), kind, path=path, name=name, once=True)
     try:
         with path.open("rb"):
             pass

@@ -23,6 +23,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ from gptkit.eval.tasks import (
 )
 from gptkit.files import write_atomic
 from gptkit.generate.textmodel import TextModel
+from gptkit.locks import hold
 from gptkit.tokenizer import Tokenizer
 
 EVAL_FILE = "eval.json"
@@ -343,7 +345,55 @@ def evaluate_checkpoints(
     skipping the (checkpoint, task) pairs its eval.json already holds; with `settings.prompts`, each
     checkpoint also answers the questions (kept in eval.json and RUN/eval.md). Returns one dict per
     checkpoint evaluated: checkpoint, step, results {task: metrics}, answers (or None).
-    `on_result(checkpoint, that)` is called as each is done (the CLI prints its table)."""
+    `on_result(checkpoint, that)` is called as each is done (the CLI prints its table), before its
+    results are saved.
+
+    The eval.json of the run is locked for the whole evaluation: a second `gptkit eval` of the same
+    run is refused at once, naming this process, rather than after its work."""
+    with ExitStack() as stack:
+        return _evaluate_checkpoints(
+            target,
+            settings,
+            _ResultLocks(stack),
+            all_checkpoints,
+            device,
+            quantize,
+            tensorboard,
+            mlflow,
+            on_result,
+        )
+
+
+@dataclass
+class _ResultLocks:
+    """The results files an evaluation holds the lock of, each taken once (a process cannot take
+    its own lock twice). An unwritable folder is no reason to stop before evaluating: the results
+    are printed, and saving them fails with a clear message."""
+
+    stack: ExitStack
+    held: set[Path] = field(default_factory=set)
+
+    def take(self, results: Path) -> None:
+        if results in self.held:
+            return
+        try:
+            self.stack.enter_context(hold(results, f"{str(results)!r}"))
+        except OSError:
+            return
+        self.held.add(results)
+
+
+def _evaluate_checkpoints(
+    target: str | Path,
+    settings: EvalSettings,
+    locks: _ResultLocks,
+    all_checkpoints: bool,
+    device: str,
+    quantize: str | None,
+    tensorboard: bool,
+    mlflow: bool,
+    on_result: Callable[[str, dict[str, Any]], None] | None,
+) -> list[dict[str, Any]]:
     from gptkit.checkpoint import find_checkpoint, is_hf_folder, is_run, run_checkpoints
     from gptkit.device import pick_device
     from gptkit.generate.inference import check_quantize
@@ -366,6 +416,7 @@ def evaluate_checkpoints(
     for path in paths:
         run_dir = _run_folder(path)
         results_path = run_dir / EVAL_FILE
+        locks.take(results_path)
         done = {_key(r) for r in read_results(results_path)}
         model, tokenizer, config, step, chat_template = _load(path, dev, quantize)
         # a HF folder's config is gptkit's defaults: its data.path names nothing it was trained on
@@ -408,14 +459,6 @@ def evaluate_checkpoints(
                 zip(KEY_FIELDS, answers_key, strict=True), metrics={"n": len(qa)}, answers=qa, time=now
             )
             records.append(answered)
-        all_records = save_results(results_path, records)
-        if len({r.get("step") for r in all_records}) > 1 or all_checkpoints:
-            plot_results(all_records, run_dir / EVAL_PNG, run_dir.name)
-        if answered is not None:
-            write_answers_file(all_records, run_dir / EVAL_MD, run_dir.name)
-        flat = flat_metrics(results)
-        if (tensorboard or mlflow) and step is not None and (flat or answered is not None):
-            _track(run_dir, config, step, flat, tensorboard, mlflow, answered)
         done_one = {
             "checkpoint": str(path),
             "step": step,
@@ -423,8 +466,22 @@ def evaluate_checkpoints(
             "answers": answered["answers"] if answered else None,
         }
         out.append(done_one)
-        if on_result is not None:
+        if on_result is not None:  # shown first: a folder that cannot be written loses nothing on screen
             on_result(str(path), done_one)
+        try:
+            all_records = save_results(results_path, records)
+            if len({r.get("step") for r in all_records}) > 1 or all_checkpoints:
+                plot_results(all_records, run_dir / EVAL_PNG, run_dir.name)
+            if answered is not None:
+                write_answers_file(all_records, run_dir / EVAL_MD, run_dir.name)
+        except OSError as e:
+            raise GptkitError(
+                f"cannot save the results to {str(results_path)!r}: {e.strerror or e}; the results "
+                "above were not saved (make the folder writable and evaluate again)"
+            ) from None
+        flat = flat_metrics(results)
+        if (tensorboard or mlflow) and step is not None and (flat or answered is not None):
+            _track(run_dir, config, step, flat, tensorboard, mlflow, answered)
         del model
     return out
 

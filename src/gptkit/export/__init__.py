@@ -3,12 +3,14 @@
 Each target lives in its own module (`hf`, `onnx`, `gguf`) and imports its optional packages
 (safetensors, onnx, onnxruntime, gguf) only when used, through `require`, so that a plain install
 of gptkit trains and samples without them. Every writer goes through `staged_output`: the result
-appears under its name only when complete, and an existing path is replaced only with `force`.
+appears under its name only when complete, and an existing path is replaced only with `force`,
+a folder only when it holds nothing but a previous export (its manifest lists what gptkit wrote).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -19,8 +21,9 @@ from types import ModuleType
 import torch
 
 from gptkit.config import RunConfig
+from gptkit.console import notice
 from gptkit.errors import GptkitError
-from gptkit.files import give_default_modes
+from gptkit.files import give_default_modes, remove_dead_partials
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer
 
@@ -51,22 +54,59 @@ def check_plain(model: GPT, target: str) -> None:
         )
 
 
-def check_output(path: Path, force: bool, folder_marker: str | None = None) -> None:
-    """Refuse an existing output path unless `force`. A folder is replaced only when it holds a
-    previous result (`folder_marker` inside) or nothing, so a slip of the path cannot wipe a home."""
+MANIFEST = "gptkit-export.json"  # in every exported folder: the files gptkit wrote there
+MANIFEST_FORMAT = "gptkit-export"
+
+
+def check_output(path: Path, force: bool, folder: bool = False) -> None:
+    """Refuse an existing output path unless `force`. With `force` a file replaces a file, and a
+    folder replaces only an empty folder or a previous export whose manifest lists every file in
+    it: gptkit replaces only what it wrote."""
     if not (path.exists() or path.is_symlink()):
         return
     if not force:
         raise GptkitError(f"{str(path)!r} already exists; choose another output path or pass --force")
-    if path.is_dir() and not path.is_symlink() and not _previous_result(path, folder_marker):
+    is_dir = path.is_dir() and not path.is_symlink()
+    if folder and not is_dir:
         raise GptkitError(
-            f"{str(path)!r} is a folder that does not hold a previous export; remove it yourself or "
+            f"{str(path)!r} is a file, and this export writes a folder; choose another output path "
+            "(nothing was deleted)"
+        )
+    if not folder and is_dir:
+        raise GptkitError(
+            f"{str(path)!r} is a folder, and the output is a file; name a file (nothing was deleted)"
+        )
+    if is_dir:
+        foreign = foreign_files(path)
+        if foreign:
+            more = " ..." if len(foreign) > 3 else ""
+            raise GptkitError(
+                f"{str(path)!r} holds files gptkit did not export there ({', '.join(foreign[:3])}{more}); "
+                "remove them yourself or choose another output path (nothing was deleted)"
+            )
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """The files in `folder` that its export manifest does not list (all of them without one)."""
+    present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        ours = set(manifest["files"]) if manifest.get("format") == MANIFEST_FORMAT else set()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        ours = set()
+    if ours:
+        ours.add(MANIFEST)
+    return [p for p in present if p not in ours]
+
+
+def check_not_input(out: str | Path, source: str | Path) -> None:
+    """An output that is, or holds, the command's own input would be deleted by --force: refuse."""
+    out_path, src = Path(out).resolve(), Path(source).resolve()
+    if src == out_path or out_path in src.parents:
+        raise GptkitError(
+            f"output {str(out)!r} holds the input {str(source)!r}; replacing it would delete the input, "
             "choose another output path"
         )
-
-
-def _previous_result(folder: Path, marker: str | None) -> bool:
-    return marker is not None and ((folder / marker).is_file() or not any(folder.iterdir()))
 
 
 @contextmanager
@@ -74,18 +114,26 @@ def staged_output(path: str | Path, force: bool, *, folder: bool = False) -> Ite
     """Yield a hidden temporary path beside `path` to write into; on success it replaces `path`.
 
     A crash or an error leaves no partial output under the real name (and removes the temporary).
+    A folder gets a manifest of the files written, so that a later --force knows them for ours.
     """
     path = Path(path)
-    check_output(path, force, "config.json" if folder else None)
+    check_output(path, force, folder)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in remove_dead_partials(path):
+        notice(f"removed {stale}, left by an interrupted export")
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     if folder:
         tmp.mkdir()
     try:
         yield tmp
         give_default_modes(tmp)
-        if folder and path.is_dir():
-            shutil.rmtree(path)
+        if folder:
+            files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if not p.is_dir())
+            manifest = {"format": MANIFEST_FORMAT, "files": files}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+            if path.is_dir():
+                check_output(path, force, folder)  # again: something may have arrived meanwhile
+                shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException:
         if tmp.is_dir():

@@ -31,7 +31,9 @@ class SampleSettings(BaseModel):
     stop: list[str] = Field(default_factory=list, description="strings that end a sample (not included)")
     stop_tokens: list[int] | None = Field(None, description="token ids that end a sample; None: end-of-text")
     num_samples: int = Field(1, ge=1, le=1024, description="samples per prompt")
-    seed: int | None = Field(None, description="the same seed and settings give the same text")
+    seed: int | None = Field(  # a 64-bit integer: what torch's generators take
+        None, ge=-(2**63), le=2**63 - 1, description="the same seed and settings give the same text"
+    )
 
     @classmethod
     def of(cls, settings: SampleSettings | None = None, **changes: Any) -> SampleSettings:

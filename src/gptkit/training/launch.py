@@ -6,7 +6,8 @@ model shape against a checkpoint's, the batch arithmetic.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from gptkit.config import RunConfig, validate
 from gptkit.console import notice, set_quiet
 from gptkit.data.shards import PreparedData
 from gptkit.device import pick_device, pick_precision
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, os_error
+from gptkit.files import remove_orphans
+from gptkit.locks import hold
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer, from_description
 from gptkit.training import distributed
@@ -181,6 +184,48 @@ def _train(
     name = run_name(config, config_path)
     config = config.model_copy(update={"name": name})  # so the saved config.yaml resumes the same run
     run_dir = Path(config.runs_dir) / name
+    with run_lock(run_dir, procs, config):
+        return _train_locked(config, run_dir, name, resume, stop_at, procs)
+
+
+@contextmanager
+def run_lock(run_dir: Path, procs: distributed.Processes, config: RunConfig) -> Iterator[None]:
+    """The run folder is this process's for the whole run (rank 0 holds the lock for all ranks, and
+    every rank learns whether it got it, so none waits for a rank that gave up); temporaries that
+    killed runs left are removed once it is held."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise GptkitError(
+            f"run folder {str(run_dir)!r} is a file; choose another run name (name=...) or runs_dir"
+        )
+    with ExitStack() as stack:
+        error: GptkitError | None = None
+        if procs.main:
+            try:
+                stack.enter_context(hold(run_dir, f"run folder {str(run_dir)!r}"))
+            except GptkitError as e:
+                error = e
+            except OSError as e:
+                error = os_error(e, "write the run folder's lock")
+        device = pick_device(config.train.device, procs.local_rank if procs.distributed else None)
+        (failed,) = distributed.any_rank([error is not None], procs, device)
+        if error is not None:
+            raise error
+        if failed:
+            raise GptkitError(f"rank 0 could not lock run folder {str(run_dir)!r}")
+        if procs.main:
+            for orphan in remove_orphans(run_dir) + remove_orphans(run_dir / "checkpoints"):
+                notice(f"removed {orphan}, left by a killed run")
+        yield
+
+
+def _train_locked(
+    config: RunConfig,
+    run_dir: Path,
+    name: str,
+    resume: str | None,
+    stop_at: int | None,
+    procs: distributed.Processes,
+) -> TrainResult:
     path, payload = find_resume(run_dir, resume)
     start = payload["progress"].get("step", 0) if payload is not None and payload.get("state") else 0
     if stop_at is not None and stop_at <= start:

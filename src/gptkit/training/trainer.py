@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,13 @@ from gptkit.training.optim import learning_rate, make_optimizer, set_learning_ra
 from gptkit.training.report import write_report
 from gptkit.training.runlog import QuietLog, RunLog
 from gptkit.training.signals import StopRequest
+
+# Save errors that training survives (the next save may fit), with what frees the way
+FULL = {
+    errno.ENOSPC: "free space",
+    errno.EDQUOT: "free space or raise the disk quota",
+    errno.EFBIG: "raise the file size limit (ulimit -f)",
+}
 
 
 @dataclass
@@ -202,6 +210,7 @@ class Trainer:
         previous checkpoint stays usable. Never one whose last loss or whose weights are NaN/inf:
         resuming from it could only diverge again."""
         self._saving = True
+        folder = self.checkpoints.folder
         try:
             state = self._state()
             if not self.procs.main:
@@ -212,12 +221,15 @@ class Trainer:
                 return None
             path = self.checkpoints.save(self.step, val_loss=self.last_val_loss_if_fresh(), **state)
         except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-            previous = self.checkpoints.folder
+            if e.errno not in FULL:
+                raise GptkitError(
+                    f"could not save the {reason} checkpoint at step {self.step} in {str(folder)!r}: "
+                    f"{e.strerror or e}; earlier checkpoints there stay usable"
+                ) from None
+            cause = os.strerror(e.errno).lower()
             notice(
-                f"could not save the {reason} checkpoint at step {self.step}: no space left on device; "
-                f"earlier checkpoints in {previous} stay usable; free space to save the next one"
+                f"could not save the {reason} checkpoint at step {self.step}: {cause}; "
+                f"earlier checkpoints in {folder} stay usable; {FULL[e.errno]} to save the next one"
             )
             return None
         finally:
