@@ -63,6 +63,15 @@ class ModelConfig(Section):
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         return self
 
+    def num_params(self, include_position: bool = True) -> int:
+        """GPT.num_params from the shape alone (tied head, padding rows not counted), so that
+        `gptkit info` of a preset or config needs no torch; tests hold it equal to the model's."""
+        d, b = self.n_embd, int(self.bias)
+        layer_norm = d + d * b
+        block = 2 * layer_norm + 12 * d * d + 9 * d * b  # attention 4d² and MLP 8d² weights, their biases
+        n = self.n_layer * block + layer_norm + (self.vocab_size or 0) * d
+        return n + self.block_size * d if include_position else n
+
     @property
     def padded_vocab_size(self) -> int:
         if self.vocab_size is None:
