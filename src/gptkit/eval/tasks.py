@@ -267,9 +267,10 @@ def find_task_file(
         for candidate in (folder / task / name, folder / name):
             if candidate.is_file():
                 return candidate
+    accepted = " or ".join(spec.files)
     raise GptkitError(
-        f"{task} needs {folder / task / spec.files[0]} (or {spec.files[0]} directly in {folder}); "
-        f"download it from {spec.url}, or pass its path"
+        f"{task} needs {accepted} in {folder / task} or {folder}; download it from {spec.url}, "
+        f"or pass its path (--file {task}=PATH)"
     )
 
 
