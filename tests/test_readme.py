@@ -90,7 +90,8 @@ def test_readme_error_example_is_what_gptkit_prints(tmp_path: Path) -> None:
 def test_readme_python_api_example_runs(tmp_path: Path) -> None:
     """Every python block of the README runs as written, in a folder holding `notes/`."""
     blocks = re.findall(r"```python\n(.*?)```", README, re.S)
-    assert blocks
+    assert len(blocks) == README.count("```python"), "every python block is found, not only the first"
+    assert any("gptkit.generate.Chat(" in code for code in blocks), "the Chat example is a block that runs"
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("Some notes about tokenizers and models.\n" * 2000)
     for code in blocks:
@@ -100,3 +101,17 @@ def test_readme_python_api_example_runs(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr[-2000:]
         for expected in re.findall(r"# (\d+)$", code, re.M):  # "print(x)  # 123" comments are checked
             assert expected in out.stdout
+
+
+def test_export_section_and_the_missing_package_error_name_the_extra() -> None:
+    from gptkit.errors import GptkitError
+    from gptkit.export import require
+
+    section = README.split("## Export and import", 1)[1].split("```bash", 1)[0]
+    assert "pip install 'gptkit[export]'" in section, "said before the export commands"
+    try:
+        require("gptkit_no_such_package", "ONNX export")
+    except GptkitError as e:
+        assert "pip install 'gptkit[export]'" in str(e)
+    else:
+        raise AssertionError("a missing package is an error")
