@@ -83,6 +83,8 @@ def test_options_and_overrides_mix_in_any_order_and_device_is_a_flag(
     help_text = gptkit("finetune", "--help", cwd=folder).stdout
     assert "configs/sft.yaml" in help_text and "configs/tiny.yaml" not in help_text
     assert "--device" in help_text and "--no-progress" in help_text
+    for command in ("sample", "chat", "eval"):
+        assert "HuggingFace GPT-2 folder" in gptkit(command, "--help", cwd=folder).stdout, command
 
 
 def test_progress_in_a_log_is_plain_lines_with_the_eta_not_bar_frames(

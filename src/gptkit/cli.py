@@ -145,7 +145,8 @@ def add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "target",
         metavar="PRESET|RUN|CHECKPOINT",
-        help="a preset name, run folder, checkpoint, prepared data folder or config file",
+        help="a preset name, run folder, checkpoint, LoRA adapter folder, HuggingFace GPT-2 folder, prepared "
+        "data folder or config file (a fine-tune's: its base model)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
