@@ -80,3 +80,25 @@ def test_stated_count_equals_gptkit_info(doc: str, stated: str, workdir: Path, m
     monkeypatch.chdir(workdir / folder)
     params = info(target)["params"]
     assert agrees(stated, params), f"{doc} says {stated} for {target}, gptkit info says {params:,}"
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"preset": "gpt2", "vocab_size": 50257},
+        {"preset": "tiny", "vocab_size": 97, "bias": False},
+        {"n_layer": 3, "n_head": 2, "n_embd": 48, "block_size": 20, "vocab_size": 1000},
+    ],
+)
+def test_the_count_from_the_shape_equals_the_models(shape: dict) -> None:
+    """info counts presets and configs without building the model (no torch): the same numbers."""
+    import torch
+
+    from gptkit.config import ModelConfig
+    from gptkit.model import GPT
+
+    config = ModelConfig(**shape)
+    with torch.device("meta"):
+        model = GPT(config)
+    assert config.num_params() == model.num_params()
+    assert config.num_params(include_position=False) == model.num_params(include_position=False)
