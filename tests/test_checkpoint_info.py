@@ -121,3 +121,81 @@ def test_info_on_unknown_things(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(GptkitError, match=r"neither a run, a checkpoint"):
         describe(str(tmp_path / "empty"))
+
+
+def test_info_prints_numbers_for_people_and_json_keeps_raw_values(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    tok = CharTokenizer.train(["hello world"])
+    config = load_config(None, ["model.preset=tiny", f"model.vocab_size={tok.vocab_size}"])
+    path = tmp_path / "ckpt.pt"
+    progress = {"step": 20, "tokens": 20480, "wall_seconds": 63.4988540760005, "best_val_loss": None}
+    save_checkpoint(
+        path,
+        model_state=GPT(config.model).state_dict(),
+        config=config.model_dump(mode="json"),
+        tokenizer=tok.describe(),
+        progress=progress | {"val_loss": 2.345678},
+    )
+    text = format_info(describe(str(path)))
+    assert "training time 1m03s" in text and "63.49" not in text
+    assert "best val loss none yet" in text and "None" not in text
+    assert "val loss 2.3457" in text
+    out = subprocess.run(
+        [sys.executable, "-m", "gptkit", "info", str(path), "--json"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["progress"]["wall_seconds"] == 63.4988540760005
+
+
+def test_info_of_a_finetune_config_describes_the_base_it_uses(tmp_path: Path) -> None:
+    cfg = tmp_path / "sft.yaml"
+    base = tmp_path / "runs" / "base"
+    cfg.write_text(
+        f"finetune:\n  base: {base}\n  method: lora\ndata:\n  instructions: alpaca.json\n  template: chat\n"
+    )
+    info = describe(str(cfg))
+    assert "model" not in info, "no model is invented while the base does not exist"
+    text = format_info(info)
+    assert f"fine-tune: lora (r 8, alpha 16, on c_attn, attn.c_proj) of {base}" in text
+    assert "the base does not exist yet" in text and "instructions alpaca.json (template chat)" in text
+
+    make_checkpoint(base / "checkpoints" / "step_000010.pt")  # tiny, char vocabulary of 9
+    info = describe(str(cfg))
+    assert info["model"]["n_embd"] == 128 and info["model"]["vocab_size"] == 9
+    assert info["tokenizer"]["type"] == "char" and "does not exist" not in format_info(info)
+
+
+def test_info_of_a_finetuned_run_and_its_adapter_folder(tmp_path: Path) -> None:
+    from gptkit.config import LoRAConfig
+    from gptkit.finetuning.lora import add_lora, save_adapter
+
+    tok = CharTokenizer.train(["hello world"])
+    overrides = ["model.preset=tiny", f"model.vocab_size={tok.vocab_size}", "finetune.base=runs/base"]
+    config = load_config(None, [*overrides, "data.instructions=alpaca.json"])
+    model = GPT(config.model)
+    add_lora(model, LoRAConfig(r=4, targets=["c_attn"]))
+    run = tmp_path / "sft"
+    save_checkpoint(
+        run / "checkpoints" / "step_000005.pt",
+        model_state=model.state_dict(),
+        config=config.model_dump(mode="json"),
+        tokenizer=tok.describe(),
+        progress={"step": 5, "tokens": 640},
+    )
+    (run / "config.yaml").write_text(json.dumps(config.model_dump(mode="json")))  # JSON is YAML
+    save_adapter(model, run / "adapter", LoRAConfig(r=4, targets=["c_attn"]), base="runs/base")
+
+    text = format_info(describe(str(run)))
+    assert "fine-tune: lora (r 8" in text and "of runs/base; instructions alpaca.json" in text
+    assert f"adapter {run / 'adapter'}" in text
+
+    info = describe(str(run / "adapter"))
+    assert info["kind"] == "adapter"
+    n_layers, width = 4, 128
+    assert info["adapter"]["layers"] == n_layers
+    assert info["adapter"]["params"] == n_layers * 4 * (width + 3 * width)
+    text = format_info(info)
+    assert "adapter: LORA r 4" in text and "trained on base: runs/base" in text
+    assert "fine-tune: lora" in text

@@ -94,3 +94,41 @@ def test_info_on_a_preset() -> None:
     assert "124,439,808" in gptkit("info", "gpt2").stdout
     bad = gptkit("info", "gpt-2")
     assert bad.returncode == 2 and "did you mean 'gpt2'" in bad.stderr
+
+
+TORCH_PROBE = """
+import sys
+from gptkit.cli import build_parser, main
+build_parser()
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+sys.stdout.flush()
+print("TORCH_LOADED" if "torch" in sys.modules else "NO_TORCH", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["--help"], ["--version"], ["train", "--help"], ["info", "gpt2"], ["info", "configs/small.yaml"]],
+)
+def test_parser_help_version_and_info_of_presets_and_configs_do_not_import_torch(args: list[str]) -> None:
+    """Start-up stays fast: torch is imported only by commands that run a model."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", TORCH_PROBE, *args], capture_output=True, text=True, cwd=root, timeout=120
+    )
+    assert out.stderr.strip().endswith("NO_TORCH"), out.stderr[-2000:]
+    if args[:1] == ["info"]:
+        assert "parameters:" in out.stdout
+
+
+def test_import_gptkit_reaches_the_subpackages_without_importing_torch_first() -> None:
+    code = (
+        "import sys, gptkit; assert 'torch' not in sys.modules; "
+        "print(gptkit.generate.Chat.__name__, gptkit.generate.SampleSettings.__name__, gptkit.eval.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["Chat", "SampleSettings", "gptkit.eval"]

@@ -51,6 +51,27 @@ def test_quick_start_main_job_runs(tmp_path: Path) -> None:
     assert (run / "checkpoints" / "step_00000030.pt").is_file()
 
 
+def test_quick_start_again_keeps_the_earlier_run(tmp_path: Path) -> None:
+    """A second quick start trains runs/tiny-2 and leaves runs/tiny as it was."""
+    env = {**os.environ, "GPTKIT_WORKDIR": str(tmp_path), "GPTKIT_SETUP": "0", "GPTKIT_NO_PROGRESS": "1"}
+    short = ["train.max_steps=2", "eval.batches=1", "eval.sample_tokens=0", "checkpoint.every_steps=0"]
+    outputs = []
+    for _ in range(2):
+        out = subprocess.run(
+            ["bash", "scripts/quickstart.sh", *short],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        outputs.append(out.stdout)
+    assert f"run: {tmp_path}/runs/tiny\n" in outputs[0] and f"run: {tmp_path}/runs/tiny-2\n" in outputs[1]
+    for name in ("tiny", "tiny-2"):
+        assert (tmp_path / "runs" / name / "checkpoints" / "step_00000002.pt").is_file()
+
+
 def test_readme_error_example_is_what_gptkit_prints(tmp_path: Path) -> None:
     example = next(line for line in README.splitlines() if line.startswith("gptkit: error: invalid config"))
     config = tmp_path / "configs" / "tiny.yaml"
@@ -69,7 +90,8 @@ def test_readme_error_example_is_what_gptkit_prints(tmp_path: Path) -> None:
 def test_readme_python_api_example_runs(tmp_path: Path) -> None:
     """Every python block of the README runs as written, in a folder holding `notes/`."""
     blocks = re.findall(r"```python\n(.*?)```", README, re.S)
-    assert blocks
+    assert len(blocks) == README.count("```python"), "every python block is found, not only the first"
+    assert any("gptkit.generate.Chat(" in code for code in blocks), "the Chat example is a block that runs"
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("Some notes about tokenizers and models.\n" * 2000)
     for code in blocks:
@@ -79,3 +101,17 @@ def test_readme_python_api_example_runs(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr[-2000:]
         for expected in re.findall(r"# (\d+)$", code, re.M):  # "print(x)  # 123" comments are checked
             assert expected in out.stdout
+
+
+def test_export_section_and_the_missing_package_error_name_the_extra() -> None:
+    from gptkit.errors import GptkitError
+    from gptkit.export import require
+
+    section = README.split("## Export and import", 1)[1].split("```bash", 1)[0]
+    assert "pip install 'gptkit[export]'" in section, "said before the export commands"
+    try:
+        require("gptkit_no_such_package", "ONNX export")
+    except GptkitError as e:
+        assert "pip install 'gptkit[export]'" in str(e)
+    else:
+        raise AssertionError("a missing package is an error")

@@ -19,6 +19,19 @@ from gptkit.api import (  # noqa: E402
 )
 from gptkit.errors import GptkitError  # noqa: E402
 
+# Subpackages load on first attribute access (`gptkit.generate.Chat` after `import gptkit`), so that
+# `import gptkit` and `gptkit --help` stay free of torch.
+SUBPACKAGES = ("data", "eval", "export", "finetuning", "generate", "training")
+
+
+def __getattr__(name: str) -> object:
+    if name in SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"gptkit.{name}")
+    raise AttributeError(f"module 'gptkit' has no attribute {name!r}")
+
+
 __all__ = [
     "GptkitError",
     "__version__",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -74,9 +75,14 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", metavar="CONFIG", help="YAML config, e.g. configs/tiny.yaml")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
+def add_train(p: argparse.ArgumentParser, example: str = "configs/tiny.yaml") -> None:
+    p.add_argument("config", metavar="CONFIG", help=f"YAML config, e.g. {example}")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. train.lr=3e-4; before or after the options",
+    )
     p.add_argument(
         "--resume",
         default=None,
@@ -91,12 +97,26 @@ def add_train(p: argparse.ArgumentParser) -> None:
         metavar="STEP",
         help="checkpoint and exit at this step; the schedule still spans train.max_steps (default: the end)",
     )
+    p.add_argument(
+        "--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: the config's train.device)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+
+
+def train_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides, with --device as train.device; --no-progress reaches the run log (and every
+    torchrun process) through the environment it already reads."""
+    if args.no_progress:
+        from gptkit.training.runlog import NO_PROGRESS_ENV
+
+        os.environ[NO_PROGRESS_ENV] = "1"
+    return [*args.overrides, *([f"train.device={args.device}"] if args.device else [])]
 
 
 def run_train(args: argparse.Namespace) -> int:
     from gptkit.api import train
 
-    result = train(args.config, args.overrides, resume=args.resume, stop_at=args.stop_at)
+    result = train(args.config, train_overrides(args), resume=args.resume, stop_at=args.stop_at)
     if not result.main:  # under torchrun, rank 0 prints for all
         return 0
     for prompt, text in result.samples.items():
@@ -107,7 +127,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_finetune(p: argparse.ArgumentParser) -> None:
-    add_train(p)
+    add_train(p, example="configs/sft.yaml")
     p.description = (
         "fine-tune a base model (finetune.base: a run, checkpoint or HuggingFace GPT-2 folder): full, "
         "lora or prompt tuning (finetune.method), on instruction data (data.instructions) or shards"
@@ -117,7 +137,7 @@ def add_finetune(p: argparse.ArgumentParser) -> None:
 def run_finetune(args: argparse.Namespace) -> int:
     from gptkit.api import finetune
 
-    result = finetune(args.config, args.overrides, resume=args.resume, stop_at=args.stop_at)
+    result = finetune(args.config, train_overrides(args), resume=args.resume, stop_at=args.stop_at)
     if not result.main:
         return 0
     best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
@@ -129,7 +149,8 @@ def add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "target",
         metavar="PRESET|RUN|CHECKPOINT",
-        help="a preset name, run folder, checkpoint, prepared data folder or config file",
+        help="a preset name, run folder, checkpoint, LoRA adapter folder, HuggingFace GPT-2 folder, prepared "
+        "data folder or config file (a fine-tune's: its base model)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument(
@@ -155,7 +176,10 @@ def _setting(field: str) -> Any:
 def add_model_source(p: argparse.ArgumentParser) -> None:
     """The arguments every command that loads a trained model shares."""
     p.add_argument(
-        "model", metavar="RUN_OR_CKPT", help="a run folder (its newest checkpoint) or a checkpoint"
+        "model",
+        metavar="RUN_OR_CKPT",
+        help="a run folder (its newest checkpoint), a checkpoint (.pt or .safetensors) or a HuggingFace "
+        "GPT-2 folder",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument(
@@ -490,8 +514,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options and KEY=VALUE overrides mix in any order (`train CONFIG --resume X name=q2`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.parse_args(argv)  # argparse's own message and exit code for what is really unknown
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.run(args)
     except GptkitError as e:

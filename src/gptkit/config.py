@@ -63,6 +63,15 @@ class ModelConfig(Section):
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         return self
 
+    def num_params(self, include_position: bool = True) -> int:
+        """GPT.num_params from the shape alone (tied head, padding rows not counted), so that
+        `gptkit info` of a preset or config needs no torch; tests hold it equal to the model's."""
+        d, b = self.n_embd, int(self.bias)
+        layer_norm = d + d * b
+        block = 2 * layer_norm + 12 * d * d + 9 * d * b  # attention 4d² and MLP 8d² weights, their biases
+        n = self.n_layer * block + layer_norm + (self.vocab_size or 0) * d
+        return n + self.block_size * d if include_position else n
+
     @property
     def padded_vocab_size(self) -> int:
         if self.vocab_size is None:
@@ -266,6 +275,29 @@ def _fields_at(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(schema.model_fields)
 
 
+def _dotted_fields(schema: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every leaf key of a schema as a dotted path: train.lr, finetune.lora.r, ..."""
+    out = []
+    for name, field in schema.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _dotted_fields(ann, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def _elsewhere(key: str, schema: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """A key that belongs to another section (`lr=3e-4` for `train.lr=3e-4`): name its full key."""
+    where = ".".join(str(p) for p in loc)
+    found = [
+        f for f in _dotted_fields(schema) if f.rsplit(".", 1)[-1] == key and f.rpartition(".")[0] != where
+    ]
+    if not found:
+        return ""
+    return " (did you mean " + " or ".join(repr(f) for f in found) + "?)"
+
+
 def format_validation_error(err: ValidationError, schema: type[BaseModel], source: str) -> str:
     """One line per problem, each naming the dotted key; joined into a single message."""
     problems = []
@@ -273,7 +305,9 @@ def format_validation_error(err: ValidationError, schema: type[BaseModel], sourc
         loc = tuple(p for p in e["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
-            hint = did_you_mean(str(loc[-1]), _fields_at(schema, loc[:-1]))
+            hint = did_you_mean(str(loc[-1]), _fields_at(schema, loc[:-1])) or _elsewhere(
+                str(loc[-1]), schema, loc[:-1]
+            )
             problems.append(f"unknown key {key!r}{hint}")
         else:
             got = e.get("input")

@@ -1,13 +1,18 @@
-"""`gptkit info`: what a preset, config file, prepared data, run or checkpoint holds."""
+"""`gptkit info`: what a preset, config file, prepared data, run, checkpoint or adapter holds.
+
+A preset, a config and prepared data are described without torch (shapes are counted from the
+config), so that `gptkit info gpt2` answers at once; runs and checkpoints load through torch.
+"""
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 from typing import Any
 
-import torch
+import yaml
 
-from gptkit.checkpoint import find_checkpoint, is_run, load_checkpoint
 from gptkit.config import (
     GPT2_VOCAB_SIZE,
     MODEL_PRESETS,
@@ -19,8 +24,9 @@ from gptkit.config import (
 )
 from gptkit.data.shards import PreparedData
 from gptkit.errors import GptkitError
-from gptkit.model import GPT
 from gptkit.tokenizer import from_description
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def describe(target: str, verify: bool = False) -> dict[str, Any]:
@@ -34,10 +40,16 @@ def describe(target: str, verify: bool = False) -> dict[str, Any]:
         return _checkpoint_info(path)
     if path.is_dir() and (path / "meta.json").is_file():
         return _data_info(path, verify)
-    if path.is_dir() and is_run(path):
+    if path.is_dir() and all((path / name).is_file() for name in ADAPTER_FILES):
+        return _adapter_info(path)
+    if path.is_dir() and (path / "checkpoints").is_dir():
         return _run_info(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _hf_info(path)
     if path.exists():
-        raise GptkitError(f"{target!r} is neither a run, a checkpoint, prepared data nor a config file")
+        raise GptkitError(
+            f"{target!r} is neither a run, a checkpoint, an adapter, prepared data nor a config file"
+        )
     presets = ", ".join(MODEL_PRESETS)
     hint = did_you_mean(target, MODEL_PRESETS)
     raise GptkitError(
@@ -46,17 +58,18 @@ def describe(target: str, verify: bool = False) -> dict[str, Any]:
 
 
 def _model_info(config: ModelConfig) -> dict[str, Any]:
-    with torch.device("meta"):  # shapes only: no memory, no time, even for gpt2-xl
-        model = GPT(config)
     return {
         "model": config.model_dump(mode="json") | {"padded_vocab_size": config.padded_vocab_size},
-        "params": model.num_params(),
-        "params_without_position": model.num_params(include_position=False),
+        "params": config.num_params(),
+        "params_without_position": config.num_params(include_position=False),
     }
 
 
 def _config_info(path: Path) -> dict[str, Any]:
+    """The model the config trains: for a fine-tune, the base's (its shape and tokenizer are used)."""
     config = load_config(path)
+    if config.finetune.base is not None:
+        return _finetune_config_info(path, config)
     model = config.model
     tokenizer: dict[str, Any] = {"type": "gpt2"}
     if model.vocab_size is None:
@@ -66,7 +79,35 @@ def _config_info(path: Path) -> dict[str, Any]:
             tokenizer = _tokenizer_summary(data.meta["tokenizer"])
         except GptkitError:
             model = model.model_copy(update={"vocab_size": GPT2_VOCAB_SIZE})
+            tokenizer = {
+                "type": f"gpt2 assumed ({config.data.path} is not prepared yet: its vocabulary decides)"
+            }
     return {"kind": "config", "name": str(path), **_model_info(model), "tokenizer": tokenizer}
+
+
+def _finetune_config_info(path: Path, config: RunConfig) -> dict[str, Any]:
+    base = str(config.finetune.base)
+    out: dict[str, Any] = {"kind": "config", "name": str(path), "finetune": _finetune_summary(config)}
+    if not Path(base).exists():
+        out["finetune"]["base_missing"] = True
+        return out
+    described = describe(base)
+    keep = ("model", "params", "params_without_position", "tokenizer")
+    return out | {k: described[k] for k in keep if k in described}
+
+
+def _finetune_summary(config: RunConfig) -> dict[str, Any]:
+    fc, data = config.finetune, config.data
+    out: dict[str, Any] = {"method": fc.method, "base": fc.base}
+    if fc.method == "lora":
+        out["lora"] = fc.lora.model_dump(mode="json")
+    if fc.method == "prompt":
+        out["prompt_tokens"] = fc.prompt_tokens
+    if data.instructions is not None:
+        out |= {"instructions": data.instructions, "template": data.template}
+    else:
+        out["data"] = data.path
+    return out
 
 
 def _tokenizer_summary(description: dict[str, Any]) -> dict[str, Any]:
@@ -91,9 +132,11 @@ def _data_info(path: Path, verify: bool) -> dict[str, Any]:
 
 
 def _checkpoint_info(path: Path, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    from gptkit.checkpoint import load_checkpoint
+
     payload = payload if payload is not None else load_checkpoint(path, map_location="cpu")
     config = validate(RunConfig, payload["config"], f"checkpoint {path}")
-    return {
+    out = {
         "kind": "checkpoint",
         "name": str(path),
         **_model_info(config.model),
@@ -101,31 +144,138 @@ def _checkpoint_info(path: Path, payload: dict[str, Any] | None = None) -> dict[
         "progress": payload["progress"],
         "gptkit_version": payload["gptkit_version"],
     }
+    if config.finetune.base is not None:
+        out["finetune"] = _finetune_summary(config)
+        adapter = path.parent.parent / "adapter"
+        if config.finetune.method == "lora" and adapter.is_dir():
+            out["finetune"]["adapter"] = str(adapter)
+    return out
 
 
 def _run_info(path: Path) -> dict[str, Any]:
     """The newest intact checkpoint of the run speaks for it."""
+    from gptkit.checkpoint import find_checkpoint
+
     ckpt, payload = find_checkpoint(path)
     return {**_checkpoint_info(ckpt, payload), "kind": "run", "name": str(path), "checkpoint": str(ckpt)}
 
 
+def _hf_info(path: Path) -> dict[str, Any]:
+    from gptkit.export.hf import load_hf
+
+    _, tokenizer, config = load_hf(path)
+    tok = {"type": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id}
+    return {"kind": "HuggingFace folder", "name": str(path), **_model_info(config.model), "tokenizer": tok}
+
+
+def _adapter_info(path: Path) -> dict[str, Any]:
+    """A LoRA adapter folder (gptkit's or peft's): rank, layers, size, and the run that made it."""
+    peft = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    with (path / "adapter_model.safetensors").open("rb") as f:  # the header alone: no torch
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    shapes = [v["shape"] for k, v in header.items() if k != "__metadata__"]
+    params = 0
+    for shape in shapes:
+        n = 1
+        for size in shape:
+            n *= size
+        params += n
+    out: dict[str, Any] = {
+        "kind": "adapter",
+        "name": str(path),
+        "adapter": {
+            "type": peft.get("peft_type", "LORA"),
+            "r": peft.get("r"),
+            "alpha": peft.get("lora_alpha"),
+            "targets": peft.get("target_modules"),
+            "layers": len(shapes) // 2,
+            "params": params,
+            "base": peft.get("base_model_name_or_path") or None,
+        },
+    }
+    run_config = path.parent / "config.yaml"
+    if run_config.is_file():
+        config = validate(RunConfig, yaml.safe_load(run_config.read_text(encoding="utf-8")), str(run_config))
+        out["finetune"] = _finetune_summary(config)
+    return out
+
+
+def _number(value: Any) -> str:
+    """A value as people read it: 1,234 for counts, 4 decimals for losses, "none yet" for None."""
+    if value is None:
+        return "none yet"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4f}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return (
+        f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+    )
+
+
+def _progress_line(progress: dict[str, Any]) -> str:
+    parts = []
+    for key, value in progress.items():
+        if key == "wall_seconds" and isinstance(value, (int, float)):
+            parts.append(f"training time {_duration(value)}")
+        else:
+            parts.append(f"{key.replace('_', ' ')} {_number(value)}")
+    return "progress: " + ", ".join(parts)
+
+
+def _finetune_line(ft: dict[str, Any]) -> str:
+    method = ft["method"]
+    if "lora" in ft:
+        lora = ft["lora"]
+        method += f" (r {lora['r']}, alpha {lora['alpha']:g}, on {', '.join(lora['targets'])})"
+    if "prompt_tokens" in ft:
+        method += f" ({ft['prompt_tokens']} soft-prompt vectors)"
+    line = f"fine-tune: {method} of {ft['base']}"
+    if ft.get("base_missing"):
+        line += " (the base does not exist yet: train it first; model shape and tokenizer are the base's)"
+    if "instructions" in ft:
+        line += f"; instructions {ft['instructions']} (template {ft['template']})"
+    elif "data" in ft:
+        line += f"; data {ft['data']} (continued pre-training)"
+    if "adapter" in ft:
+        line += f"; adapter {ft['adapter']}"
+    return line
+
+
 def format_info(info: dict[str, Any]) -> str:
-    """Human-readable lines for the terminal."""
+    """Human-readable lines for the terminal (`--json` keeps the raw values)."""
     lines = [f"{info['kind']}: {info['name']}"]
+    if "adapter" in info:
+        a = info["adapter"]
+        targets = ", ".join(a["targets"] or [])
+        lines.append(
+            f"adapter: {a['type']} r {a['r']}, alpha {a['alpha']}, {a['layers']} layers ({targets}), "
+            f"{a['params']:,} parameters"
+        )
+        if a.get("base"):
+            lines.append(f"trained on base: {a['base']}")
+    if "finetune" in info:
+        lines.append(_finetune_line(info["finetune"]))
     if "model" in info:
         m = info["model"]
         lines.append(
             f"architecture: GPT-2, {m['n_layer']} layers, {m['n_head']} heads, width {m['n_embd']}, "
-            f"context {m['block_size']}, vocab {m['vocab_size']} (padded to {m['padded_vocab_size']}), "
+            f"context {m['block_size']}, vocab {m['vocab_size']:,} (padded to {m['padded_vocab_size']:,}), "
             f"dropout {m['dropout']}, bias {m['bias']}"
         )
         lines.append(
             f"parameters: {info['params']:,} total, {info['params_without_position']:,} without position "
-            f"embeddings ({info['params'] / 1e6:.1f}M)"
+            f"embeddings ({info['params'] / 1e6:.2f}M)"
         )
     if "tokenizer" in info:
         t = info["tokenizer"]
-        extra = f", vocab {t['vocab_size']}" if "vocab_size" in t else ""
+        extra = f", vocab {t['vocab_size']:,}" if "vocab_size" in t else ""
         lines.append(f"tokenizer: {t['type']}{extra}")
     if "splits" in info:
         for split, s in info["splits"].items():
@@ -139,12 +289,7 @@ def format_info(info: dict[str, Any]) -> str:
             else "verified: no shard has a sha256 in meta.json (prepared before gptkit recorded them)"
         )
     if info.get("progress"):
-        lines.append(
-            "progress: "
-            + ", ".join(
-                f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in info["progress"].items()
-            )
-        )
+        lines.append(_progress_line(info["progress"]))
     if "checkpoint" in info:
         lines.append(f"checkpoint: {info['checkpoint']}")
     return "\n".join(lines)

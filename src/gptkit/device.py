@@ -41,10 +41,14 @@ def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.devi
         raise GptkitError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GptkitError(
-            f"device {name!r} asked for, but CUDA is not available here; use device=auto or cpu"
+            f"device {name!r} asked for, but CUDA is not available here; use --device auto or --device cpu "
+            "(in a config: train.device=auto)"
         )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise GptkitError(f"device {name!r} asked for, but MPS is not available here; use device=auto or cpu")
+        raise GptkitError(
+            f"device {name!r} asked for, but MPS is not available here; use --device auto or --device cpu "
+            "(in a config: train.device=auto)"
+        )
     return device
 
 

@@ -267,9 +267,12 @@ def find_task_file(
         for candidate in (folder / task / name, folder / name):
             if candidate.is_file():
                 return candidate
+    others, where = "", "or directly"
+    if len(spec.files) > 1:
+        others, where = f", or {' or '.join(spec.files[1:])} beside it", "or any of them directly"
     raise GptkitError(
-        f"{task} needs {folder / task / spec.files[0]} (or {spec.files[0]} directly in {folder}); "
-        f"download it from {spec.url}, or pass its path"
+        f"{task} needs {folder / task / spec.files[0]}{others}, {where} in {folder}; download it from "
+        f"{spec.url}, or pass its path (--file {task}=PATH)"
     )
 
 

@@ -70,7 +70,8 @@ def gguf_vocab(tokenizer: Tokenizer) -> tuple[list[str], list[int], list[str]]:
     else:
         raise GptkitError(
             f"GGUF cannot express the {tokenizer.kind} tokenizer: llama.cpp has no character-level "
-            "tokenizer; train with --tokenizer gpt2 or bpe to export to GGUF (ONNX and HF take it)"
+            "tokenizer; prepare the data with gptkit prepare --tokenizer gpt2 (or bpe) and train on it "
+            "to export to GGUF (ONNX and HF take a char model)"
         )
     tokens = sorted(vocab, key=vocab.__getitem__)
     if [vocab[t] for t in tokens] != list(range(tokenizer.vocab_size)):

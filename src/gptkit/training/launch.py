@@ -28,6 +28,7 @@ from gptkit.training import distributed
 from gptkit.training.batches import Batch, ShardBatches, TokenSource, fixed_batches
 from gptkit.training.budget import available_memory, memory_estimate
 from gptkit.training.checkpoints import earlier_run_files, load_latest, step_files
+from gptkit.training.trackers import check_installed
 from gptkit.training.trainer import Trainer, TrainResult, accumulation_steps, seed_everything
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "pad_vocab_multiple")
@@ -181,6 +182,8 @@ def _train(
     stop_at: int | None,
     procs: distributed.Processes,
 ) -> TrainResult:
+    check_installed(config)  # a missing tracker package stops the run before anything is written
+    warn_long_warmup(config)
     name = run_name(config, config_path)
     config = config.model_copy(update={"name": name})  # so the saved config.yaml resumes the same run
     run_dir = Path(config.runs_dir) / name
@@ -255,6 +258,17 @@ def _train_locked(
     if parts.finish is not None and procs.main and not result.stopped_early:
         parts.finish(trainer)
     return result
+
+
+def warn_long_warmup(config: RunConfig) -> None:
+    """Warm-up longer than the run: the learning rate never reaches train.lr (say so before step 1)."""
+    t = config.train
+    if t.warmup_steps > t.max_steps:
+        notice(
+            f"warning: train.warmup_steps ({t.warmup_steps}) exceeds train.max_steps ({t.max_steps}): "
+            f"the learning rate never reaches train.lr ({t.lr:g}); set e.g. "
+            f"train.warmup_steps={t.max_steps // 10}"
+        )
 
 
 def resolve_batch(config: RunConfig, n_params: int, procs: distributed.Processes) -> RunConfig:

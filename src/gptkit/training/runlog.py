@@ -144,6 +144,29 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 # The run log
 
 
+class ProgressLines:
+    """Progress for logs, when standard error is not a terminal: a plain line now and then (the first
+    after a few seconds, so the expected time shows early) instead of a bar's frames filling the file."""
+
+    def __init__(self, total: int, initial: int, first_after: float = 5.0, every: float = 30.0) -> None:
+        self.total, self.initial, self.every = total, initial, every
+        self.start = time.monotonic()
+        self.next_at = self.start + first_after
+
+    def update(self, step: int, postfix: str) -> None:
+        now = time.monotonic()
+        if now < self.next_at or step <= self.initial:
+            return
+        self.next_at = now + self.every
+        elapsed = now - self.start
+        rate = (step - self.initial) / elapsed
+        eta = tqdm.format_interval((self.total - step) / rate)
+        notice(
+            f"step {step}/{self.total} ({100 * step / self.total:.0f}%), {rate:.2f} steps/s, "
+            f"elapsed {tqdm.format_interval(elapsed)}, ETA {eta}; {postfix}"
+        )
+
+
 class QuietLog:
     """The log of ranks other than 0 in multi-process training: rank 0 reports for all of them."""
 
@@ -184,6 +207,7 @@ class RunLog:
             self._track_best(record["step"], record.get("val_loss"))
         self._file = self.metrics_path.open("a", encoding="utf-8")
         self._bar: tqdm | None = None
+        self._lines: ProgressLines | None = None
         self._trackers: list[TensorBoardTracker | MLflowTracker | WandbTracker] = []
         try:
             resume = start_step > 0
@@ -196,6 +220,11 @@ class RunLog:
         except BaseException:
             self.close("failed")
             raise
+        if os.environ.get(NO_PROGRESS_ENV, "") not in ("", "0"):
+            return
+        if not sys.stderr.isatty():
+            self._lines = ProgressLines(max_steps, start_step)
+            return
         self._bar = tqdm(
             total=max_steps,
             initial=start_step,
@@ -203,7 +232,6 @@ class RunLog:
             file=sys.stderr,
             dynamic_ncols=True,
             mininterval=1.0,
-            disable=os.environ.get(NO_PROGRESS_ENV, "") not in ("", "0"),
         )
 
     def train(self, step: int, metrics: dict[str, float]) -> None:
@@ -213,6 +241,8 @@ class RunLog:
             self._bar.set_postfix_str(format_postfix(metrics), refresh=False)
             if step > self._bar.n:
                 self._bar.update(step - self._bar.n)
+        if self._lines is not None:
+            self._lines.update(step, format_postfix(metrics))
         if step % self.every == 0 or step == self.max_steps:
             self._record(step, "train", metrics)
 

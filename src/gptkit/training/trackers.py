@@ -52,6 +52,22 @@ def _missing(option: str, package: str) -> GptkitError:
     )
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def check_installed(config: RunConfig) -> None:
+    """The trackers switched on are installed: checked before the run folder is made (importing them
+    here costs nothing extra: the tracker imports them next)."""
+    import importlib
+
+    for option, package in TRACKER_PACKAGES.items():
+        if getattr(config.log, option):
+            try:
+                importlib.import_module(package)
+            except ImportError:
+                raise _missing(option, package) from None
+
+
 class TensorBoardTracker:
     def __init__(self, run_dir: Path, start_step: int) -> None:
         try:
