@@ -430,7 +430,7 @@ def add_eval(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="FILE",
         help="test questions, one a line: each checkpoint's greedy answers (with its chat template) go "
-        "to RUN/eval.md and, with --mlflow, to MLflow as text",
+        "to RUN/eval.md and, with --mlflow, to MLflow as text (default: none)",
     )
     p.add_argument("--max-new-tokens", type=int, default=128, help="the longest answer to --prompts")
     p.add_argument("--tensorboard", action="store_true", help="also log to the run's TensorBoard folder")
