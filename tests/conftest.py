@@ -22,3 +22,13 @@ def shared_file(relative: str) -> Path:
 @pytest.fixture
 def shakespeare() -> Path:
     return shared_file("tinyshakespeare/input.txt")
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in corpus prepared with the char tokenizer, once per test session (tests only read it)."""
+    from gptkit.api import prepare
+
+    out = tmp_path_factory.mktemp("data") / "pydoc"
+    prepare([], out, tokenizer="char", progress=False, workers=1)
+    return out

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_train import TINY, wait_for_step
 
-from gptkit.api import export_model, prepare, train
+from gptkit.api import export_model, train
 from gptkit.checkpoint import load_checkpoint
 from gptkit.export import MANIFEST
 from gptkit.locks import hold
@@ -67,10 +67,8 @@ def quiet(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "pydoc"
-    prepare([], out, tokenizer="char", progress=False, workers=1)
-    return out
+def data(char_data: Path) -> Path:
+    return char_data
 
 
 def tiny(root: Path, data: Path, *overrides: str) -> list[str]:

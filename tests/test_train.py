@@ -47,13 +47,6 @@ def quiet(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GPTKIT_NO_PROGRESS", "1")
 
 
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "pydoc"
-    prepare([], out, tokenizer="char", progress=False, workers=1)
-    return out
-
-
 def config(tmp_path: Path, data: Path, *overrides: str) -> RunConfig:
     return load_config(None, [*TINY, f"data.path={data}", f"runs_dir={tmp_path / 'runs'}", *overrides])
 
