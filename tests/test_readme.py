@@ -115,3 +115,12 @@ def test_export_section_and_the_missing_package_error_name_the_extra() -> None:
         assert "pip install 'gptkit[export]'" in str(e)
     else:
         raise AssertionError("a missing package is an error")
+
+
+def test_reliability_table_names_tests_that_exist() -> None:
+    """Every `file::test` of the README's reliability table is a test function in tests/."""
+    section = README.split("## Reliability", 1)[1].split("\n## ", 1)[0]
+    named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", section)
+    assert len(named) >= 20
+    for file, test in named:
+        assert re.search(rf"^def {test}\(", (ROOT / "tests" / file).read_text(), re.M), f"{file}::{test}"
