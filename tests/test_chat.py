@@ -246,6 +246,7 @@ def test_the_template_round_trips_through_a_checkpoint(
 
     payload = load_checkpoint(chat_ckpt)
     payload["chat_template"] = {**TUNED.to_dict(), "assistant": {"prefix": None}}
+    del payload["sha256"]  # a checkpoint from before digests: its template is what gets checked
     torch.save(payload, tmp_path / "bad.pt")
     with pytest.raises(GptkitError, match=r"chat template stored in .*bad.pt is invalid \(assistant.prefix"):
         Chat(gptkit.load(tmp_path / "bad.pt", device="cpu"))
