@@ -22,9 +22,11 @@ from gptkit.checkpoint import clean_state_dict, find_checkpoint, load_checkpoint
 from gptkit.config import RunConfig, load_config
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
+from gptkit.runtime import resolve_runtime
 from gptkit.training.batches import Batch
 from gptkit.training.checkpoints import step_files
 from gptkit.training.launch import train
+from gptkit.training.parts import Parts
 from gptkit.training.trainer import Trainer
 
 TINY = [
@@ -720,5 +722,8 @@ def test_no_checkpoint_with_nan_and_the_advice_names_a_sound_one(tmp_path: Path,
         model.lm_head.weight[0, 0] = float("nan")
     from gptkit.tokenizer import CharTokenizer
 
-    trainer = Trainer(cfg, tmp_path / "w", "w", model, CharTokenizer.train(["ab"]), ListSource([]), None)
+    parts = Parts(
+        cfg, model, CharTokenizer.train(["ab"]), ListSource([]), None, resolve_runtime(cfg.train, cfg.model)
+    )
+    trainer = Trainer(parts, tmp_path / "w", "w")
     assert trainer.save("periodic") is None and not step_files(tmp_path / "w"), "non-finite weights: no file"
