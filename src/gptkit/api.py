@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gptkit.config import EVAL_BATCH_SIZE, EVAL_DATA_DIR, EVAL_MAX_NEW_TOKENS
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
@@ -124,9 +126,6 @@ def load(
     return TextModel(model, tokenizer, source=str(ckpt), chat_template=payload.get("chat_template"))
 
 
-EXPORT_TARGETS = ("hf", "onnx", "gguf", "safetensors")
-
-
 def export_model(
     source: str | Path, target: str, out: str | Path, *, type: str = "f16", force: bool = False
 ) -> list[Path]:
@@ -137,6 +136,7 @@ def export_model(
     gptkit checkpoint). An existing output is replaced only with `force`.
     """
     from gptkit.checkpoint import load_any
+    from gptkit.config import EXPORT_TARGETS
     from gptkit.errors import GptkitError
 
     if target not in EXPORT_TARGETS:
@@ -180,8 +180,8 @@ def evaluate(
     tasks: str | list[str] | None = None,
     *,
     limit: int | None = None,
-    batch_size: int = 8,
-    data_dir: str | Path = "data/eval",
+    batch_size: int = EVAL_BATCH_SIZE,
+    data_dir: str | Path = EVAL_DATA_DIR,
     files: dict[str, str | Path] | None = None,
     text: str | Path | None = None,
     window: int | None = None,
@@ -193,7 +193,7 @@ def evaluate(
     mlflow: bool = False,
     progress: bool = True,
     prompts: str | Path | None = None,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
     on_result: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate a checkpoint (or a run's newest, or with `all_checkpoints` every one not yet evaluated)

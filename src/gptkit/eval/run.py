@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gptkit.config import EvalConfig
+from gptkit.config import EVAL_BATCH_SIZE, EVAL_DATA_DIR, EVAL_MAX_NEW_TOKENS, EvalConfig
 from gptkit.console import notice
 from gptkit.errors import GptkitError
 from gptkit.eval.answers import (
@@ -46,7 +46,6 @@ from gptkit.eval.answers import (
 from gptkit.eval.perplexity import perplexity, read_tokens
 from gptkit.eval.scoring import logits_fn, score_requests
 from gptkit.eval.tasks import (
-    DEFAULT_DATA_DIR,
     PERPLEXITY,
     TASKS,
     TaskData,
@@ -77,15 +76,15 @@ class EvalSettings:
 
     tasks: list[str]
     limit: int | None = None
-    batch_size: int = 8
-    data_dir: str | Path = DEFAULT_DATA_DIR
+    batch_size: int = EVAL_BATCH_SIZE
+    data_dir: str | Path = EVAL_DATA_DIR
     files: dict[str, str | Path] = field(default_factory=dict)
     text: str | Path | None = None
     window: int | None = None
     stride: int | None = None
     progress: bool = True
     prompts: str | Path | None = None  # a file of test questions, one a line, answered per checkpoint
-    max_new_tokens: int = 128  # the longest answer
+    max_new_tokens: int = EVAL_MAX_NEW_TOKENS  # the longest answer
 
     def __post_init__(self) -> None:
         self.tasks = parse_tasks(self.tasks) if self.tasks or self.prompts is None else []
