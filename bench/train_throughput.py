@@ -71,10 +71,12 @@ from tables import markdown  # bench/tables.py: scripts run from bench/
 from gptkit.config import RunConfig, load_config
 from gptkit.device import autocast, fast_matmul, pick_precision
 from gptkit.model import GPT
+from gptkit.runtime import resolve_runtime
 from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer
 from gptkit.training.batches import Batch
 from gptkit.training.budget import flops_per_token, matmul_ceiling
 from gptkit.training.optim import learning_rate, make_optimizer, set_learning_rate
+from gptkit.training.parts import Parts
 from gptkit.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +175,9 @@ def ours(cfg: RunConfig, batches: list[Batch], run_dir: Path, seed: int = 0, shi
     """A Trainer whose train_step() we time; `shim`: call the model as the recommended trainer does."""
     torch.manual_seed(seed)
     model = GPT(cfg.model)
-    trainer = Trainer(cfg, run_dir, "bench", model, None, ListSource(batches), None)  # type: ignore[arg-type]
+    runtime = resolve_runtime(cfg.train, cfg.model)
+    parts = Parts(cfg, model, None, ListSource(batches), None, runtime)  # type: ignore[arg-type]
+    trainer = Trainer(parts, run_dir, "bench")
     if shim and not TRAINER_SKIPS_LOGITS:
         trainer.step_model = functools.partial(trainer.step_model, return_logits=False)
     return trainer

@@ -132,3 +132,44 @@ def test_import_gptkit_reaches_the_subpackages_without_importing_torch_first() -
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["Chat", "SampleSettings", "gptkit.eval"]
+
+
+def test_modes_targets_and_eval_defaults_are_declared_once() -> None:
+    """Quantisation modes, export targets and eval defaults were spelled in the CLI, the API, the
+    config and the evaluator separately; each is now one declaration in gptkit.config that all use."""
+    import inspect
+
+    import gptkit
+    from gptkit.config import (
+        EVAL_BATCH_SIZE,
+        EVAL_DATA_DIR,
+        EVAL_MAX_NEW_TOKENS,
+        EXPORT_TARGETS,
+        QUANTIZE_MODES,
+        EvalConfig,
+    )
+    from gptkit.errors import GptkitError
+    from gptkit.eval.run import EvalSettings
+    from gptkit.generate.inference import check_quantize
+
+    parsers = subparsers()
+    for name in ("sample", "chat", "eval"):
+        quantize = next(a for a in parsers[name]._actions if a.dest == "quantize")
+        assert tuple(quantize.choices) == QUANTIZE_MODES
+    target = next(a for a in parsers["export"]._actions if a.dest == "target")
+    assert tuple(target.choices) == EXPORT_TARGETS
+    with pytest.raises(GptkitError, match=f"quantize must be {' or '.join(QUANTIZE_MODES)}, not 'int3'"):
+        check_quantize("int3")
+    with pytest.raises(GptkitError, match=f"export target must be one of {', '.join(EXPORT_TARGETS)}"):
+        gptkit.export_model("runs/none", "tflite", "out")
+
+    defaults = vars(parsers["eval"].parse_args(["runs/x"]))
+    api = inspect.signature(gptkit.evaluate).parameters
+    settings = EvalSettings(["perplexity"])
+    fields = EvalConfig.model_fields
+    assert defaults["batch_size"] == api["batch_size"].default == settings.batch_size == EVAL_BATCH_SIZE
+    assert fields["task_batch_size"].default == EVAL_BATCH_SIZE
+    assert defaults["data_dir"] == api["data_dir"].default == settings.data_dir == EVAL_DATA_DIR
+    assert fields["task_data"].default == EVAL_DATA_DIR
+    assert defaults["max_new_tokens"] == api["max_new_tokens"].default == settings.max_new_tokens
+    assert settings.max_new_tokens == EVAL_MAX_NEW_TOKENS

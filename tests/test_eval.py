@@ -463,6 +463,7 @@ def test_bad_task_files_are_reported(tmp_path: Path) -> None:
 
 def test_training_runs_the_configured_tasks_at_each_evaluation(tmp_path: Path) -> None:
     from gptkit.api import prepare
+    from gptkit.eval.run import TrainingTasks
     from gptkit.training.launch import train
 
     assert set(KNOWN_TASKS) == set(EvalConfig.model_fields["tasks"].annotation.__args__[0].__args__)
@@ -499,7 +500,9 @@ def test_training_runs_the_configured_tasks_at_each_evaluation(tmp_path: Path) -
         ],
     )
     shared_file("piqa/valid.jsonl")
-    result = train(config)
+    with pytest.raises(ValueError, match="pass the task evaluator"):
+        train(config)  # the trainer does not reach up for one
+    result = train(config, tasks=TrainingTasks(config.eval, config.data.path))
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if r["split"] == "val"]
     assert [r["step"] for r in val] == [2, 4]

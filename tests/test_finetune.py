@@ -471,3 +471,28 @@ def test_changed_method_on_resume_and_empty_lora_targets_are_one_line_errors(
             finetune(None, [*common, change], resume="latest")
         assert message in str(e.value)
     assert finetune(None, common, resume="latest").step == 6
+
+
+def test_the_command_names_the_mode(full_cli_run: tuple[Path, str, Path, Path]) -> None:
+    """`gptkit train` on a fine-tuning config used to fine-tune silently; now the command decides:
+    each refuses the other's config in one line naming the right command, and a stopped fine-tune's
+    resume hint names `gptkit finetune`. (Last in the file: it continues the shared run.)"""
+    run, _, _, _ = full_cli_run
+    env = {**os.environ, "GPTKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "gptkit", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+    config = str(run / "config.yaml")
+    wrong = cli("train", config, "--resume", "latest")
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, wrong.stderr
+    assert wrong.stderr.strip().splitlines()[-1].startswith("gptkit: error: finetune.base is set (")
+    assert "fine-tune with gptkit finetune" in wrong.stderr
+    no_base = cli("finetune", str(run.parent.parent / "full.yaml"), f"runs_dir={run.parent}", "name=nobase")
+    assert no_base.returncode == 2 and "Traceback" not in no_base.stderr, no_base.stderr
+    assert "finetune.base is not set" in no_base.stderr and "pre-train with gptkit train" in no_base.stderr
+    assert not (run.parent / "nobase").exists()
+    more = cli("finetune", config, "train.max_steps=4", "--resume", "latest", "--stop-at", "3")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert f"resume with: gptkit finetune {config} --resume latest" in more.stderr

@@ -22,9 +22,12 @@ from gptkit.checkpoint import clean_state_dict, find_checkpoint, load_checkpoint
 from gptkit.config import RunConfig, load_config
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
+from gptkit.runtime import resolve_runtime
+from gptkit.tokenizer import Tokenizer
 from gptkit.training.batches import Batch
 from gptkit.training.checkpoints import step_files
 from gptkit.training.launch import train
+from gptkit.training.parts import Parts
 from gptkit.training.trainer import Trainer
 
 TINY = [
@@ -107,11 +110,19 @@ class ListSource:
         self.i = state["i"]
 
 
+def bare_trainer(
+    cfg: RunConfig, run_dir: Path, model: GPT, tokenizer: Tokenizer, source: ListSource
+) -> Trainer:
+    """A Trainer on given parts, without launch's run folder and data checks."""
+    runtime = resolve_runtime(cfg.train, cfg.model)
+    return Trainer(Parts(cfg, model, tokenizer, source, None, runtime), run_dir, run_dir.name)
+
+
 def one_step(tmp_path: Path, data: Path, batches: list[Batch], *overrides: str) -> tuple[GPT, float]:
     cfg = config(tmp_path, data, "model.vocab_size=104", "train.max_steps=1", *overrides)
     torch.manual_seed(0)
     model = GPT(cfg.model)
-    trainer = Trainer(cfg, tmp_path / "r", "r", model, None, ListSource(batches), None)  # type: ignore[arg-type]
+    trainer = bare_trainer(cfg, tmp_path / "r", model, None, ListSource(batches))  # type: ignore[arg-type]
     _, norm, _ = trainer.train_step()
     return model, norm
 
@@ -139,7 +150,7 @@ def test_clipping_caps_the_gradient_and_logs_the_pre_clip_norm(tmp_path: Path, c
     cfg = config(tmp_path, char_data, "model.vocab_size=104", "train.grad_clip=0.01")
     torch.manual_seed(0)
     model = GPT(cfg.model)
-    trainer = Trainer(cfg, tmp_path / "r", "r", model, None, ListSource([(data[:, :-1], data[:, 1:])]), None)  # type: ignore[arg-type]
+    trainer = bare_trainer(cfg, tmp_path / "r", model, None, ListSource([(data[:, :-1], data[:, 1:])]))  # type: ignore[arg-type]
     seen = []
 
     def record(optimizer: torch.optim.Optimizer, *_: object) -> None:
@@ -713,5 +724,5 @@ def test_no_checkpoint_with_nan_and_the_advice_names_a_sound_one(tmp_path: Path,
         model.lm_head.weight[0, 0] = float("nan")
     from gptkit.tokenizer import CharTokenizer
 
-    trainer = Trainer(cfg, tmp_path / "w", "w", model, CharTokenizer.train(["ab"]), ListSource([]), None)
+    trainer = bare_trainer(cfg, tmp_path / "w", model, CharTokenizer.train(["ab"]), ListSource([]))
     assert trainer.save("periodic") is None and not step_files(tmp_path / "w"), "non-finite weights: no file"

@@ -149,3 +149,34 @@ def test_auto_precision_follows_device_and_model_width() -> None:
     assert pick_precision("bf16", cpu, narrow) == "bf16"  # an explicit choice is kept
     with pytest.raises(GptkitError, match="fp16 is not supported on CPU"):
         pick_precision("fp16", cpu, wide)
+
+
+def test_the_runtime_is_resolved_once_and_the_trainer_reads_it(tmp_path) -> None:
+    """Device and precision were worked out by launch, the batch-size search and Trainer.__init__ in
+    turn; now `resolve_runtime` answers once and the trainer takes the answer from its parts."""
+    import dataclasses
+
+    from gptkit.config import RunConfig
+    from gptkit.runtime import Processes, Runtime, resolve_runtime
+    from gptkit.tokenizer import CharTokenizer
+    from gptkit.training.parts import Parts
+    from gptkit.training.trainer import Trainer
+
+    config = RunConfig.model_validate(
+        {
+            "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 8},
+            "train": {"precision": "auto", "micro_batch_size": 2, "device": "cpu"},
+        }
+    )
+    auto = resolve_runtime(config.train, config.model)
+    assert auto == Runtime(Processes(), torch.device("cpu"), "fp32")  # auto: narrow model -> fp32
+    assert auto.autocast_dtype is torch.float32
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        auto.precision = "bf16"  # type: ignore[misc]
+    # the config's "auto" meant fp32; the runtime passed down says bf16: the trainer follows the runtime
+    bf16 = Runtime(Processes(), torch.device("cpu"), "bf16")
+    assert bf16.autocast_dtype is torch.bfloat16
+    source = ShardBatches(shards(200), batch_size=2, block_size=16)
+    parts = Parts(config, GPT(config.model), CharTokenizer.train(["abc"]), source, None, bf16)
+    trainer = Trainer(parts, tmp_path / "run", "run")
+    assert (trainer.device, trainer.precision, trainer.procs) == (bf16.device, "bf16", bf16.procs)

@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gptkit.config import EVAL_BATCH_SIZE, EVAL_DATA_DIR, EVAL_MAX_NEW_TOKENS
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from gptkit.config import RunConfig
     from gptkit.generate.textmodel import TextModel
     from gptkit.training.trainer import TrainResult
 
@@ -42,9 +45,8 @@ def train(
     """Pre-train from a YAML config plus dotted overrides; `resume` is "latest", "auto" or a checkpoint;
     `stop_at` checkpoints and returns at that step (the schedule still spans train.max_steps)."""
     from gptkit.config import load_config
-    from gptkit.training.launch import train as run_training
 
-    return run_training(load_config(config, overrides), config_path=config, resume=resume, stop_at=stop_at)
+    return _run(load_config(config, overrides), config, resume, stop_at, finetuning=False)
 
 
 def finetune(
@@ -56,16 +58,28 @@ def finetune(
 ) -> TrainResult:
     """Fine-tune `finetune.base` as the config says (method, data); the same trainer as `train`."""
     from gptkit.config import load_config
-    from gptkit.errors import GptkitError
+
+    return _run(load_config(config, overrides), config, resume, stop_at, finetuning=True)
+
+
+def _run(
+    run: RunConfig, config_path: str | Path | None, resume: str | None, stop_at: int | None, finetuning: bool
+) -> TrainResult:
+    """The one training launch; the command decides the mode, and the parts that sit above training
+    (the base model's loader, the task evaluator) are made here and passed down."""
+    from gptkit.checkpoint import load_any
+    from gptkit.eval.run import TrainingTasks
     from gptkit.training.launch import train as run_training
 
-    run = load_config(config, overrides)
-    if run.finetune.base is None:
-        raise GptkitError(
-            "finetune.base is not set; name the model to start from: a run folder, checkpoint or "
-            "HuggingFace GPT-2 folder (e.g. finetune.base=runs/tiny)"
-        )
-    return run_training(run, config_path=config, resume=resume, stop_at=stop_at)
+    tasks = TrainingTasks(run.eval, run.data.path) if run.eval.tasks else None
+    return run_training(
+        run,
+        config_path=config_path,
+        resume=resume,
+        stop_at=stop_at,
+        load_base=load_any if finetuning else None,
+        tasks=tasks,
+    )
 
 
 def info(target: str, verify: bool = False) -> dict[str, Any]:
@@ -112,9 +126,6 @@ def load(
     return TextModel(model, tokenizer, source=str(ckpt), chat_template=payload.get("chat_template"))
 
 
-EXPORT_TARGETS = ("hf", "onnx", "gguf", "safetensors")
-
-
 def export_model(
     source: str | Path, target: str, out: str | Path, *, type: str = "f16", force: bool = False
 ) -> list[Path]:
@@ -125,6 +136,7 @@ def export_model(
     gptkit checkpoint). An existing output is replaced only with `force`.
     """
     from gptkit.checkpoint import load_any
+    from gptkit.config import EXPORT_TARGETS
     from gptkit.errors import GptkitError
 
     if target not in EXPORT_TARGETS:
@@ -168,8 +180,8 @@ def evaluate(
     tasks: str | list[str] | None = None,
     *,
     limit: int | None = None,
-    batch_size: int = 8,
-    data_dir: str | Path = "data/eval",
+    batch_size: int = EVAL_BATCH_SIZE,
+    data_dir: str | Path = EVAL_DATA_DIR,
     files: dict[str, str | Path] | None = None,
     text: str | Path | None = None,
     window: int | None = None,
@@ -181,7 +193,7 @@ def evaluate(
     mlflow: bool = False,
     progress: bool = True,
     prompts: str | Path | None = None,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
     on_result: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate a checkpoint (or a run's newest, or with `all_checkpoints` every one not yet evaluated)

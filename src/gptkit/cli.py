@@ -13,7 +13,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from gptkit.config import PrepareConfig
+from gptkit.config import (
+    EVAL_BATCH_SIZE,
+    EVAL_DATA_DIR,
+    EVAL_MAX_NEW_TOKENS,
+    EXPORT_TARGETS,
+    QUANTIZE_MODES,
+    PrepareConfig,
+)
 from gptkit.errors import GptkitError, describe_os_error
 
 
@@ -184,7 +191,7 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument(
         "--quantize",
-        choices=["int8", "int4"],
+        choices=QUANTIZE_MODES,
         default=None,
         help="weight-only quantised layers (default: none, full precision)",
     )
@@ -344,7 +351,7 @@ def run_chat(args: argparse.Namespace) -> int:
 def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "target",
-        choices=["hf", "onnx", "gguf", "safetensors"],
+        choices=EXPORT_TARGETS,
         help="hf: a folder transformers loads; onnx: OUT.onnx and OUT_with_past.onnx (KV cache); "
         "gguf: llama.cpp's gpt2 layout; safetensors: a weights-only gptkit checkpoint",
     )
@@ -400,8 +407,8 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--limit", type=int, default=None, help="examples per task, perplexity windows (default: all)"
     )
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--data-dir", default="data/eval", metavar="DIR", help="folder of the task files")
+    p.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE, help="sequences per forward pass")
+    p.add_argument("--data-dir", default=EVAL_DATA_DIR, metavar="DIR", help="folder of the task files")
     p.add_argument(
         "--file",
         action="append",
@@ -432,7 +439,9 @@ def add_eval(p: argparse.ArgumentParser) -> None:
         help="test questions, one a line: each checkpoint's greedy answers (with its chat template) go "
         "to RUN/eval.md and, with --mlflow, to MLflow as text (default: none)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=128, help="the longest answer to --prompts")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS, help="the longest answer to --prompts"
+    )
     p.add_argument("--tensorboard", action="store_true", help="also log to the run's TensorBoard folder")
     p.add_argument("--mlflow", action="store_true", help="also log to the run's MLflow run")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")

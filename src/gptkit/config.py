@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gptkit.errors import GptkitError
+
+# Facts the CLI, the API and the config share, declared once here (a torch-free leaf all of them import)
+QuantizeMode = Literal["int8", "int4"]
+QUANTIZE_MODES: tuple[str, ...] = get_args(QuantizeMode)  # weight-only quantisation for inference
+ExportTarget = Literal["hf", "onnx", "gguf", "safetensors"]
+EXPORT_TARGETS: tuple[str, ...] = get_args(ExportTarget)
+EVAL_DATA_DIR = "data/eval"  # where `gptkit eval` and eval.tasks look for task files
+EVAL_BATCH_SIZE = 8  # sequences per forward pass when scoring tasks
+EVAL_MAX_NEW_TOKENS = 128  # the longest answer to eval's test questions
 
 
 class Section(BaseModel):
@@ -194,8 +203,10 @@ class EvalConfig(Section):
         default_factory=list, description="zero-shot tasks (gptkit eval) run at every evaluation; [] = none"
     )
     task_limit: int | None = Field(200, ge=1, description="examples (perplexity: windows) per task; None=all")
-    task_data: str = Field("data/eval", description="folder of the task files (see gptkit eval)")
-    task_batch_size: int = Field(8, ge=1, description="sequences per forward pass when scoring tasks")
+    task_data: str = Field(EVAL_DATA_DIR, description="folder of the task files (see gptkit eval)")
+    task_batch_size: int = Field(
+        EVAL_BATCH_SIZE, ge=1, description="sequences per forward pass when scoring tasks"
+    )
 
 
 class CheckpointConfig(Section):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from gptkit.config import EVAL_BATCH_SIZE
 from gptkit.errors import GptkitError
 from gptkit.eval.scoring import show_progress
 from gptkit.tokenizer import Tokenizer
@@ -76,7 +77,7 @@ def perplexity(
     window: int,
     stride: int | None = None,
     device: torch.device | str = "cpu",
-    batch_size: int = 8,
+    batch_size: int = EVAL_BATCH_SIZE,
     limit: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gptkit.config import EVAL_BATCH_SIZE, EVAL_DATA_DIR, EVAL_MAX_NEW_TOKENS, EvalConfig
 from gptkit.console import notice
 from gptkit.errors import GptkitError
 from gptkit.eval.answers import (
@@ -45,7 +46,6 @@ from gptkit.eval.answers import (
 from gptkit.eval.perplexity import perplexity, read_tokens
 from gptkit.eval.scoring import logits_fn, score_requests
 from gptkit.eval.tasks import (
-    DEFAULT_DATA_DIR,
     PERPLEXITY,
     TASKS,
     TaskData,
@@ -76,15 +76,15 @@ class EvalSettings:
 
     tasks: list[str]
     limit: int | None = None
-    batch_size: int = 8
-    data_dir: str | Path = DEFAULT_DATA_DIR
+    batch_size: int = EVAL_BATCH_SIZE
+    data_dir: str | Path = EVAL_DATA_DIR
     files: dict[str, str | Path] = field(default_factory=dict)
     text: str | Path | None = None
     window: int | None = None
     stride: int | None = None
     progress: bool = True
     prompts: str | Path | None = None  # a file of test questions, one a line, answered per checkpoint
-    max_new_tokens: int = 128  # the longest answer
+    max_new_tokens: int = EVAL_MAX_NEW_TOKENS  # the longest answer
 
     def __post_init__(self) -> None:
         self.tasks = parse_tasks(self.tasks) if self.tasks or self.prompts is None else []
@@ -528,37 +528,32 @@ def _track(
 
 # -- inside training ---------------------------------------------------------------------------
 
-_training_evaluators: dict[tuple[Any, ...], Evaluator] = {}
 
+class TrainingTasks:
+    """The configured tasks (`eval.tasks`) run at each evaluation of a training run: the trainer's
+    task evaluator, made by the training command and owned by its trainer, so task files are read
+    once per run."""
 
-def training_metrics(
-    model: nn.Module, tokenizer: Tokenizer, config: Any, device: torch.device
-) -> dict[str, float]:
-    """The configured tasks (config.eval.tasks) on the model being trained, as flat metrics for
-    `RunLog.eval`; task files are read once per run."""
-    evaluator = _training_evaluator(config)
-    results = evaluator.run_all(model, tokenizer, config.model.block_size, device, config.data.path)
-    return flat_metrics(results)
-
-
-def check_training_tasks(config: Any) -> None:
-    """Read the configured tasks' files now, before training's first step, so that a missing or
-    malformed one is an error then rather than at the first evaluation."""
-    evaluator = _training_evaluator(config)
-    for task in config.eval.tasks:
-        evaluator.source(task, config.data.path)
-
-
-def _training_evaluator(config: Any) -> Evaluator:
-    ec = config.eval
-    settings_key = (tuple(ec.tasks), ec.task_limit, ec.task_data, ec.task_batch_size)
-    if settings_key not in _training_evaluators:
+    def __init__(self, ec: EvalConfig, default_text: str | Path | None) -> None:
+        self.tasks = list(ec.tasks)
+        self.default_text = default_text
         settings = EvalSettings(
-            tasks=list(ec.tasks),
+            tasks=self.tasks,
             limit=ec.task_limit,
             batch_size=ec.task_batch_size,
             data_dir=ec.task_data,
             progress=False,
         )
-        _training_evaluators[settings_key] = Evaluator(settings)
-    return _training_evaluators[settings_key]
+        self.evaluator = Evaluator(settings)
+
+    def check(self) -> None:
+        """Read the tasks' files now, before training's first step, so that a missing or malformed
+        one is an error then rather than at the first evaluation."""
+        for task in self.tasks:
+            self.evaluator.source(task, self.default_text)
+
+    def metrics(
+        self, model: nn.Module, tokenizer: Tokenizer, block_size: int, device: torch.device
+    ) -> dict[str, float]:
+        """Flat metrics for `RunLog.eval`."""
+        return flat_metrics(self.evaluator.run_all(model, tokenizer, block_size, device, self.default_text))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from gptkit.config import EVAL_BATCH_SIZE
 from gptkit.errors import GptkitError
 from gptkit.tokenizer import Tokenizer
 
@@ -69,7 +70,7 @@ def score_tokens(
     block_size: int,
     *,
     device: torch.device | str = "cpu",
-    batch_size: int = 8,
+    batch_size: int = EVAL_BATCH_SIZE,
     progress: bool = False,
     desc: str = "scoring",
 ) -> list[Score]:

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from gptkit.config import EVAL_DATA_DIR
 from gptkit.errors import GptkitError
-
-DEFAULT_DATA_DIR = "data/eval"
 
 
 @dataclass(frozen=True)
@@ -252,9 +251,7 @@ def parse_tasks(tasks: str | list[str] | tuple[str, ...]) -> list[str]:
     return out
 
 
-def find_task_file(
-    task: str, data_dir: str | Path = DEFAULT_DATA_DIR, path: str | Path | None = None
-) -> Path:
+def find_task_file(task: str, data_dir: str | Path = EVAL_DATA_DIR, path: str | Path | None = None) -> Path:
     """The file `task` reads: `path` if given, else the first accepted name found under `data_dir`."""
     spec = TASKS[task]
     if path is not None:

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import torch
 
+from gptkit.config import QUANTIZE_MODES
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
-
-QUANTIZE_MODES = ("int8", "int4")
 
 
 def check_quantize(mode: str | None) -> None:
     """A one-line error for an unknown mode, before anything is loaded."""
     if mode not in (None, *QUANTIZE_MODES):
-        raise GptkitError(f"quantize must be int8 or int4, not {mode!r}")
+        raise GptkitError(f"quantize must be {' or '.join(QUANTIZE_MODES)}, not {mode!r}")
 
 
 def prepare(model: GPT, device: torch.device, quantize: str | None = None) -> GPT:

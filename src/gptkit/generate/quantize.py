@@ -31,18 +31,18 @@ activations and group-wise asymmetric scales.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gptkit.config import QuantizeMode
 from gptkit.errors import GptkitError
 from gptkit.generate.cpu_kernel import kernel, matvec
 from gptkit.generate.cpu_linear import KERNEL_MAX_ROWS
 from gptkit.model import GPT
 
-Mode = Literal["int8", "int4"]
+Mode = QuantizeMode
 INT4_GROUP = 64  # weights sharing one scale and zero point; 32 costs 12% more bytes for little gain
 
 

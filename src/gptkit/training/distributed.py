@@ -12,47 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gptkit.errors import GptkitError
-
-
-@dataclass(frozen=True)
-class Processes:
-    """This process's place among the training processes (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    strategy: str = "ddp"  # or "fsdp": parameters, gradients and optimiser state sharded
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def from_environment(strategy: str = "ddp") -> Processes:
-    """The ranks torchrun (or SLURM via torchrun) put in the environment; one process without them."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Processes(strategy=strategy)
-    try:
-        return Processes(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), world, strategy)
-    except (KeyError, ValueError):
-        raise GptkitError(
-            "WORLD_SIZE is set but RANK/LOCAL_RANK are not; start several processes with torchrun"
-        ) from None
+from gptkit.runtime import Processes
 
 
 def start(procs: Processes, device: torch.device, timeout_minutes: float) -> None:

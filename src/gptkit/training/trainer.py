@@ -15,20 +15,17 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from gptkit.config import RunConfig, to_yaml
 from gptkit.console import notice
-from gptkit.device import autocast, fast_matmul, pick_device, pick_precision
+from gptkit.device import autocast, fast_matmul
 from gptkit.errors import GptkitError
 from gptkit.generate import Sampler, SampleSettings
-from gptkit.model import GPT
-from gptkit.tokenizer import Tokenizer
 from gptkit.training import distributed
-from gptkit.training.batches import Batch, TokenSource
 from gptkit.training.budget import (
     available_memory,
     flops_per_token,
@@ -37,11 +34,13 @@ from gptkit.training.budget import (
     memory_estimate,
 )
 from gptkit.training.checkpoints import RunCheckpoints, step_files
-from gptkit.training.distributed import Processes
 from gptkit.training.optim import learning_rate, make_optimizer, set_learning_rate
 from gptkit.training.report import write_report
 from gptkit.training.runlog import QuietLog, RunLog
 from gptkit.training.signals import StopRequest
+
+if TYPE_CHECKING:
+    from gptkit.training.parts import Parts
 
 # Save errors that training survives (the next save may fit), with what frees the way
 FULL = {
@@ -102,25 +101,16 @@ class Trainer:
     """Runs optimiser steps until `config.train.max_steps` or a stop request."""
 
     def __init__(
-        self,
-        config: RunConfig,
-        run_dir: Path,
-        run_name: str,
-        model: GPT,
-        tokenizer: Tokenizer,
-        train_source: TokenSource,
-        val_batches: list[Batch] | None,
-        resume: dict[str, Any] | None = None,
-        procs: Processes | None = None,
-        chat_template: dict[str, Any] | None = None,
+        self, parts: Parts, run_dir: Path, run_name: str, resume: dict[str, Any] | None = None
     ) -> None:
+        config, model = parts.config, parts.model
+        self.parts = parts
         self.config, self.run_dir, self.run_name = config, run_dir, run_name
-        self.tokenizer, self.train_source, self.val_batches = tokenizer, train_source, val_batches
-        self.chat_template = chat_template  # instruction tuning: stored with every checkpoint
+        self.tokenizer, self.train_source, self.val_batches = parts.tokenizer, parts.source, parts.val
         tc = config.train
-        self.procs = procs = procs or Processes()
-        self.device = pick_device(tc.device, procs.local_rank if procs.distributed else None)
-        self.precision = pick_precision(tc.precision, self.device, config.model)
+        self.runtime = parts.runtime
+        self.procs = procs = parts.runtime.procs
+        self.device, self.precision = parts.runtime.device, parts.runtime.precision
         self.model = model.to(self.device)
         self.micro_batch = int(tc.micro_batch_size)  # resolved from "auto" by the caller
         self.accum = accumulation_steps(config, self.micro_batch, procs.world_size)
@@ -161,9 +151,8 @@ class Trainer:
         """
         model_state, optim_state = distributed.full_state(self.model, self.optimizer, self.procs)
         rng = distributed.gather(rng_state(), self.procs)
-        extra = {} if self.chat_template is None else {"chat_template": self.chat_template}
         return {
-            **extra,
+            **self.parts.checkpoint_extra,
             "model_state": model_state,
             "config": self.config.model_dump(mode="json"),
             "tokenizer": self.tokenizer.describe(),
@@ -404,7 +393,8 @@ class Trainer:
             if sound:
                 how = (
                     f"{fix}, and resume from the newest checkpoint before them under a new run name: "
-                    f"gptkit train {self.run_dir / 'config.yaml'} --resume {sound[-1]} name=NEW_NAME"
+                    f"gptkit {self.parts.command} {self.run_dir / 'config.yaml'} --resume {sound[-1]} "
+                    "name=NEW_NAME"
                 )
             else:
                 how = f"no checkpoint precedes them: {fix}, and start again under a new run name (name=...)"
@@ -427,10 +417,8 @@ class Trainer:
                         f"eval.prompts[{i}] {prompt!r} cannot be sampled from: {e}; change eval.prompts, "
                         "or set eval.sample_tokens=0 for no samples"
                     ) from None
-        if ec.tasks:
-            from gptkit.eval.run import check_training_tasks
-
-            check_training_tasks(self.config)
+        if self.parts.tasks is not None:
+            self.parts.tasks.check()
 
     @torch.no_grad()
     def evaluate(self, log: RunLog | QuietLog) -> None:
@@ -452,12 +440,11 @@ class Trainer:
                 self.best_val_loss = self.last_val_loss
             metrics = {"val_loss": self.last_val_loss, "val_ppl": math.exp(min(self.last_val_loss, 50.0))}
         ec = self.config.eval
-        if ec.tasks:  # zero-shot tasks, as gptkit eval scores them; every rank runs them (FSDP needs all)
-            from gptkit.eval.run import training_metrics
-
+        if self.parts.tasks is not None:  # zero-shot tasks, as gptkit eval scores them; every rank runs them
             self.model.eval()
             with autocast(self.device, self.precision):
-                metrics.update(training_metrics(self.model, self.tokenizer, self.config, self.device))
+                block = self.config.model.block_size
+                metrics.update(self.parts.tasks.metrics(self.model, self.tokenizer, block, self.device))
             self.model.train()
         samples = {}
         if ec.sample_tokens:
@@ -484,7 +471,7 @@ class Trainer:
     # -- messages ------------------------------------------------------------------------------
 
     def resume_command(self) -> str:
-        cmd = f"gptkit train {self.run_dir / 'config.yaml'} --resume latest"
+        cmd = f"gptkit {self.parts.command} {self.run_dir / 'config.yaml'} --resume latest"
         if self.procs.distributed:
             cmd = f"torchrun --nproc_per_node={self.procs.world_size} -m {cmd}"
         return cmd
