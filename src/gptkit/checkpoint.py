@@ -28,13 +28,13 @@ from typing import Any, BinaryIO
 
 import torch
 
-import gptkit
 from gptkit.config import RunConfig, validate
 from gptkit.console import notice
 from gptkit.errors import GptkitError
 from gptkit.files import fsync_dir, write_atomic
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer, from_description
+from gptkit.version import __version__
 
 FORMAT = "gptkit-checkpoint"
 FORMAT_VERSION = 1
@@ -122,7 +122,7 @@ def save_checkpoint(
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "gptkit_version": gptkit.__version__,
+        "gptkit_version": __version__,
         "config": config,
         "tokenizer": tokenizer,
         "model": clean_state_dict(model_state),
@@ -188,7 +188,7 @@ def save_safetensors_checkpoint(
         "format": "pt",
         "gptkit_format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "gptkit_version": gptkit.__version__,
+        "gptkit_version": __version__,
         "tied": json.dumps(tied),
         **{k: json.dumps(v) for k, v in fields.items() if v is not None},
     }

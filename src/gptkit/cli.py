@@ -474,7 +474,7 @@ COMMANDS: dict[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gptkit import __version__
+    from gptkit.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="gptkit",
