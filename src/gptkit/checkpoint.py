@@ -8,7 +8,7 @@ strings), so it loads with `weights_only=True`:
   model       the model's state_dict, without wrapper prefixes (_orig_mod., module.)
   progress    counters such as step and tokens seen
   state       everything else a resume needs (optimiser, schedule, loader, RNG, ...)
-  chat_template  (only in instruction-tuned checkpoints) the ChatTemplate as a dict, see generate/chat.py
+  chat_template  (only in instruction-tuned checkpoints) the ChatTemplate as a dict, see templates.py
   sha256      the digest of everything above (`content_digest`), checked on load: a flipped byte in
               a tensor record loads without error in torch, so only this finds it. Checkpoints
               written before gptkit stored it load unchecked.
