@@ -536,7 +536,7 @@ def test_all_checkpoints_answer_test_questions_into_eval_md_and_mlflow(tmp_path:
     import gptkit
     from gptkit.generate import ChatTemplate, SampleSettings
     from gptkit.tokenizer import CharTokenizer
-    from gptkit.training.trackers import mlflow_local_uri
+    from gptkit.tracking import mlflow_local_uri
 
     tok = CharTokenizer.train([string.printable])
     template = ChatTemplate.named("chat")

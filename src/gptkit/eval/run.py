@@ -508,7 +508,7 @@ def _track(
 ) -> None:
     """The trainer's TensorBoard/MLflow writers, under the split "eval", at the checkpoint's step;
     answers go to MLflow as text, one file per checkpoint (answers/step_N.md)."""
-    from gptkit.training.trackers import MLflowTracker, TensorBoardTracker
+    from gptkit.tracking import MLflowTracker, TensorBoardTracker
 
     trackers: list[TensorBoardTracker | MLflowTracker] = []
     try:

@@ -11,12 +11,12 @@ from pydantic import ValidationError
 from gptkit.config import RunConfig
 from gptkit.files import write_atomic
 from gptkit.finetuning.lora import ADAPTER_DIR
+from gptkit.tracking import markdown_code
 from gptkit.training.runlog import (
     LOSS_PNG,
     METRICS_FILE,
     SAMPLES_FILE,
     format_samples,
-    markdown_code,
     read_metrics,
     sample_sections,
     si,
