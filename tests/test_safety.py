@@ -19,7 +19,7 @@ from test_train import TINY, wait_for_step
 
 from gptkit.api import export_model, prepare, train
 from gptkit.checkpoint import load_checkpoint
-from gptkit.export import MANIFEST
+from gptkit.interop import MANIFEST
 from gptkit.locks import hold
 from gptkit.training.checkpoints import step_files
 

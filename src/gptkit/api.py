@@ -129,24 +129,24 @@ def export_model(
 
     if target not in EXPORT_TARGETS:
         raise GptkitError(f"export target must be one of {', '.join(EXPORT_TARGETS)}, not {target!r}")
-    from gptkit.export import check_not_input
+    from gptkit.interop import check_not_input
 
     check_not_input(out, source)
     model, tokenizer, config, _, payload = load_any(source)
     if target == "hf":
-        from gptkit.export.hf import export_hf
+        from gptkit.interop.hf import export_hf
 
         return [export_hf(model, tokenizer, out, force=force)]
     if target == "onnx":
-        from gptkit.export.onnx import export_onnx
+        from gptkit.interop.onnx import export_onnx
 
         return list(export_onnx(model, out, force=force))
     if target == "gguf":
-        from gptkit.export.gguf import export_gguf
+        from gptkit.interop.gguf import export_gguf
 
         name = config.name or Path(source).stem
         return [export_gguf(model, tokenizer, out, type=type, name=name, force=force)]
-    from gptkit.export import save_weights
+    from gptkit.interop import save_weights
 
     if not str(out).endswith(".safetensors"):
         raise GptkitError(f"safetensors output {str(out)!r} should end in .safetensors")
@@ -158,7 +158,7 @@ def export_model(
 
 def import_model(source: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """A HuggingFace GPT-2 folder -> a gptkit checkpoint (`.pt`, or weights-only `.safetensors`)."""
-    from gptkit.export.hf import import_hf
+    from gptkit.interop.hf import import_hf
 
     return import_hf(source, out, force=force)
 

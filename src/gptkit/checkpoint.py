@@ -367,7 +367,7 @@ def load_any(path: str | Path) -> tuple[GPT, Tokenizer, RunConfig, Path, dict[st
     checkpoint), a checkpoint file, or a HuggingFace GPT-2 folder (payload {}): what every command
     that starts from a trained model accepts."""
     if is_hf_folder(path):
-        from gptkit.export.hf import load_hf
+        from gptkit.interop.hf import load_hf
 
         model, tokenizer, config = load_hf(path)
         return model, tokenizer, config, Path(path), {}
