@@ -22,13 +22,14 @@ from conftest import shared_file  # noqa: E402
 
 import gptkit  # noqa: E402
 from gptkit.api import export_model  # noqa: E402
-from gptkit.checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
+from gptkit.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from gptkit.cli import main  # noqa: E402
 from gptkit.config import ModelConfig, RunConfig  # noqa: E402
 from gptkit.errors import GptkitError  # noqa: E402
 from gptkit.generate.sampler import Sampler  # noqa: E402
 from gptkit.generate.settings import SampleSettings  # noqa: E402
 from gptkit.interop.hf import export_hf, gpt2_files, import_hf, load_hf  # noqa: E402
+from gptkit.loading import load_model  # noqa: E402
 from gptkit.model import GPT  # noqa: E402
 from gptkit.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, gpt2_tokenizer  # noqa: E402
 

@@ -93,10 +93,10 @@ def load(
     see README); without it, an fp32 model on the CPU decodes through gptkit's CPU kernels
     (`gptkit.generate.cpu_linear`, `cpu_decode`).
     """
-    from gptkit.checkpoint import load_any
     from gptkit.device import pick_device
     from gptkit.generate.inference import check_quantize, prepare
     from gptkit.generate.textmodel import TextModel
+    from gptkit.loading import load_any
 
     check_quantize(quantize)
     target = pick_device(device)
@@ -124,8 +124,8 @@ def export_model(
     `gguf` (llama.cpp's gpt2 layout; `type` f32, f16 or q8_0) or `safetensors` (a weights-only
     gptkit checkpoint). An existing output is replaced only with `force`.
     """
-    from gptkit.checkpoint import load_any
     from gptkit.errors import GptkitError
+    from gptkit.loading import load_any
 
     if target not in EXPORT_TARGETS:
         raise GptkitError(f"export target must be one of {', '.join(EXPORT_TARGETS)}, not {target!r}")

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from gptkit.checkpoint import find_checkpoint, is_run, load_checkpoint
+from gptkit.checkpoint import is_run, load_checkpoint, newest_intact
 from gptkit.config import (
     GPT2_VOCAB_SIZE,
     MODEL_PRESETS,
@@ -105,7 +105,7 @@ def _checkpoint_info(path: Path, payload: dict[str, Any] | None = None) -> dict[
 
 def _run_info(path: Path) -> dict[str, Any]:
     """The newest intact checkpoint of the run speaks for it."""
-    ckpt, payload = find_checkpoint(path)
+    ckpt, payload = newest_intact(path)
     return {**_checkpoint_info(ckpt, payload), "kind": "run", "name": str(path), "checkpoint": str(ckpt)}
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gptkit.checkpoint import load_any
 from gptkit.config import FinetuneConfig, RunConfig
 from gptkit.console import notice
 from gptkit.data.shards import PreparedData
@@ -17,6 +16,7 @@ from gptkit.errors import GptkitError
 from gptkit.finetuning import lora
 from gptkit.finetuning.instructions import InstructionBatches, load_instructions, val_batches
 from gptkit.finetuning.methods import apply_method
+from gptkit.loading import load_any  # FL2 moves this up: the caller injects the base
 from gptkit.training import distributed
 from gptkit.training.launch import Parts, resolve_batch, shard_sources
 from gptkit.training.trainer import Trainer, seed_everything

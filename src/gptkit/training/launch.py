@@ -14,20 +14,25 @@ from typing import Any
 
 import torch
 
-from gptkit.checkpoint import load_checkpoint
+from gptkit.checkpoint import (
+    earlier_run_files,
+    load_checkpoint,
+    newest_intact,
+    remove_orphan_temporaries,
+    run_of,
+    step_files,
+)
 from gptkit.config import RunConfig, validate
 from gptkit.console import notice, set_quiet
 from gptkit.data.shards import PreparedData
-from gptkit.device import pick_device, pick_precision
+from gptkit.device import autocast, pick_device, pick_precision
 from gptkit.errors import GptkitError, os_error
-from gptkit.files import remove_orphans
 from gptkit.locks import hold
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer, from_description
 from gptkit.training import distributed
 from gptkit.training.batches import Batch, ShardBatches, TokenSource, fixed_batches
 from gptkit.training.budget import available_memory, memory_estimate
-from gptkit.training.checkpoints import earlier_run_files, load_latest, step_files
 from gptkit.training.trainer import Trainer, TrainResult, accumulation_steps, seed_everything
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "pad_vocab_multiple")
@@ -62,15 +67,15 @@ def find_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, dict[st
             )
         return None, None
     if resume == "latest":
-        path, payload = load_latest(run_dir)
+        path, payload = newest_intact(run_dir, resuming=True)
     else:
         path = Path(resume)
         if path.is_dir():
-            path, payload = load_latest(path)
+            path, payload = newest_intact(path, resuming=True)
         else:
             payload = load_checkpoint(path)
         newer = [p for s, p in step_files(run_dir) if s > payload["progress"]["step"]]
-        if newer and path.parent.parent.resolve() == run_dir.resolve():
+        if newer and run_of(path) == run_dir.resolve():
             raise GptkitError(
                 f"run {str(run_dir)!r} has checkpoints newer than {path.name} ({newer[-1].name}); to branch "
                 "from an older checkpoint, give the run a new name (name=...)"
@@ -120,8 +125,6 @@ def resolve_micro_batch(config: RunConfig, n_params: int) -> int:
 
 def _fits_on_cuda(config: RunConfig, micro_batch: int, device: torch.device, precision: str) -> bool:
     """One forward and backward pass at this micro-batch, without running out of memory."""
-    from gptkit.device import autocast
-
     model = GPT(config.model).to(device)
     try:
         x = torch.zeros(micro_batch, config.model.block_size, dtype=torch.long, device=device)
@@ -213,7 +216,7 @@ def run_lock(run_dir: Path, procs: distributed.Processes, config: RunConfig) -> 
         if failed:
             raise GptkitError(f"rank 0 could not lock run folder {str(run_dir)!r}")
         if procs.main:
-            for orphan in remove_orphans(run_dir) + remove_orphans(run_dir / "checkpoints"):
+            for orphan in remove_orphan_temporaries(run_dir):
                 notice(f"removed {orphan}, left by a killed run")
         yield
 
