@@ -10,7 +10,7 @@ from gptkit.checkpoint.format import (
     save_safetensors_checkpoint,
 )
 from gptkit.checkpoint.run import (
-    FOLDER,
+    CHECKPOINT_FOLDER,
     RunCheckpoints,
     checkpoint_folder,
     earlier_run_files,
@@ -23,7 +23,7 @@ from gptkit.checkpoint.run import (
 )
 
 __all__ = [
-    "FOLDER",
+    "CHECKPOINT_FOLDER",
     "SAFETENSORS_SUFFIX",
     "SUFFIX",
     "RunCheckpoints",

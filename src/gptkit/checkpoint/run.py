@@ -20,13 +20,13 @@ from gptkit.console import notice
 from gptkit.errors import GptkitError
 from gptkit.files import remove_orphans, write_atomic
 
-FOLDER = "checkpoints"
+CHECKPOINT_FOLDER = "checkpoints"
 NAME = re.compile(r"^step_(\d+)\.pt$")
 RUN_RECORDS = ("metrics.jsonl", "samples.md", "eval.json", "report.md")  # runlog, report, eval.run
 
 
 def checkpoint_folder(run_dir: str | Path) -> Path:
-    return Path(run_dir) / FOLDER
+    return Path(run_dir) / CHECKPOINT_FOLDER
 
 
 def is_run(path: str | Path) -> bool:
@@ -36,7 +36,7 @@ def is_run(path: str | Path) -> bool:
 def run_of(checkpoint: str | Path) -> Path | None:
     """The run folder a checkpoint file sits in (RUN/checkpoints/x.pt → RUN, resolved), else None."""
     parent = Path(checkpoint).resolve().parent
-    return parent.parent if parent.name == FOLDER else None
+    return parent.parent if parent.name == CHECKPOINT_FOLDER else None
 
 
 def step_file(run_dir: str | Path, step: int) -> Path:
@@ -74,8 +74,8 @@ def newest_intact(
             return path, load_checkpoint(path, map_location)
         if not is_run(path):
             raise GptkitError(
-                f"{str(path)!r} is not a run folder (no {FOLDER}/ inside); pass a run folder such as "
-                "runs/tiny or a checkpoint file"
+                f"{str(path)!r} is not a run folder (no {CHECKPOINT_FOLDER}/ inside); pass a run folder "
+                "such as runs/tiny or a checkpoint file"
             )
     files = step_files(path)
     if not files:

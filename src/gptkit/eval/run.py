@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gptkit.checkpoint import is_run, newest_intact, run_of, step_files
+from gptkit.checkpoint import CHECKPOINT_FOLDER, is_run, newest_intact, run_of, step_files
 from gptkit.console import notice
 from gptkit.device import pick_device
 from gptkit.errors import GptkitError
@@ -400,7 +400,7 @@ def _evaluate_checkpoints(
     if all_checkpoints:
         if not is_run(target):
             raise GptkitError(
-                f"--all-checkpoints needs a run folder (with checkpoints/), not {str(target)!r}"
+                f"--all-checkpoints needs a run folder (with {CHECKPOINT_FOLDER}/), not {str(target)!r}"
             )
         paths = [p for _, p in step_files(target)]
         if not paths:

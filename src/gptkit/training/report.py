@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from gptkit.checkpoint import CHECKPOINT_FOLDER
 from gptkit.config import RunConfig
 from gptkit.files import write_atomic
 from gptkit.finetuning.lora import ADAPTER_DIR
@@ -63,7 +64,7 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
     ]
     files = [
         f"`{f}`"
-        for f in ("config.yaml", METRICS_FILE, SAMPLES_FILE, "checkpoints/")
+        for f in ("config.yaml", METRICS_FILE, SAMPLES_FILE, f"{CHECKPOINT_FOLDER}/")
         if (run_dir / f).exists()
     ]
     if files:
