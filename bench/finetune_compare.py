@@ -94,11 +94,12 @@ def answers(run_dir: Path, records: list[dict], max_new: int = 40) -> list[str]:
 
 def trainable_params(base_run: Path, method: str, settings: list[str]) -> int:
     """Parameters the method trains, counted on the module layout it builds."""
-    from gptkit.checkpoint import find_checkpoint, load_model
+    from gptkit.checkpoint import newest_intact
     from gptkit.config import load_config
     from gptkit.finetuning.methods import apply_method
+    from gptkit.loading import load_model
 
-    model, tokenizer, _ = load_model(find_checkpoint(base_run)[1])
+    model, tokenizer, _ = load_model(newest_intact(base_run)[1])
     finetune = load_config(
         None, [f"finetune.base={base_run}", *[s for s in settings if s.startswith("finetune.")]]
     )
@@ -110,7 +111,7 @@ def packing_vs_padding(
     base_run: Path, data_file: Path, n_examples: int = 128, micro: int = 8
 ) -> dict[str, float]:
     """Examples per second through forward + backward, packed rows vs padded batches."""
-    from gptkit.checkpoint import find_checkpoint, load_model
+    from gptkit.checkpoint import newest_intact
     from gptkit.finetuning.instructions import (
         Report,
         encode,
@@ -121,8 +122,9 @@ def packing_vs_padding(
         to_messages,
     )
     from gptkit.generate import ChatTemplate
+    from gptkit.loading import load_model
 
-    _, payload = find_checkpoint(base_run)
+    _, payload = newest_intact(base_run)
     model, tokenizer, config = load_model(payload)
     model.train()
     template = ChatTemplate.named("alpaca")
@@ -150,6 +152,8 @@ def packing_vs_padding(
 
 
 def main() -> None:
+    from gptkit.checkpoint import is_run
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-steps", type=int, default=300)
     parser.add_argument("--steps", type=int, default=150)
@@ -172,7 +176,7 @@ def main() -> None:
     data = work / "alpaca.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in train_records))
     common = [f"runs_dir={work / 'runs'}", "train.precision=auto", "checkpoint.every_steps=0", "log.every=5"]
-    if not (work / "runs" / "base" / "checkpoints").is_dir():
+    if not is_run(work / "runs" / "base"):
         subprocess.run(
             [
                 *gptkit,

@@ -19,17 +19,11 @@ from gptkit.checkpoint import load_checkpoint, save_checkpoint
 from gptkit.cli import build_parser
 from gptkit.config import RunConfig, load_config
 from gptkit.errors import GptkitError
-from gptkit.generate.chat import (
-    ALPACA_SYSTEM,
-    BUILTIN_TEMPLATES,
-    Chat,
-    ChatTemplate,
-    alpaca_messages,
-    run_chat,
-)
+from gptkit.generate.chat import Chat, run_chat
 from gptkit.generate.settings import SampleSettings
 from gptkit.generate.textmodel import TextModel
 from gptkit.model import GPT
+from gptkit.templates import ALPACA_SYSTEM, BUILTIN_TEMPLATES, ChatTemplate, alpaca_messages
 from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer
 
 ALPACA = ChatTemplate.named("alpaca")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptkit.checkpoint import clean_state_dict, load_checkpoint, run_checkpoints, save_checkpoint
+from gptkit.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint, step_files
 from gptkit.config import RunConfig, load_config
 from gptkit.describe import describe, format_info
 from gptkit.errors import GptkitError
@@ -87,7 +87,7 @@ def test_info_on_a_checkpoint_and_a_run(tmp_path: Path) -> None:
     assert json.loads(json.dumps(info)) == info
     assert "progress: step 20, tokens 20,480" in format_info(info)
 
-    assert run_checkpoints(run)[-1] == newest
+    assert step_files(run)[-1] == (20, newest)
     assert describe(str(run))["progress"]["step"] == 20
     # The newest checkpoint is damaged: the run falls back to the newest intact one.
     newest.write_bytes(b"garbage")

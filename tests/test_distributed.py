@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from gptkit.api import prepare
-from gptkit.checkpoint import load_checkpoint, load_model
+from gptkit.checkpoint import load_checkpoint
+from gptkit.loading import load_model
 from gptkit.training.budget import flops_per_token
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")

@@ -256,7 +256,7 @@ def test_lm_eval_gives_the_same_accuracies_on_the_same_examples(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from gptkit.export.hf import export_hf
+    from gptkit.interop.hf import export_hf
 
     n = 12
     files = task_files(tmp_path, n)
@@ -515,7 +515,7 @@ def test_hf_folder_needs_text_for_perplexity_and_shows_no_step(
 ) -> None:
     """A HF folder names no training data: perplexity without --text is one line asking for it (not
     gptkit's default data and a tokenizer mismatch); with it, the table's header has no "step None"."""
-    from gptkit.export.hf import export_hf
+    from gptkit.interop.hf import export_hf
 
     export_hf(model, tok, tmp_path / "hf")
     missing = gptkit_cli("eval", str(tmp_path / "hf"), "--device", "cpu")
@@ -539,7 +539,7 @@ def test_all_checkpoints_answer_test_questions_into_eval_md_and_mlflow(tmp_path:
     import gptkit
     from gptkit.generate import ChatTemplate, SampleSettings
     from gptkit.tokenizer import CharTokenizer
-    from gptkit.training.trackers import mlflow_local_uri
+    from gptkit.tracking import mlflow_local_uri
 
     tok = CharTokenizer.train([string.printable])
     template = ChatTemplate.named("chat")

@@ -17,9 +17,9 @@ from gptkit.api import export_model  # noqa: E402
 from gptkit.checkpoint import save_checkpoint  # noqa: E402
 from gptkit.config import ModelConfig, RunConfig  # noqa: E402
 from gptkit.errors import GptkitError  # noqa: E402
-from gptkit.export.gguf import export_gguf  # noqa: E402
 from gptkit.generate.sampler import Sampler  # noqa: E402
 from gptkit.generate.settings import SampleSettings  # noqa: E402
+from gptkit.interop.gguf import export_gguf  # noqa: E402
 from gptkit.model import GPT  # noqa: E402
 from gptkit.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, gpt2_tokenizer  # noqa: E402
 

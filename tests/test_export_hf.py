@@ -22,13 +22,14 @@ from conftest import shared_file  # noqa: E402
 
 import gptkit  # noqa: E402
 from gptkit.api import export_model  # noqa: E402
-from gptkit.checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
+from gptkit.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from gptkit.cli import main  # noqa: E402
 from gptkit.config import ModelConfig, RunConfig  # noqa: E402
 from gptkit.errors import GptkitError  # noqa: E402
-from gptkit.export.hf import export_hf, gpt2_files, import_hf, load_hf  # noqa: E402
 from gptkit.generate.sampler import Sampler  # noqa: E402
 from gptkit.generate.settings import SampleSettings  # noqa: E402
+from gptkit.interop.hf import export_hf, gpt2_files, import_hf, load_hf  # noqa: E402
+from gptkit.loading import load_model  # noqa: E402
 from gptkit.model import GPT  # noqa: E402
 from gptkit.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, gpt2_tokenizer  # noqa: E402
 
@@ -303,8 +304,8 @@ def test_bad_input_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_a_model_with_tensors_gpt2_has_no_place_for_is_refused(tmp_path: Path) -> None:
     """A prompt-tuned model's soft prompt would be dropped silently: every target refuses it."""
-    from gptkit.export.gguf import export_gguf
-    from gptkit.export.onnx import export_onnx
+    from gptkit.interop.gguf import export_gguf
+    from gptkit.interop.onnx import export_onnx
 
     tok = BPETokenizer.train("some text to train on " * 50, 300)
     model = tiny(tok)

@@ -13,9 +13,9 @@ onnx = pytest.importorskip("onnx", reason="needs the export extra: pip install -
 
 from gptkit.config import ModelConfig  # noqa: E402
 from gptkit.errors import GptkitError  # noqa: E402
-from gptkit.export.onnx import export_onnx, with_past_path  # noqa: E402
 from gptkit.generate.sampler import Sampler  # noqa: E402
 from gptkit.generate.settings import SampleSettings  # noqa: E402
+from gptkit.interop.onnx import export_onnx, with_past_path  # noqa: E402
 from gptkit.model import GPT  # noqa: E402
 from gptkit.tokenizer import CharTokenizer  # noqa: E402
 

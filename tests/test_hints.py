@@ -57,7 +57,7 @@ def test_a_missing_hellaswag_file_names_every_accepted_layout(tmp_path: Path) ->
 
 def test_gguf_of_a_char_model_names_the_prepare_option(tmp_path: Path) -> None:
     pytest.importorskip("gguf")
-    from gptkit.export.gguf import export_gguf
+    from gptkit.interop.gguf import export_gguf
 
     tok = CharTokenizer.train(["hello world"])
     config = load_config(

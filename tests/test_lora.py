@@ -144,7 +144,7 @@ def test_unknown_target_names_the_available_ones() -> None:
 
 def hf_folder_of(model: GPT, folder: Path) -> Path:
     """The base exported to a HuggingFace folder with gptkit's exporter (gpt2 tokenizer)."""
-    from gptkit.export.hf import export_hf
+    from gptkit.interop.hf import export_hf
     from gptkit.tokenizer import gpt2_tokenizer
 
     return export_hf(model, gpt2_tokenizer(), folder)
@@ -176,7 +176,7 @@ def test_gptkit_adapter_loads_into_peft(tmp_path: Path) -> None:
 def test_peft_adapter_loads_into_gptkit(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft", reason="peft is not installed (dev extra)")
     transformers = pytest.importorskip("transformers")
-    from gptkit.export.hf import load_hf
+    from gptkit.interop.hf import load_hf
 
     torch.manual_seed(0)
     hf_dir = hf_folder_of(GPT(GPT2_VOCAB).eval(), tmp_path / "hf")

@@ -105,7 +105,7 @@ def test_readme_python_api_example_runs(tmp_path: Path) -> None:
 
 def test_export_section_and_the_missing_package_error_name_the_extra() -> None:
     from gptkit.errors import GptkitError
-    from gptkit.export import require
+    from gptkit.interop import require
 
     section = README.split("## Export and import", 1)[1].split("```bash", 1)[0]
     assert "pip install 'gptkit[export]'" in section, "said before the export commands"

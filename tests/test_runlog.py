@@ -12,6 +12,7 @@ import pytest
 
 from gptkit.config import RunConfig
 from gptkit.errors import GptkitError
+from gptkit.tracking import mlflow_local_uri
 from gptkit.training.report import write_report
 from gptkit.training.runlog import (
     RunLog,
@@ -20,7 +21,6 @@ from gptkit.training.runlog import (
     read_metrics,
     sample_sections,
 )
-from gptkit.training.trackers import mlflow_local_uri
 
 PROMPTS = ["\n", "ROMEO:"]
 

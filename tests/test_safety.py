@@ -18,10 +18,9 @@ import pytest
 from test_train import TINY, wait_for_step
 
 from gptkit.api import export_model, train
-from gptkit.checkpoint import load_checkpoint
-from gptkit.export import MANIFEST
+from gptkit.checkpoint import load_checkpoint, step_files
+from gptkit.interop import MANIFEST
 from gptkit.locks import hold
-from gptkit.training.checkpoints import step_files
 
 ENV = {**os.environ, "GPTKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
 TEXT = "To be, or not to be, that is the question.\n" * 40

@@ -18,14 +18,13 @@ import pytest
 import torch
 
 from gptkit.api import info, prepare
-from gptkit.checkpoint import clean_state_dict, find_checkpoint, load_checkpoint
+from gptkit.checkpoint import clean_state_dict, load_checkpoint, newest_intact, step_files
 from gptkit.config import RunConfig, load_config
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
 from gptkit.runtime import resolve_runtime
 from gptkit.tokenizer import Tokenizer
 from gptkit.training.batches import Batch
-from gptkit.training.checkpoints import step_files
 from gptkit.training.launch import train
 from gptkit.training.parts import Parts
 from gptkit.training.trainer import Trainer
@@ -566,7 +565,7 @@ def test_when_every_checkpoint_is_damaged_both_messages_give_one_way_out(
     with pytest.raises(
         GptkitError, match=r"step_00000002.pt, step_00000004.pt: damaged.*train the run again"
     ):
-        find_checkpoint(run)  # sample, eval, export: not "train it first"
+        newest_intact(run)  # sample, eval, export: not "train it first"
     with pytest.raises(GptkitError, match=r"step_00000004.pt: damaged"):
         info(str(run))
     run.rename(tmp_path / "damaged")  # the way out both messages name

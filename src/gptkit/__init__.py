@@ -1,13 +1,6 @@
 """gptkit: train GPT-2-style language models from scratch and put them to use."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("gptkit")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0"
-
-from gptkit.api import (  # noqa: E402
+from gptkit.api import (
     evaluate,
     export_model,
     finetune,
@@ -17,7 +10,8 @@ from gptkit.api import (  # noqa: E402
     prepare,
     train,
 )
-from gptkit.errors import GptkitError  # noqa: E402
+from gptkit.errors import GptkitError
+from gptkit.version import __version__
 
 # Subpackages load on first attribute access (`gptkit.generate.Chat` after `import gptkit`), so that
 # `import gptkit` and `gptkit --help` stay free of torch.

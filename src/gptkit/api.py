@@ -67,8 +67,8 @@ def _run(
 ) -> TrainResult:
     """The one training launch; the command decides the mode, and the parts that sit above training
     (the base model's loader, the task evaluator) are made here and passed down."""
-    from gptkit.checkpoint import load_any
     from gptkit.eval.run import TrainingTasks
+    from gptkit.loading import load_any
     from gptkit.training.launch import train as run_training
 
     tasks = TrainingTasks(run.eval, run.data.path) if run.eval.tasks else None
@@ -107,10 +107,10 @@ def load(
     see README); without it, an fp32 model on the CPU decodes through gptkit's CPU kernels
     (`gptkit.generate.cpu_linear`, `cpu_decode`).
     """
-    from gptkit.checkpoint import load_any
     from gptkit.device import pick_device
     from gptkit.generate.inference import check_quantize, prepare
     from gptkit.generate.textmodel import TextModel
+    from gptkit.loading import load_any
 
     check_quantize(quantize)
     target = pick_device(device)
@@ -135,30 +135,30 @@ def export_model(
     `gguf` (llama.cpp's gpt2 layout; `type` f32, f16 or q8_0) or `safetensors` (a weights-only
     gptkit checkpoint). An existing output is replaced only with `force`.
     """
-    from gptkit.checkpoint import load_any
     from gptkit.config import EXPORT_TARGETS
     from gptkit.errors import GptkitError
+    from gptkit.loading import load_any
 
     if target not in EXPORT_TARGETS:
         raise GptkitError(f"export target must be one of {', '.join(EXPORT_TARGETS)}, not {target!r}")
-    from gptkit.export import check_not_input
+    from gptkit.interop import check_not_input
 
     check_not_input(out, source)
     model, tokenizer, config, _, payload = load_any(source)
     if target == "hf":
-        from gptkit.export.hf import export_hf
+        from gptkit.interop.hf import export_hf
 
         return [export_hf(model, tokenizer, out, force=force)]
     if target == "onnx":
-        from gptkit.export.onnx import export_onnx
+        from gptkit.interop.onnx import export_onnx
 
         return list(export_onnx(model, out, force=force))
     if target == "gguf":
-        from gptkit.export.gguf import export_gguf
+        from gptkit.interop.gguf import export_gguf
 
         name = config.name or Path(source).stem
         return [export_gguf(model, tokenizer, out, type=type, name=name, force=force)]
-    from gptkit.export import save_weights
+    from gptkit.interop import save_weights
 
     if not str(out).endswith(".safetensors"):
         raise GptkitError(f"safetensors output {str(out)!r} should end in .safetensors")
@@ -170,7 +170,7 @@ def export_model(
 
 def import_model(source: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """A HuggingFace GPT-2 folder -> a gptkit checkpoint (`.pt`, or weights-only `.safetensors`)."""
-    from gptkit.export.hf import import_hf
+    from gptkit.interop.hf import import_hf
 
     return import_hf(source, out, force=force)
 

@@ -337,9 +337,10 @@ def add_chat(p: argparse.ArgumentParser) -> None:
 
 def run_chat(args: argparse.Namespace) -> int:
     from gptkit.api import load
-    from gptkit.generate.chat import Chat, ChatTemplate, input_lines
+    from gptkit.generate.chat import Chat, input_lines
     from gptkit.generate.chat import run_chat as chat_loop
     from gptkit.generate.settings import SampleSettings
+    from gptkit.templates import ChatTemplate
 
     settings = SampleSettings.of(**sampling_settings(args))  # validated before any work starts
     template = None if args.template == "auto" else ChatTemplate.named(args.template)
@@ -507,7 +508,7 @@ COMMANDS: dict[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gptkit import __version__
+    from gptkit.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="gptkit",

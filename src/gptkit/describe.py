@@ -154,14 +154,14 @@ def _checkpoint_info(path: Path, payload: dict[str, Any] | None = None) -> dict[
 
 def _run_info(path: Path) -> dict[str, Any]:
     """The newest intact checkpoint of the run speaks for it."""
-    from gptkit.checkpoint import find_checkpoint
+    from gptkit.checkpoint import newest_intact
 
-    ckpt, payload = find_checkpoint(path)
+    ckpt, payload = newest_intact(path)
     return {**_checkpoint_info(ckpt, payload), "kind": "run", "name": str(path), "checkpoint": str(ckpt)}
 
 
 def _hf_info(path: Path) -> dict[str, Any]:
-    from gptkit.export.hf import load_hf
+    from gptkit.interop.hf import load_hf
 
     _, tokenizer, config = load_hf(path)
     tok = {"type": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id}

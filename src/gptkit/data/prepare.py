@@ -31,7 +31,6 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-import gptkit
 from gptkit.config import PrepareConfig
 from gptkit.console import notice
 from gptkit.data.shards import FORMAT, FORMAT_VERSION, SPLITS, shard_name, token_dtype
@@ -46,6 +45,7 @@ from gptkit.tokenizer import (
     from_description,
     gpt2_tokenizer,
 )
+from gptkit.version import __version__
 
 BATCH_CHARS = 1 << 20  # characters sent to a worker at a time
 INFLIGHT_PER_WORKER = 3  # batches queued per worker: enough to keep it busy, bounded memory
@@ -402,7 +402,7 @@ def _meta(
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "gptkit_version": gptkit.__version__,
+        "gptkit_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "tokenizer": tokenizer.describe(),
         "tokenizer_fingerprint": tokenizer.fingerprint(),

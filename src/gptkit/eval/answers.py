@@ -16,7 +16,7 @@ from gptkit.files import write_atomic
 from gptkit.generate.chat import Chat
 from gptkit.generate.settings import SampleSettings
 from gptkit.generate.textmodel import TextModel
-from gptkit.training.runlog import markdown_code
+from gptkit.tracking import markdown_code
 
 ANSWERS = "answers"  # the task name of answer records in eval.json
 EVAL_MD = "eval.md"

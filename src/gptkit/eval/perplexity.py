@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from gptkit.config import EVAL_BATCH_SIZE
+from gptkit.data.shards import PreparedData
 from gptkit.errors import GptkitError
 from gptkit.eval.scoring import show_progress
 from gptkit.tokenizer import Tokenizer
@@ -121,8 +122,6 @@ def perplexity(
 def read_tokens(source: str | Path, tokenizer: Tokenizer, limit_tokens: int | None = None) -> np.ndarray:
     """The token stream of a prepared data folder's val shards or of a UTF-8 text file, after an
     end-of-text token; at most `limit_tokens` of it (the rest is not read)."""
-    from gptkit.data.shards import PreparedData
-
     path = Path(source)
     head = np.array([tokenizer.eot_id], dtype=np.int64)
     if path.is_dir():

@@ -32,8 +32,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gptkit.checkpoint import CHECKPOINT_FOLDER, is_run, newest_intact, run_of, step_files
 from gptkit.config import EVAL_BATCH_SIZE, EVAL_DATA_DIR, EVAL_MAX_NEW_TOKENS, EvalConfig
 from gptkit.console import notice
+from gptkit.device import pick_device
 from gptkit.errors import GptkitError
 from gptkit.eval.answers import (
     ANSWERS,
@@ -54,9 +56,12 @@ from gptkit.eval.tasks import (
     parse_tasks,
 )
 from gptkit.files import write_atomic
+from gptkit.generate.inference import check_quantize, prepare
 from gptkit.generate.textmodel import TextModel
+from gptkit.loading import is_hf_folder, load_any
 from gptkit.locks import hold
 from gptkit.tokenizer import Tokenizer
+from gptkit.tracking import MLflowTracker, TensorBoardTracker
 
 EVAL_FILE = "eval.json"
 EVAL_PNG = "eval.png"
@@ -313,17 +318,13 @@ def _run_folder(checkpoint: Path) -> Path:
     folder; a HuggingFace folder keeps its own."""
     if checkpoint.is_dir():
         return checkpoint
-    parent = checkpoint.resolve().parent
-    return parent.parent if parent.name == "checkpoints" else parent
+    return run_of(checkpoint) or checkpoint.resolve().parent
 
 
 def _load(
     path: Path, device: torch.device, quantize: str | None
 ) -> tuple[nn.Module, Tokenizer, Any, int | None, dict[str, Any] | None]:
     """The model prepared for inference, its tokenizer, config, step and chat template."""
-    from gptkit.checkpoint import load_any
-    from gptkit.generate.inference import prepare
-
     model, tokenizer, config, _, payload = load_any(path)  # payload {} for a HuggingFace folder
     model = prepare(model, device, quantize)
     step = (payload.get("progress") or {}).get("step")
@@ -394,22 +395,18 @@ def _evaluate_checkpoints(
     mlflow: bool,
     on_result: Callable[[str, dict[str, Any]], None] | None,
 ) -> list[dict[str, Any]]:
-    from gptkit.checkpoint import find_checkpoint, is_hf_folder, is_run, run_checkpoints
-    from gptkit.device import pick_device
-    from gptkit.generate.inference import check_quantize
-
     check_quantize(quantize)
     target = Path(target)
     if all_checkpoints:
         if not is_run(target):
             raise GptkitError(
-                f"--all-checkpoints needs a run folder (with checkpoints/), not {str(target)!r}"
+                f"--all-checkpoints needs a run folder (with {CHECKPOINT_FOLDER}/), not {str(target)!r}"
             )
-        paths = run_checkpoints(target)
+        paths = [p for _, p in step_files(target)]
         if not paths:
             raise GptkitError(f"run {str(target)!r} has no checkpoint yet; train it first")
     else:
-        paths = [target if is_hf_folder(target) else find_checkpoint(target)[0]]
+        paths = [target if is_hf_folder(target) else newest_intact(target)[0]]
     dev = pick_device(device)
     evaluator = Evaluator(settings)
     out: list[dict[str, Any]] = []
@@ -508,8 +505,6 @@ def _track(
 ) -> None:
     """The trainer's TensorBoard/MLflow writers, under the split "eval", at the checkpoint's step;
     answers go to MLflow as text, one file per checkpoint (answers/step_N.md)."""
-    from gptkit.training.trackers import MLflowTracker, TensorBoardTracker
-
     trackers: list[TensorBoardTracker | MLflowTracker] = []
     try:
         if tensorboard:

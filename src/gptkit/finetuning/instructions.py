@@ -24,7 +24,7 @@ import torch
 from gptkit.console import notice
 from gptkit.errors import GptkitError
 from gptkit.fused_loss import IGNORE_INDEX
-from gptkit.generate.chat import ChatTemplate, Message, alpaca_messages
+from gptkit.templates import ChatTemplate, Message, alpaca_messages
 from gptkit.tokenizer import Tokenizer
 
 Batch = tuple[torch.Tensor, ...]  # (x, y) or (x, y, segments)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from gptkit.config import FinetuneConfig
 from gptkit.finetuning import lora
+from gptkit.finetuning.prompt_tuning import add_soft_prompt
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer
 
@@ -17,6 +18,4 @@ def apply_method(model: GPT, finetune: FinetuneConfig, tokenizer: Tokenizer | No
     if finetune.method == "lora":
         lora.add_lora(model, finetune.lora)
     elif finetune.method == "prompt":
-        from gptkit.finetuning.prompt_tuning import add_soft_prompt
-
         add_soft_prompt(model, finetune.prompt_tokens, finetune.prompt_init, tokenizer)

@@ -14,17 +14,22 @@ from typing import Any
 
 import torch
 
-from gptkit.checkpoint import load_checkpoint
+from gptkit.checkpoint import (
+    earlier_run_files,
+    load_checkpoint,
+    newest_intact,
+    remove_orphan_temporaries,
+    run_of,
+    step_files,
+)
 from gptkit.config import RunConfig
 from gptkit.console import notice, set_quiet
 from gptkit.errors import GptkitError, os_error
-from gptkit.files import remove_orphans
 from gptkit.locks import hold
 from gptkit.runtime import Processes, from_environment, process_device
+from gptkit.tracking import check_installed
 from gptkit.training import distributed
-from gptkit.training.checkpoints import earlier_run_files, load_latest, step_files
 from gptkit.training.parts import BaseLoader, Parts, TaskEvaluator, finetune_parts, pretraining_parts
-from gptkit.training.trackers import check_installed
 from gptkit.training.trainer import Trainer, TrainResult
 
 
@@ -57,15 +62,15 @@ def find_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, dict[st
             )
         return None, None
     if resume == "latest":
-        path, payload = load_latest(run_dir)
+        path, payload = newest_intact(run_dir, resuming=True)
     else:
         path = Path(resume)
         if path.is_dir():
-            path, payload = load_latest(path)
+            path, payload = newest_intact(path, resuming=True)
         else:
             payload = load_checkpoint(path)
         newer = [p for s, p in step_files(run_dir) if s > payload["progress"]["step"]]
-        if newer and path.parent.parent.resolve() == run_dir.resolve():
+        if newer and run_of(path) == run_dir.resolve():
             raise GptkitError(
                 f"run {str(run_dir)!r} has checkpoints newer than {path.name} ({newer[-1].name}); to branch "
                 "from an older checkpoint, give the run a new name (name=...)"
@@ -180,6 +185,6 @@ def run_lock(run_dir: Path, procs: Processes, device: torch.device) -> Iterator[
         if failed:
             raise GptkitError(f"rank 0 could not lock run folder {str(run_dir)!r}")
         if procs.main:
-            for orphan in remove_orphans(run_dir) + remove_orphans(run_dir / "checkpoints"):
+            for orphan in remove_orphan_temporaries(run_dir):
                 notice(f"removed {orphan}, left by a killed run")
         yield

@@ -8,15 +8,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from gptkit.checkpoint import CHECKPOINT_FOLDER
 from gptkit.config import RunConfig
 from gptkit.files import write_atomic
 from gptkit.finetuning.lora import ADAPTER_DIR
+from gptkit.tracking import markdown_code
 from gptkit.training.runlog import (
     LOSS_PNG,
     METRICS_FILE,
     SAMPLES_FILE,
     format_samples,
-    markdown_code,
     read_metrics,
     sample_sections,
     si,
@@ -63,7 +64,7 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
     ]
     files = [
         f"`{f}`"
-        for f in ("config.yaml", METRICS_FILE, SAMPLES_FILE, "checkpoints/")
+        for f in ("config.yaml", METRICS_FILE, SAMPLES_FILE, f"{CHECKPOINT_FOLDER}/")
         if (run_dir / f).exists()
     ]
     if files:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from gptkit.config import RunConfig
 from gptkit.console import notice
 from gptkit.files import write_atomic
-from gptkit.training.trackers import MLflowTracker, Status, TensorBoardTracker, WandbTracker
+from gptkit.tracking import MLflowTracker, Status, TensorBoardTracker, WandbTracker, markdown_code
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.md"
@@ -82,17 +82,6 @@ def _keep_until(path: Path, start_step: int) -> None:
     if samples.is_file():
         sections = sample_sections(samples.read_text(encoding="utf-8", errors="replace"))
         write_atomic(samples, "".join(s for step, s in sections if step is None or step <= start_step))
-
-
-def markdown_code(text: str, block: bool) -> str:
-    """Markdown code (inline or fenced) whose fence is longer than any backtick run inside."""
-    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
-    if block:
-        fence = "`" * max(3, longest + 1)
-        return f"{fence}text\n{text.rstrip(chr(10))}\n{fence}\n"
-    ticks = "`" * (longest + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    return f"{ticks}{pad}{text}{pad}{ticks}"
 
 
 def format_samples(step: int, samples: dict[str, str]) -> str:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from gptkit.checkpoint import RunCheckpoints, step_files
 from gptkit.config import RunConfig, to_yaml
 from gptkit.console import notice
 from gptkit.device import autocast, fast_matmul
@@ -33,7 +34,6 @@ from gptkit.training.budget import (
     matmul_ceiling,
     memory_estimate,
 )
-from gptkit.training.checkpoints import RunCheckpoints, step_files
 from gptkit.training.optim import learning_rate, make_optimizer, set_learning_rate
 from gptkit.training.report import write_report
 from gptkit.training.runlog import QuietLog, RunLog

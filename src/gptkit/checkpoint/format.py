@@ -1,4 +1,4 @@
-"""The one checkpoint format: atomic save, verified load, discovery of a run's checkpoints.
+"""The one checkpoint format: atomic save, verified load (a run folder's layout is checkpoint/run.py).
 
 A checkpoint is a single `torch.save` file holding plain data only (tensors, dicts, numbers,
 strings), so it loads with `weights_only=True`:
@@ -8,7 +8,7 @@ strings), so it loads with `weights_only=True`:
   model       the model's state_dict, without wrapper prefixes (_orig_mod., module.)
   progress    counters such as step and tokens seen
   state       everything else a resume needs (optimiser, schedule, loader, RNG, ...)
-  chat_template  (only in instruction-tuned checkpoints) the ChatTemplate as a dict, see generate/chat.py
+  chat_template  (only in instruction-tuned checkpoints) the ChatTemplate as a dict, see templates.py
   sha256      the digest of everything above (`content_digest`), checked on load: a flipped byte in
               a tensor record loads without error in torch, so only this finds it. Checkpoints
               written before gptkit stored it load unchecked.
@@ -28,13 +28,9 @@ from typing import Any, BinaryIO
 
 import torch
 
-import gptkit
-from gptkit.config import RunConfig, validate
-from gptkit.console import notice
 from gptkit.errors import GptkitError
 from gptkit.files import fsync_dir, write_atomic
-from gptkit.model import GPT
-from gptkit.tokenizer import Tokenizer, from_description
+from gptkit.version import __version__
 
 FORMAT = "gptkit-checkpoint"
 FORMAT_VERSION = 1
@@ -122,7 +118,7 @@ def save_checkpoint(
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "gptkit_version": gptkit.__version__,
+        "gptkit_version": __version__,
         "config": config,
         "tokenizer": tokenizer,
         "model": clean_state_dict(model_state),
@@ -188,7 +184,7 @@ def save_safetensors_checkpoint(
         "format": "pt",
         "gptkit_format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "gptkit_version": gptkit.__version__,
+        "gptkit_version": __version__,
         "tied": json.dumps(tied),
         **{k: json.dumps(v) for k, v in fields.items() if v is not None},
     }
@@ -284,93 +280,3 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if stored is not None and stored != content_digest(payload):
         raise _fails_check(path)
     return payload
-
-
-def run_checkpoints(run: str | Path) -> list[Path]:
-    """A run folder's checkpoint files, oldest first (by time written, then name)."""
-    folder = Path(run) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    files = [p for p in folder.iterdir() if p.suffix == SUFFIX and not p.name.startswith(".")]
-    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
-
-
-def is_run(path: str | Path) -> bool:
-    return (Path(path) / "checkpoints").is_dir()
-
-
-def load_newest(
-    files: list[Path], map_location: str | torch.device = "cpu"
-) -> tuple[Path, dict[str, Any]] | None:
-    """The newest of `files` (oldest first) that loads; damaged newer ones are named and skipped."""
-    for path in reversed(files):
-        try:
-            return path, load_checkpoint(path, map_location)
-        except GptkitError as e:  # the damaged file stays for inspection
-            notice(f"{e}; falling back to an earlier checkpoint")
-    return None
-
-
-def find_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[Path, dict[str, Any]]:
-    """A checkpoint file, or a run folder's newest intact checkpoint: (its path, its payload)."""
-    path = Path(path)
-    if path.is_dir():
-        if not is_run(path):
-            raise GptkitError(
-                f"{str(path)!r} is not a run folder (no checkpoints/ inside); pass a run folder such as "
-                "runs/tiny or a checkpoint file"
-            )
-        files = run_checkpoints(path)
-        found = load_newest(files, map_location)
-        if found is None and files:
-            raise GptkitError(
-                f"no checkpoint of run {str(path)!r} is intact ({', '.join(p.name for p in files)}: "
-                "damaged, see above); pass a checkpoint file from elsewhere, or train the run again"
-            )
-        if found is None:
-            raise GptkitError(f"run {str(path)!r} has no intact checkpoint yet; train it first")
-        return found
-    return path, load_checkpoint(path, map_location)
-
-
-def load_model(payload: dict[str, Any]) -> tuple[GPT, Tokenizer, RunConfig]:
-    """The model (on CPU, eval mode), tokenizer and config a checkpoint's payload holds."""
-    config = validate(RunConfig, payload["config"], "checkpoint config")
-    tokenizer = from_description(payload["tokenizer"])
-    if config.model.vocab_size != tokenizer.vocab_size:
-        raise GptkitError(
-            f"checkpoint's model has {config.model.vocab_size} token ids but its tokenizer has "
-            f"{tokenizer.vocab_size}; the checkpoint is inconsistent, use another one"
-        )
-    model = GPT(config.model)
-    if config.finetune.base is not None:  # a fine-tune's checkpoint: its modules (LoRA, soft prompt)
-        from gptkit.finetuning.lora import merge
-        from gptkit.finetuning.methods import apply_method
-
-        apply_method(model, config.finetune, tokenizer)
-        model.load_state_dict(clean_state_dict(payload["model"]))
-        merge(model)  # LoRA folded into the weights: a plain model, as fast as the base
-    else:
-        model.load_state_dict(clean_state_dict(payload["model"]))
-    return model.eval(), tokenizer, config
-
-
-def is_hf_folder(path: str | Path) -> bool:
-    """A HuggingFace model folder (config.json inside) rather than a gptkit run."""
-    return (Path(path) / "config.json").is_file() and not is_run(path)
-
-
-def load_any(path: str | Path) -> tuple[GPT, Tokenizer, RunConfig, Path, dict[str, Any]]:
-    """(model, tokenizer, run config, source, checkpoint payload) of a run folder (its newest intact
-    checkpoint), a checkpoint file, or a HuggingFace GPT-2 folder (payload {}): what every command
-    that starts from a trained model accepts."""
-    if is_hf_folder(path):
-        from gptkit.export.hf import load_hf
-
-        model, tokenizer, config = load_hf(path)
-        return model, tokenizer, config, Path(path), {}
-    ckpt, payload = find_checkpoint(path)
-    model, tokenizer, config = load_model(payload)
-    return model, tokenizer, config, ckpt, payload

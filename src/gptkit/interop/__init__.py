@@ -20,6 +20,7 @@ from types import ModuleType
 
 import torch
 
+from gptkit.checkpoint import save_checkpoint, save_safetensors_checkpoint
 from gptkit.config import RunConfig
 from gptkit.console import notice
 from gptkit.errors import GptkitError
@@ -154,8 +155,6 @@ def save_weights(
     chat_template: dict | None = None,
 ) -> Path:
     """A weights-only gptkit checkpoint: `.safetensors` (no pickle) or `.pt`; starts runs at step 0."""
-    from gptkit.checkpoint import save_checkpoint, save_safetensors_checkpoint
-
     save = save_safetensors_checkpoint if str(out).endswith(".safetensors") else save_checkpoint
     with staged_output(out, force) as tmp:
         save(

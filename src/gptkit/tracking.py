@@ -1,4 +1,5 @@
-"""Optional trackers — TensorBoard, MLflow, Weights & Biases — each a copy of metrics.jsonl.
+"""A run's records shared by training and evaluation: the optional trackers — TensorBoard, MLflow,
+Weights & Biases — each a copy of metrics.jsonl, and the markdown quoting of samples.md and eval.md.
 
 Each is imported only when switched on in the config's `log` section, with a one-line error
 naming the extra to install when it is missing. A resumed run continues the same tracker run.
@@ -7,6 +8,7 @@ naming the extra to install when it is missing. A resumed run continues the same
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -191,3 +193,14 @@ class WandbTracker:
 
     def close(self, status: Status) -> None:
         self.run.finish(exit_code=0 if status == "finished" else 1)
+
+
+def markdown_code(text: str, block: bool) -> str:
+    """Markdown code (inline or fenced) whose fence is longer than any backtick run inside."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    if block:
+        fence = "`" * max(3, longest + 1)
+        return f"{fence}text\n{text.rstrip(chr(10))}\n{fence}\n"
+    ticks = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{ticks}{pad}{text}{pad}{ticks}"

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from gptkit.errors import GptkitError
-from gptkit.export import check_plain, require, staged_output
-from gptkit.export.hf import _merge_pairs, gpt2_vocab_merges, hf_tokenizer
+from gptkit.interop import check_plain, require, staged_output
+from gptkit.interop.hf import _merge_pairs, gpt2_vocab_merges, hf_tokenizer
 from gptkit.model import GPT, LAYER_NORM_EPS
 from gptkit.tokenizer import EOT, BPETokenizer, GPT2Tokenizer, Tokenizer
 

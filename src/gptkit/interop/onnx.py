@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptkit.errors import GptkitError
-from gptkit.export import check_plain, require, staged_output
+from gptkit.interop import check_plain, require, staged_output
 from gptkit.model import GPT
 
 OPSET = 18

@@ -30,7 +30,7 @@ from torch import Tensor
 from gptkit.config import ModelConfig, RunConfig, validate
 from gptkit.console import notice
 from gptkit.errors import GptkitError
-from gptkit.export import check_plain, require, save_weights, staged_output
+from gptkit.interop import check_plain, require, save_weights, staged_output
 from gptkit.model import GPT, LAYER_NORM_EPS
 from gptkit.tokenizer import (
     EOT,
