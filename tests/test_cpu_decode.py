@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from gptkit.config import ModelConfig
-from gptkit.generate.cpu_decode import CPUDecoder
-from gptkit.generate.cpu_kernel import kernel, matvec
-from gptkit.generate.cpu_linear import use_cpu_linear
-from gptkit.generate.quantize import Int8Linear, quantize
+from gptkit.generate.cpu.build import kernel, matvec
+from gptkit.generate.cpu.decode import CPUDecoder
+from gptkit.generate.cpu.linear import use_cpu_linear
+from gptkit.generate.cpu.quantize import Int8Linear, quantize
 from gptkit.model import GPT
 
 pytestmark = pytest.mark.skipif(kernel() is None, reason="gptkit's CPU kernels could not be built here")
@@ -60,7 +60,7 @@ def decode_both(plain: GPT, fast: GPT, prompts: torch.Tensor, pad: torch.Tensor 
         for _ in range(steps - n_prompt):
             ids = torch.randint(0, plain.config.vocab_size, (B,), generator=g)
             ref = plain(ids[:, None], cache=ref_cache)[0][:, -1]
-            out.append((ref, decoder.step(ids, cache)))
+            out.append((ref, decoder.step(cache, ids)))
     assert cache.pos == ref_cache.pos
     return out
 
@@ -121,7 +121,7 @@ def test_decoder_results_do_not_depend_on_the_number_of_threads() -> None:
         cache = fast.new_cache(2)
         with torch.inference_mode():
             fast(torch.randint(0, 301, (2, 9), generator=torch.Generator().manual_seed(0)), cache=cache)
-            logits.append(decoder.step(torch.tensor([3, 4]), cache))
+            logits.append(decoder.step(cache, torch.tensor([3, 4])))
     torch.set_num_threads(before)
     assert torch.equal(logits[0], logits[1])
 
@@ -165,8 +165,8 @@ def test_kernels_build_into_the_cache_folder_only_when_needed(tmp_path: Path) ->
     code = (
         "import torch\n"
         "from gptkit.config import ModelConfig\n"
-        "from gptkit.generate.cpu_decode import CPUDecoder\n"
-        "from gptkit.generate.cpu_linear import use_cpu_linear\n"
+        "from gptkit.generate.cpu.decode import CPUDecoder\n"
+        "from gptkit.generate.cpu.linear import use_cpu_linear\n"
         "from gptkit.model import GPT\n"
         "m = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)).eval()\n"
         "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
@@ -184,9 +184,9 @@ def test_kernels_build_into_the_cache_folder_only_when_needed(tmp_path: Path) ->
 def test_without_a_compiler_decoding_falls_back_to_onednn_with_a_notice(tmp_path: Path) -> None:
     code = (
         "import torch\n"
-        "from gptkit.generate.cpu_decode import CPUDecoder\n"
-        "from gptkit.generate.cpu_kernel import kernel\n"
-        "from gptkit.generate.cpu_linear import use_cpu_linear\n"
+        "from gptkit.generate.cpu.decode import CPUDecoder\n"
+        "from gptkit.generate.cpu.build import kernel\n"
+        "from gptkit.generate.cpu.linear import use_cpu_linear\n"
         "from gptkit.model import GPT\n"
         "from gptkit.config import ModelConfig\n"
         "m = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)).eval()\n"

@@ -15,7 +15,8 @@ from gptkit.config import RunConfig, load_config
 from gptkit.errors import GptkitError
 from gptkit.generate import Sampler, SampleSettings, TextStream
 from gptkit.generate.choose import keep_top_k, keep_top_p, penalize_repeats
-from gptkit.generate.cpu_linear import use_cpu_linear
+from gptkit.generate.cpu.linear import use_cpu_linear
+from gptkit.generate.inference import fastest_decoder
 from gptkit.model import GPT
 from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer
 
@@ -51,9 +52,10 @@ def sampler(request: pytest.FixtureRequest, char: CharTokenizer) -> Sampler:
     """Every sampler test runs on GPT.forward and on the model as gptkit.load prepares it for the CPU
     (gptkit's kernels decode a whole step in one call where they are built)."""
     model = tiny_model(char.vocab_size, block_size=128)
-    if request.param == "cpu-kernels":
-        use_cpu_linear(model)
-    return Sampler(model, char)
+    if request.param == "plain":
+        return Sampler(model, char)
+    use_cpu_linear(model)
+    return Sampler(model, char, fastest_decoder)
 
 
 def greedy(**kw: object) -> SampleSettings:
