@@ -16,6 +16,8 @@ from gptkit.generate.cpu.build import kernel, matvec
 from gptkit.generate.cpu.decode import CPUDecoder
 from gptkit.generate.cpu.linear import use_cpu_linear
 from gptkit.generate.cpu.quantize import Int8Linear, quantize
+from gptkit.generate.decoder import ForwardDecoder
+from gptkit.generate.inference import fastest_decoder
 from gptkit.model import GPT
 
 pytestmark = pytest.mark.skipif(kernel() is None, reason="gptkit's CPU kernels could not be built here")
@@ -138,6 +140,11 @@ def test_decoder_only_for_prepared_fp32_and_int8_cpu_models() -> None:
         quantised = GPT(plain.config).eval()
         quantize(quantised, mode)
         assert (CPUDecoder.of(quantised) is not None) == decodes
+        assert isinstance(fastest_decoder(quantised, 1), CPUDecoder if decodes else ForwardDecoder)
+    # what TextModel's sampler gets: the kernel exactly where CPUDecoder.of serves, else GPT.forward
+    assert isinstance(fastest_decoder(fast, 8), CPUDecoder)
+    assert isinstance(fastest_decoder(fast, 9), ForwardDecoder)
+    assert isinstance(fastest_decoder(plain, 1), ForwardDecoder)
 
 
 @pytest.mark.parametrize("m", [1, 2, 5, 8])

@@ -93,6 +93,7 @@ def test_gptkit_load_uses_cpu_linear_unless_quantised(tmp_path) -> None:
     loaded = gptkit.load(ckpt, device="cpu")
     assert isinstance(loaded.model.transformer.h[0].attn.c_attn, CPULinear)
     assert (CPUDecoder.of(loaded.model) is not None) == (kernel() is not None)  # the whole-step decoder
+    assert isinstance(loaded.sampler.decoder_for(loaded.model, 1), CPUDecoder) == (kernel() is not None)
     expected = Sampler(plain, tok).generate(["hello"], SampleSettings.of(temperature=0, max_new_tokens=30))[
         0
     ][0]

@@ -30,6 +30,12 @@ from gptkit.files import give_default_modes
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_size, _ptr, _int, _float = ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+# The C functions' (argument types, return type), as kernels.c defines them (a test reads them there)
+SIGNATURES = {
+    "gptkit_matvec": ([_ptr] * 5 + [_size] * 3 + [_int], None),
+    "gptkit_decode": ([_ptr, _ptr, _int] + [_size] * 6 + [_ptr] * 5 + [_size, _ptr, _float, _int], _int),
+}
 
 
 def cache_dir() -> Path:
@@ -68,12 +74,9 @@ def kernel() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as e:
         notice(f"fp32 decoding uses oneDNN, not gptkit's faster kernels: {cc} could not build them ({e})")
         return None
-    size, ptr, c_int, c_float = ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    # the C signatures, argument by argument (a test reads them from kernels.c and compares)
-    lib.gptkit_matvec.argtypes = [ptr] * 5 + [size] * 3 + [c_int]
-    lib.gptkit_matvec.restype = None
-    lib.gptkit_decode.argtypes = [ptr, ptr, c_int] + [size] * 6 + [ptr] * 5 + [size, ptr, c_float, c_int]
-    lib.gptkit_decode.restype = c_int
+    for name, (argtypes, restype) in SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, restype
     if not _agrees(lib):
         notice(f"fp32 decoding uses oneDNN: gptkit's kernels built by {cc} computed wrong products")
         return None
