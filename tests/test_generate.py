@@ -221,6 +221,13 @@ def test_the_sampler_does_not_import_the_cpu_kernels() -> None:
     assert not [m for m in imported if m.startswith("gptkit.generate.cpu")]
 
 
+def test_the_package_and_its_settings_import_without_torch() -> None:
+    """The CLI's parser reads SampleSettings for its defaults: `gptkit --help` must not load torch."""
+    code = "import sys; from gptkit.generate import SampleSettings; assert 'torch' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
 def test_long_prompt_and_generation_past_the_context(sampler: Sampler, char: CharTokenizer, capsys) -> None:
     block = sampler.model.config.block_size
     prompt = char.encode(TEXT * 3)
