@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -92,6 +93,19 @@ def test_decoder_after_a_soft_prompt_and_with_odd_head_sizes() -> None:
     plain, fast = pair(n_head=3, n_embd=72, soft_prompt=5)  # head_dim 24: not a multiple of 16
     prompts = torch.randint(0, 301, (2, 6))
     assert_close_steps(decode_both(plain, fast, prompts, torch.tensor([2, 0]), 30))
+
+
+def test_decoder_reads_the_mlp_width_from_the_model() -> None:
+    """The kernel takes the MLP's width from the layers (not 4 x n_embd), as GPT.forward does."""
+    plain, _ = pair()
+    torch.manual_seed(2)
+    for block in plain.transformer.h:  # width 96 instead of 256
+        block.mlp.c_fc = torch.nn.Linear(64, 96)
+        block.mlp.c_proj = torch.nn.Linear(96, 64)
+    fast = copy.deepcopy(plain)
+    use_cpu_linear(fast)
+    prompts = torch.randint(0, 301, (2, 5))
+    assert_close_steps(decode_both(plain, fast, prompts, torch.tensor([0, 2]), 20))
 
 
 def test_int8_decoder_equals_forward_with_the_dequantised_weights() -> None:

@@ -31,7 +31,7 @@ activations and group-wise asymmetric scales.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -203,7 +203,7 @@ def quantize(model: GPT, mode: Mode) -> QuantizeReport:
     After this the model generates with the `Sampler` and computes losses (`model(idx, targets)`),
     but cannot be trained or saved as a checkpoint: quantise after loading, not before saving.
     """
-    if mode not in ("int8", "int4"):
+    if mode not in get_args(Mode):
         raise GptkitError(f"unknown quantisation {mode!r}; choose int8 or int4")
     if model.device.type != "cpu":
         raise GptkitError(f"quantised inference runs on the CPU; the model is on {model.device}")
