@@ -5,8 +5,8 @@ Shakespeare, or seeded random ids without it), 256 new tokens, greedy, batch 1:
 
 - gptkit: the real `Sampler.token_steps` (what `generate_ids`, `stream` and the server run), on the
   fp32 model as `gptkit.load` prepares it (decoding's matrix-vector products by gptkit's kernel,
-  prompts by oneDNN: `gptkit.generate.cpu_linear`), with oneDNN alone, on the plain fp32 model
-  (aten's `F.linear`), and on copies quantised by `gptkit.generate.quantize` ("int8", "int4");
+  prompts by oneDNN: `gptkit.generate.cpu.linear`), with oneDNN alone, on the plain fp32 model
+  (aten's `F.linear`), and on copies quantised by `gptkit.generate.cpu.quantize` ("int8", "int4");
 - HuggingFace `GPT2LMHeadModel.generate(do_sample=False, use_cache=True)` with the same weights copied
   in (HF's Conv1D weights are our Linear weights transposed), in fp32, and with HF's Linear layers
   dynamic-int8 quantised by `torch.ao.quantization.quantize_dynamic` (in HF's GPT-2 only the head
@@ -40,8 +40,10 @@ from tables import markdown  # bench/tables.py: scripts run from bench/
 from torch import nn
 
 from gptkit.generate import Sampler, SampleSettings
-from gptkit.generate.cpu_linear import CPULinear, kernel, use_cpu_linear
-from gptkit.generate.quantize import Int4Linear, Int8Linear, quantize, weight_bytes
+from gptkit.generate.cpu.build import kernel
+from gptkit.generate.cpu.linear import CPULinear, use_cpu_linear
+from gptkit.generate.cpu.quantize import Int4Linear, Int8Linear, quantize, weight_bytes
+from gptkit.generate.inference import fastest_decoder
 from gptkit.model import GPT
 from gptkit.tokenizer import gpt2_tokenizer
 
@@ -124,7 +126,7 @@ class Variant:
 
 
 def gptkit_run(model: GPT, prompt: list[int], new: int) -> Callable[[], tuple[float, float, list[int]]]:
-    sampler = Sampler(model, gpt2_tokenizer())
+    sampler = Sampler(model, gpt2_tokenizer(), fastest_decoder)  # as gptkit.load decodes
     settings = SampleSettings.of(max_new_tokens=new, temperature=0, stop_tokens=[])
 
     def run() -> tuple[float, float, list[int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -12,10 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from gptkit.config import ModelConfig
-from gptkit.generate.cpu_decode import CPUDecoder
-from gptkit.generate.cpu_kernel import kernel, matvec
-from gptkit.generate.cpu_linear import use_cpu_linear
-from gptkit.generate.quantize import Int8Linear, quantize
+from gptkit.generate.cpu.build import kernel, matvec
+from gptkit.generate.cpu.decode import CPUDecoder
+from gptkit.generate.cpu.linear import use_cpu_linear
+from gptkit.generate.cpu.quantize import Int8Linear, quantize
+from gptkit.generate.decoder import ForwardDecoder
+from gptkit.generate.inference import fastest_decoder
 from gptkit.model import GPT
 
 pytestmark = pytest.mark.skipif(kernel() is None, reason="gptkit's CPU kernels could not be built here")
@@ -60,7 +63,7 @@ def decode_both(plain: GPT, fast: GPT, prompts: torch.Tensor, pad: torch.Tensor 
         for _ in range(steps - n_prompt):
             ids = torch.randint(0, plain.config.vocab_size, (B,), generator=g)
             ref = plain(ids[:, None], cache=ref_cache)[0][:, -1]
-            out.append((ref, decoder.step(ids, cache)))
+            out.append((ref, decoder.step(cache, ids)))
     assert cache.pos == ref_cache.pos
     return out
 
@@ -92,6 +95,19 @@ def test_decoder_after_a_soft_prompt_and_with_odd_head_sizes() -> None:
     assert_close_steps(decode_both(plain, fast, prompts, torch.tensor([2, 0]), 30))
 
 
+def test_decoder_reads_the_mlp_width_from_the_model() -> None:
+    """The kernel takes the MLP's width from the layers (not 4 x n_embd), as GPT.forward does."""
+    plain, _ = pair()
+    torch.manual_seed(2)
+    for block in plain.transformer.h:  # width 96 instead of 256
+        block.mlp.c_fc = torch.nn.Linear(64, 96)
+        block.mlp.c_proj = torch.nn.Linear(96, 64)
+    fast = copy.deepcopy(plain)
+    use_cpu_linear(fast)
+    prompts = torch.randint(0, 301, (2, 5))
+    assert_close_steps(decode_both(plain, fast, prompts, torch.tensor([0, 2]), 20))
+
+
 def test_int8_decoder_equals_forward_with_the_dequantised_weights() -> None:
     """int8 weights with row scales and fp32 activations: exactly a model with the weights int8 stands for."""
     plain, _ = pair()
@@ -121,7 +137,7 @@ def test_decoder_results_do_not_depend_on_the_number_of_threads() -> None:
         cache = fast.new_cache(2)
         with torch.inference_mode():
             fast(torch.randint(0, 301, (2, 9), generator=torch.Generator().manual_seed(0)), cache=cache)
-            logits.append(decoder.step(torch.tensor([3, 4]), cache))
+            logits.append(decoder.step(cache, torch.tensor([3, 4])))
     torch.set_num_threads(before)
     assert torch.equal(logits[0], logits[1])
 
@@ -138,6 +154,11 @@ def test_decoder_only_for_prepared_fp32_and_int8_cpu_models() -> None:
         quantised = GPT(plain.config).eval()
         quantize(quantised, mode)
         assert (CPUDecoder.of(quantised) is not None) == decodes
+        assert isinstance(fastest_decoder(quantised, 1), CPUDecoder if decodes else ForwardDecoder)
+    # what TextModel's sampler gets: the kernel exactly where CPUDecoder.of serves, else GPT.forward
+    assert isinstance(fastest_decoder(fast, 8), CPUDecoder)
+    assert isinstance(fastest_decoder(fast, 9), ForwardDecoder)
+    assert isinstance(fastest_decoder(plain, 1), ForwardDecoder)
 
 
 @pytest.mark.parametrize("m", [1, 2, 5, 8])
@@ -165,8 +186,8 @@ def test_kernels_build_into_the_cache_folder_only_when_needed(tmp_path: Path) ->
     code = (
         "import torch\n"
         "from gptkit.config import ModelConfig\n"
-        "from gptkit.generate.cpu_decode import CPUDecoder\n"
-        "from gptkit.generate.cpu_linear import use_cpu_linear\n"
+        "from gptkit.generate.cpu.decode import CPUDecoder\n"
+        "from gptkit.generate.cpu.linear import use_cpu_linear\n"
         "from gptkit.model import GPT\n"
         "m = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)).eval()\n"
         "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
@@ -184,9 +205,9 @@ def test_kernels_build_into_the_cache_folder_only_when_needed(tmp_path: Path) ->
 def test_without_a_compiler_decoding_falls_back_to_onednn_with_a_notice(tmp_path: Path) -> None:
     code = (
         "import torch\n"
-        "from gptkit.generate.cpu_decode import CPUDecoder\n"
-        "from gptkit.generate.cpu_kernel import kernel\n"
-        "from gptkit.generate.cpu_linear import use_cpu_linear\n"
+        "from gptkit.generate.cpu.decode import CPUDecoder\n"
+        "from gptkit.generate.cpu.build import kernel\n"
+        "from gptkit.generate.cpu.linear import use_cpu_linear\n"
         "from gptkit.model import GPT\n"
         "from gptkit.config import ModelConfig\n"
         "m = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)).eval()\n"

@@ -9,9 +9,10 @@ import torch
 
 from gptkit.config import ModelConfig
 from gptkit.generate import Sampler, SampleSettings
-from gptkit.generate.cpu_decode import CPUDecoder
-from gptkit.generate.cpu_kernel import kernel
-from gptkit.generate.cpu_linear import CPULinear, onednn_available, use_cpu_linear
+from gptkit.generate.cpu.build import kernel
+from gptkit.generate.cpu.decode import CPUDecoder
+from gptkit.generate.cpu.linear import CPULinear, onednn_available, use_cpu_linear
+from gptkit.generate.inference import fastest_decoder
 from gptkit.model import GPT
 from gptkit.tokenizer import CharTokenizer
 
@@ -54,9 +55,8 @@ def test_greedy_generation_equals_the_plain_model(use_kernel: bool) -> None:
     tok = CharTokenizer.train([CHARS])
     settings = SampleSettings.of(temperature=0, max_new_tokens=50, stop_tokens=[])
     prompts = [tok.encode("hello"), tok.encode("a longer prompt")]
-    assert Sampler(fast, tok).generate_ids(prompts, settings) == Sampler(plain, tok).generate_ids(
-        prompts, settings
-    )
+    fast_ids = Sampler(fast, tok, fastest_decoder).generate_ids(prompts, settings)  # as gptkit.load decodes
+    assert fast_ids == Sampler(plain, tok).generate_ids(prompts, settings)
 
 
 def test_the_head_stays_tied_and_training_uses_f_linear() -> None:
@@ -93,6 +93,7 @@ def test_gptkit_load_uses_cpu_linear_unless_quantised(tmp_path) -> None:
     loaded = gptkit.load(ckpt, device="cpu")
     assert isinstance(loaded.model.transformer.h[0].attn.c_attn, CPULinear)
     assert (CPUDecoder.of(loaded.model) is not None) == (kernel() is not None)  # the whole-step decoder
+    assert isinstance(loaded.sampler.decoder_for(loaded.model, 1), CPUDecoder) == (kernel() is not None)
     expected = Sampler(plain, tok).generate(["hello"], SampleSettings.of(temperature=0, max_new_tokens=30))[
         0
     ][0]

@@ -41,11 +41,7 @@ SURFACE = "surface"
 
 # Arrows that other branches of issue 16 remove; the lead deletes each entry as its branch merges.
 # (importer, imported): why it is still here.
-KNOWN: dict[tuple[str, str], str] = {
-    # CPU: generate/cpu/ and the decoder parameter rewrite these lazy imports
-    ("gptkit.generate.inference", "gptkit.generate.quantize"): "CPU moves it to generate/cpu/",
-    ("gptkit.generate.inference", "gptkit.generate.cpu_linear"): "CPU moves it to generate/cpu/",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 # Top-level names of third-party (and a few standard) modules a function may import when it needs them.
 OPTIONAL = {

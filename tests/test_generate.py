@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,12 @@ from gptkit.checkpoint import save_checkpoint
 from gptkit.config import RunConfig, load_config
 from gptkit.errors import GptkitError
 from gptkit.generate import Sampler, SampleSettings, TextStream
+from gptkit.generate import sampler as sampler_module
 from gptkit.generate.choose import keep_top_k, keep_top_p, penalize_repeats
-from gptkit.generate.cpu_linear import use_cpu_linear
-from gptkit.model import GPT
+from gptkit.generate.cpu.linear import use_cpu_linear
+from gptkit.generate.decoder import ForwardDecoder
+from gptkit.generate.inference import fastest_decoder
+from gptkit.model import GPT, KVCache
 from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer
 
 TEXT = "hello world, the quick brown fox jumps over the lazy dog. ÄÖÜ äöü ß € 日本語 🙂\n"
@@ -51,9 +55,10 @@ def sampler(request: pytest.FixtureRequest, char: CharTokenizer) -> Sampler:
     """Every sampler test runs on GPT.forward and on the model as gptkit.load prepares it for the CPU
     (gptkit's kernels decode a whole step in one call where they are built)."""
     model = tiny_model(char.vocab_size, block_size=128)
-    if request.param == "cpu-kernels":
-        use_cpu_linear(model)
-    return Sampler(model, char)
+    if request.param == "plain":
+        return Sampler(model, char)
+    use_cpu_linear(model)
+    return Sampler(model, char, fastest_decoder)
 
 
 def greedy(**kw: object) -> SampleSettings:
@@ -185,6 +190,42 @@ def test_stream_holds_back_a_possible_stop_string() -> None:
 def test_stream_equals_generate_for_the_same_seed(sampler: Sampler) -> None:
     s = SampleSettings.of(max_new_tokens=60, seed=11)
     assert "".join(sampler.stream("quick", s)) == sampler.generate(["quick"], s)[0][0]
+
+
+def test_the_sampler_decodes_with_the_decoder_it_is_given(char: CharTokenizer) -> None:
+    """The decoder is a parameter (one per batch, every step through it); the default is GPT.forward."""
+    made, steps = [], []
+
+    class Counting(ForwardDecoder):
+        def step(self, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
+            steps.append(ids.size(0))
+            return super().step(cache, ids)
+
+    def decoder_for(model: GPT, batch_size: int) -> Counting:
+        made.append(batch_size)
+        return Counting(model)
+
+    model = tiny_model(char.vocab_size, block_size=128)
+    prompts = [char.encode("the quick"), char.encode("fox")]
+    given = Sampler(model, char, decoder_for).generate_ids(prompts, greedy(max_new_tokens=20))
+    assert made == [2] and steps == [2] * 20  # 20 steps of 2 sequences (the last one's logits unused)
+    assert given == Sampler(model, char).generate_ids(prompts, greedy(max_new_tokens=20))
+
+
+def test_the_sampler_does_not_import_the_cpu_kernels() -> None:
+    """It knows decoders only by their protocol; gptkit.generate.inference chooses gptkit's kernel."""
+    tree = ast.parse(Path(sampler_module.__file__).read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert "gptkit.generate.decoder" in imported
+    assert not [m for m in imported if m.startswith("gptkit.generate.cpu")]
+
+
+def test_the_package_and_its_settings_import_without_torch() -> None:
+    """The CLI's parser reads SampleSettings for its defaults: `gptkit --help` must not load torch."""
+    code = "import sys; from gptkit.generate import SampleSettings; assert 'torch' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_long_prompt_and_generation_past_the_context(sampler: Sampler, char: CharTokenizer, capsys) -> None:

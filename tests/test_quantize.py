@@ -22,9 +22,10 @@ from conftest import shared_file
 
 from gptkit.config import ModelConfig
 from gptkit.generate import Sampler, SampleSettings
-from gptkit.generate.cpu_decode import CPUDecoder
-from gptkit.generate.cpu_kernel import kernel
-from gptkit.generate.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize, weight_bytes
+from gptkit.generate.cpu.build import kernel
+from gptkit.generate.cpu.decode import CPUDecoder
+from gptkit.generate.cpu.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize, weight_bytes
+from gptkit.generate.inference import fastest_decoder
 from gptkit.model import GPT
 from gptkit.tokenizer import CharTokenizer
 
@@ -75,7 +76,7 @@ def greedy_tokens(model: GPT, val: torch.Tensor) -> torch.Tensor:
 def greedy(model: GPT, tokenizer: CharTokenizer, n: int = 50) -> list[list[int]]:
     prompts = [tokenizer.encode(p) for p in ("ROMEO:\n", "First Citizen:\nWe are", "KING HENRY")]
     settings = SampleSettings.of(max_new_tokens=n, temperature=0, stop_tokens=[])
-    return Sampler(model, tokenizer).generate_ids(prompts, settings)
+    return Sampler(model, tokenizer, fastest_decoder).generate_ids(prompts, settings)  # as gptkit.load
 
 
 @pytest.mark.parametrize(("mode", "ppl_bound", "agreement"), [("int8", 0.02, 0.95), ("int4", 0.10, 0.85)])
@@ -108,7 +109,7 @@ def test_int8_decoding_quality(trained) -> None:
     x, y = windows(val)
     cache = q.new_cache(x.size(0))
     with torch.inference_mode():
-        steps = [q(x[:, :1], cache=cache)[0][:, -1]] + [decoder.step(x[:, t], cache) for t in range(1, BLOCK)]
+        steps = [q(x[:, :1], cache=cache)[0][:, -1]] + [decoder.step(cache, x[:, t]) for t in range(1, BLOCK)]
         logits, ref = torch.stack(steps, dim=1), model(x)[0]
     base, quant = perplexity(model, val), math.exp(float(F.cross_entropy(logits.flatten(0, 1), y.flatten())))
     assert abs(quant - base) / base <= 0.02, (base, quant)

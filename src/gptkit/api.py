@@ -105,7 +105,7 @@ def load(
     (path, weight), stacked (their weighted changes add up) and folded into the weights. `quantize`
     "int8" or "int4" makes quantised linear layers (CPU inference: less memory, faster decoding;
     see README); without it, an fp32 model on the CPU decodes through gptkit's CPU kernels
-    (`gptkit.generate.cpu_linear`, `cpu_decode`).
+    (`gptkit.generate.cpu`).
     """
     from gptkit.device import pick_device
     from gptkit.generate.inference import check_quantize, prepare

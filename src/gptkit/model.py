@@ -367,7 +367,7 @@ class GPT(nn.Module):
         # Only the first vocab_size rows of the (padded) head: softmax, loss and sampling never see
         # padded ids. A row slice is contiguous, so the logits come out contiguous too (cutting
         # columns off padded logits instead would make the loss copy them).
-        # (a quantised head, from gptkit.generate.quantize, is a module holding only those rows)
+        # (a quantised head, from gptkit.generate.cpu.quantize, is a module holding only those rows)
         head = self.lm_head.weight[: self.config.vocab_size] if isinstance(self.lm_head, nn.Linear) else None
         if targets is not None and not return_logits and torch.is_grad_enabled() and x.requires_grad:
             device = x.device.type

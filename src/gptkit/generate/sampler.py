@@ -17,7 +17,7 @@ from torch import Tensor
 from gptkit.console import notice
 from gptkit.errors import GptkitError
 from gptkit.generate.choose import choose_next
-from gptkit.generate.cpu_decode import CPUDecoder
+from gptkit.generate.decoder import Decoder, DecoderFor, forward_decoder
 from gptkit.generate.settings import SampleSettings
 from gptkit.generate.text import TextStream
 from gptkit.model import GPT, KVCache
@@ -33,11 +33,17 @@ class Piece:
 
 
 class Sampler:
-    """Generates from `model` with `tokenizer`; the model is put in eval mode while sampling."""
+    """Generates from `model` with `tokenizer`; the model is put in eval mode while sampling.
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer) -> None:
+    `decoder_for(model, number of sequences)` gives the decoder of each batch's steps (prompts go
+    through `GPT.forward`); by default GPT.forward decodes too. `gptkit.load` passes
+    `gptkit.generate.inference.fastest_decoder`, which picks gptkit's CPU kernel where it serves.
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, decoder_for: DecoderFor = forward_decoder) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.decoder_for = decoder_for
 
     def generate(self, prompts: list[str], settings: SampleSettings) -> list[list[str]]:
         """For each prompt, `settings.num_samples` continuations (the prompt itself not included)."""
@@ -115,7 +121,7 @@ class Sampler:
                 seen[i, r] = True
         longest = max(map(len, history))
         cache = model.new_cache(len(rows), n_prompt + min(block, longest + settings.max_new_tokens))
-        decoder = CPUDecoder.of(model, len(rows))  # a step in one kernel call (models gptkit.load made)
+        decoder = self.decoder_for(model, len(rows))
         was_training = model.training
         model.eval()
         try:
@@ -142,11 +148,9 @@ class Sampler:
     # Inference mode around each model call, not around the loop: a generator's `with` block would
     # stay entered in the caller's code between yields.
     @torch.inference_mode()
-    def _step(self, cache: KVCache, next_ids: Tensor, decoder: CPUDecoder | None) -> Tensor:
+    def _step(self, cache: KVCache, next_ids: Tensor, decoder: Decoder) -> Tensor:
         """Feed one token per row; the logits (B, V) of the next position."""
-        if decoder is not None:
-            return decoder.step(next_ids, cache)
-        return self.model(next_ids.to(self.model.device)[:, None], cache=cache)[0][:, -1]
+        return decoder.step(cache, next_ids)
 
     @torch.inference_mode()
     def _prefill(self, cache: KVCache, rows: list[list[int]]) -> Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from gptkit.generate.inference import fastest_decoder
 from gptkit.generate.sampler import Sampler
 from gptkit.generate.settings import SampleSettings
 from gptkit.model import GPT
@@ -29,7 +30,7 @@ class TextModel:
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.sampler = Sampler(model, tokenizer)
+        self.sampler = Sampler(model, tokenizer, fastest_decoder)  # gptkit's CPU kernel where it serves
         self.source = source  # where it was loaded from, for messages
         self.chat_template = chat_template  # stored by instruction tuning; None for base models
         self.settings = settings or SampleSettings()

@@ -1,10 +1,10 @@
-"""gptkit's CPU kernels (`cpu_kernels.c`): compiled on first use by the machine's C compiler, cached.
+"""gptkit's CPU kernels (`kernels.c`): compiled on first use by the machine's C compiler, cached.
 
 Decoding in fp32 is bound by how fast the weights stream from memory, and PyTorch's matrix-vector
-products read them at well under the machine's bandwidth (see `gptkit.generate.cpu_linear`), so
+products read them at well under the machine's bandwidth (see `gptkit.generate.cpu.linear`), so
 gptkit carries two small C functions: `gptkit_matvec` (a Linear layer for a few rows) and
-`gptkit_decode` (a whole decoding step, see `gptkit.generate.cpu_decode`), for fp32 weights and for
-int8 weights with row scales (`gptkit.generate.quantize`). They are built with
+`gptkit_decode` (a whole decoding step, see `gptkit.generate.cpu.decode`), for fp32 weights and for
+int8 weights with row scales (`gptkit.generate.cpu.quantize`). They are built with
 `cc -O3 -march=native -fopenmp` into the cache folder, keyed by the source, the compiler and the
 CPU, and linked against the OpenMP runtime torch has loaded. Without a compiler, or where the built
 library computes wrong products, gptkit says so once and decodes with oneDNN instead.
@@ -28,8 +28,14 @@ from torch import Tensor
 from gptkit.console import notice
 from gptkit.files import give_default_modes
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_size, _ptr, _int, _float = ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+# The C functions' (argument types, return type), as kernels.c defines them (a test reads them there)
+SIGNATURES = {
+    "gptkit_matvec": ([_ptr] * 5 + [_size] * 3 + [_int], None),
+    "gptkit_decode": ([_ptr, _ptr, _int] + [_size] * 6 + [_ptr] * 5 + [_size, _ptr, _float, _int], _int),
+}
 
 
 def cache_dir() -> Path:
@@ -68,11 +74,9 @@ def kernel() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as e:
         notice(f"fp32 decoding uses oneDNN, not gptkit's faster kernels: {cc} could not build them ({e})")
         return None
-    size, ptr = ctypes.c_long, ctypes.c_void_p
-    lib.gptkit_matvec.argtypes = [ptr] * 5 + [size] * 3 + [ctypes.c_int]
-    lib.gptkit_matvec.restype = None
-    lib.gptkit_decode.argtypes = [ptr, ptr, ctypes.c_int] + [size] * 5 + [ptr] * 5 + [size, ptr, ctypes.c_int]
-    lib.gptkit_decode.restype = ctypes.c_int
+    for name, (argtypes, restype) in SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, restype
     if not _agrees(lib):
         notice(f"fp32 decoding uses oneDNN: gptkit's kernels built by {cc} computed wrong products")
         return None

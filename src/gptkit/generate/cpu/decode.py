@@ -2,16 +2,16 @@
 
 Decoding one token runs about 30 small PyTorch operations per layer between the matrix-vector
 products, and each runs with the caches that the streaming weights have just flushed: for GPT-2
-124M on this project's CPU about 4 ms of an 18 ms step. `gptkit_decode` in `cpu_kernels.c` does
+124M on this project's CPU about 4 ms of an 18 ms step. `gptkit_decode` in `kernels.c` does
 the step's arithmetic (LayerNorms, products, attention over the key/value cache, GELU, residuals,
 the head) in one OpenMP region, with the same weights and the same `KVCache`, so the step costs
 little more than streaming the weights. `GPT.forward` stays the reference: the tests hold the two
 to fp32 rounding, with left padding, several sequences, and models without biases.
 
-The sampler uses it for models that `gptkit.generate.cpu_linear.use_cpu_linear` prepared (what
-`gptkit.load` does for fp32 models on the CPU) and for int8-quantised ones (`Int8Linear`: int8
-weights with row scales, fp32 activations) when the kernel is built; everything else (int4, GPUs,
-bf16, LoRA layers not merged) decodes through `GPT.forward`.
+`CPUDecoder.of` serves models that `gptkit.generate.cpu.linear.use_cpu_linear` prepared (what
+`gptkit.load` does for fp32 models on the CPU) and int8-quantised ones (`Int8Linear`: int8 weights
+with row scales, fp32 activations) when the kernel is built; everything else (int4, GPUs, bf16,
+LoRA layers not merged) decodes through `GPT.forward` (`gptkit.generate.inference` chooses).
 """
 
 from __future__ import annotations
@@ -21,44 +21,62 @@ import ctypes
 import torch
 from torch import Tensor, nn
 
-from gptkit.generate.cpu_kernel import pointer
-from gptkit.generate.cpu_linear import KERNEL_MAX_ROWS, CPULinear
-from gptkit.generate.quantize import Int4Linear, Int8Linear
-from gptkit.model import GPT, KVCache
+from gptkit.generate.cpu.build import pointer
+from gptkit.generate.cpu.linear import KERNEL_MAX_ROWS, CPULinear
+from gptkit.generate.cpu.quantize import Int4Linear, Int8Linear
+from gptkit.model import GPT, LAYER_NORM_EPS, KVCache
 
-# per layer, the order of cpu_kernels.c's pointers: each matrix as (weight, row scales, bias); the
-# layer's cached keys and values follow
-LAYER_FIELDS = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+# The pointers gptkit_decode reads per layer, in order: (C name prefix, submodule, its tensors), where
+# W is a weight, B a bias and S an int8 matrix's row scales (NULL for fp32); the layer's cached keys
+# and values follow. kernels.c's enum names the same pointers; a test holds the two equal.
+NORM, LINEAR = ("W", "B"), ("W", "S", "B")
+LAYER_POINTERS = (
+    ("LN1", "ln_1", NORM),
+    ("ATTN", "attn.c_attn", LINEAR),
+    ("ATTN_PROJ", "attn.c_proj", LINEAR),
+    ("LN2", "ln_2", NORM),
+    ("FC", "mlp.c_fc", LINEAR),
+    ("MLP_PROJ", "mlp.c_proj", LINEAR),
+)
+CACHE_POINTERS = ("K_CACHE", "V_CACHE")
 LINEAR_LAYERS = (nn.Linear, CPULinear, Int8Linear, Int4Linear)  # the kinds a GPT's matrices may be
 
 
-def _tensors(module: nn.Module) -> list[Tensor | None]:
-    """A LayerNorm's (weight, bias); a linear layer's (weight, row scales or None, bias)."""
+def layer_pointer_names() -> list[str]:
+    """The C names of one layer's pointers, in the order `CPUDecoder` passes them."""
+    return [f"{prefix}_{f}" for prefix, _, fields in LAYER_POINTERS for f in fields] + list(CACHE_POINTERS)
+
+
+def _tensors(module: nn.Module, fields: tuple[str, ...]) -> list[Tensor | None]:
+    """The module's tensors named by `fields` (W, S, B): a LayerNorm, an Int8Linear or a CPULinear."""
     if isinstance(module, nn.LayerNorm):
-        return [module.weight, module.bias]
-    if isinstance(module, Int8Linear):
-        return [module.qweight, module.scale, module.bias]
-    return [module.matrix, None, module.bias]  # a CPULinear
+        named = {"W": module.weight, "B": module.bias}
+    elif isinstance(module, Int8Linear):
+        named = {"W": module.qweight, "S": module.scale, "B": module.bias}
+    else:  # a CPULinear
+        named = {"W": module.matrix, "S": None, "B": module.bias}
+    return [named[f] for f in fields]
 
 
 class CPUDecoder:
-    """`step(ids, cache)`: the logits after one new token per sequence, like `GPT.forward` with a cache."""
+    """`step(cache, ids)`: the logits after one new token per sequence, like `GPT.forward` with a cache."""
 
     def __init__(self, model: GPT, lib: ctypes.CDLL) -> None:
         self.model, self.lib = model, lib
         # kept referenced: the kernel holds their addresses
         self.layers = [
-            [t for name in LAYER_FIELDS for t in _tensors(block.get_submodule(name))]
+            [t for _, name, fields in LAYER_POINTERS for t in _tensors(block.get_submodule(name), fields)]
             for block in model.transformer.h
         ]
-        self.final = _tensors(model.transformer.ln_f) + _tensors(model.lm_head)[:2]
+        self.final = _tensors(model.transformer.ln_f, NORM) + _tensors(model.lm_head, ("W", "S"))
+        self.hidden = _tensors(model.transformer.h[0].mlp.c_fc, ("W",))[0].size(0)  # the MLP's width
         self._pointers: ctypes.Array | None = None
         self._cache: KVCache | None = None
 
     @classmethod
     def of(cls, model: GPT, batch_size: int = 1) -> CPUDecoder | None:
         """A decoder for `model` if it is a CPU model prepared by `use_cpu_linear` (fp32) or quantised
-        to int8 (`gptkit.generate.quantize`), and gptkit's kernels are built. Not for more than
+        to int8 (`gptkit.generate.cpu.quantize`), and gptkit's kernels are built. Not for more than
         KERNEL_MAX_ROWS sequences: there oneDNN's matrix products through GPT.forward are faster
         (GPT-2 124M, 16 sequences: 51 ms a step against 57)."""
         linears = [m for m in model.modules() if isinstance(m, LINEAR_LAYERS)]
@@ -67,7 +85,7 @@ class CPUDecoder:
             batch_size <= KERNEL_MAX_ROWS
             and model.device.type == "cpu"
             and model.dtype == torch.float32
-            and len(linears) == 4 * model.config.n_layer + 1
+            and len(linears) == sum(f == LINEAR for *_, f in LAYER_POINTERS) * model.config.n_layer + 1
             and kinds in ({Int8Linear}, {CPULinear})
             and all(m.kernel is not None for m in linears)  # built when the layers were made
         )
@@ -84,7 +102,7 @@ class CPUDecoder:
         return self._pointers
 
     @torch.inference_mode()
-    def step(self, ids: Tensor, cache: KVCache) -> Tensor:
+    def step(self, cache: KVCache, ids: Tensor) -> Tensor:
         """Feed `ids` (B,), one token per sequence, after the cached positions; logits (B, vocab_size)."""
         model, c = self.model, self.model.config
         B = ids.size(0)
@@ -103,6 +121,7 @@ class CPUDecoder:
             c.n_layer,
             B,
             c.n_embd,
+            self.hidden,
             c.n_head,
             cache.max_len,
             pos,
@@ -113,6 +132,7 @@ class CPUDecoder:
             pointer(head_scale),
             c.vocab_size,
             logits.data_ptr(),
+            LAYER_NORM_EPS,
             torch.get_num_threads(),
         )
         if status != 0:

@@ -21,8 +21,8 @@ and on the Xeon (AVX-512 + AMX) of earlier sessions, for the int4 choice:
     _weight_int4pack_mm_for_cpu, fp32        6940 / 4361 / 68622     (unusable: no vectorised path)
 
 So int8 keeps its weights as plain int8 rows with one scale each: decoding multiplies them in
-gptkit's CPU kernel with fp32 activations (`gptkit.generate.cpu_kernel`; `cpu_decode` runs a whole
-step of them in one call), and prompts quantise their activations per row for `torch._int_mm`
+gptkit's CPU kernel with fp32 activations (`gptkit.generate.cpu.build`; `gptkit.generate.cpu.decode`
+runs a whole step of them in one call), and prompts quantise their activations per row for `torch._int_mm`
 (fbgemm's packed weights were 10-20% faster at 32 rows but cannot be read by the kernel, and a
 second copy would double the memory). int4 uses `_weight_int4pack_mm_for_cpu` with bf16
 activations and group-wise asymmetric scales.
@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptkit.config import QuantizeMode
+from gptkit.config import QUANTIZE_MODES, QuantizeMode
 from gptkit.errors import GptkitError
-from gptkit.generate.cpu_kernel import kernel, matvec
-from gptkit.generate.cpu_linear import KERNEL_MAX_ROWS
+from gptkit.generate.cpu.build import kernel, matvec
+from gptkit.generate.cpu.linear import KERNEL_MAX_ROWS
 from gptkit.model import GPT
 
 Mode = QuantizeMode
@@ -78,7 +78,7 @@ class Int8Linear(nn.Module):
     """int8 weights with one scale per output row.
 
     A few rows of x (decoding) go through gptkit's CPU kernel, which widens the weights to fp32 in
-    registers, so the activations stay fp32 (and `gptkit.generate.cpu_decode` runs a whole step of
+    registers, so the activations stay fp32 (and `gptkit.generate.cpu.decode` runs a whole step of
     such layers in one call). More rows (a prompt, scoring), or no kernel: the activations are
     quantised too, per row, and multiplied int8 x int8 by `torch._int_mm` (see the module docstring).
     """
@@ -203,7 +203,7 @@ def quantize(model: GPT, mode: Mode) -> QuantizeReport:
     After this the model generates with the `Sampler` and computes losses (`model(idx, targets)`),
     but cannot be trained or saved as a checkpoint: quantise after loading, not before saving.
     """
-    if mode not in ("int8", "int4"):
+    if mode not in QUANTIZE_MODES:
         raise GptkitError(f"unknown quantisation {mode!r}; choose int8 or int4")
     if model.device.type != "cpu":
         raise GptkitError(f"quantised inference runs on the CPU; the model is on {model.device}")

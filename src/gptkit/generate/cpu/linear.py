@@ -7,15 +7,15 @@ as one decode step's worth of products, median of 60:
 
     aten's F.linear (MKL sgemv)          about 11-13 GB/s
     oneDNN's linear                      about 24 GB/s
-    gptkit's kernel (cpu_matvec.c)       about 38 GB/s, within 5% of a plain `sum` of the weights
+    gptkit's kernel (gptkit_matvec)      about 38 GB/s, within 5% of a plain `sum` of the weights
 
 So a `CPULinear` multiplies up to `KERNEL_MAX_ROWS` rows (decoding: one token per sequence) with
-gptkit's kernel (`gptkit.generate.cpu_kernel`: compiled on first use, cached); more rows (a prompt,
+gptkit's kernel (`gptkit.generate.cpu.build`: compiled on first use, cached); more rows (a prompt,
 where the product is no longer bound by memory) go to oneDNN, and so does everything where no
 compiler is found. With gradients enabled a layer is F.linear, so nothing about training changes.
 The results are fp32 sums in another order: they agree with F.linear to rounding (about 1e-6
 relative). A model whose layers are all CPULinear with the kernel also decodes through
-`gptkit.generate.cpu_decode`, a whole step in one call.
+`gptkit.generate.cpu.decode`, a whole step in one call.
 
 `use_cpu_linear(model)` swaps the layers in place for inference; `gptkit.load` does it for fp32
 models on the CPU. The output layer keeps sharing its weight with the token embedding.
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptkit.generate.cpu_kernel import kernel, matvec
+from gptkit.generate.cpu.build import kernel, matvec
 from gptkit.model import GPT
 
-KERNEL_MAX_ROWS = 8  # rows of x up to which the kernel beats oneDNN (it reads W once for all rows)
+KERNEL_MAX_ROWS = 8  # rows of x (sequences) up to which the kernel beats oneDNN (it reads W once for all)
 
 
 def onednn_available() -> bool:

@@ -1,15 +1,15 @@
 /* gptkit's CPU kernels for decoding: matrix-vector products at memory speed, and a whole GPT-2
  * decoding step (one new token per sequence) in one call; weights in fp32, or int8 with one scale
- * per output row (gptkit/generate/quantize.py's Int8Linear).
+ * per output row (gptkit/generate/cpu/quantize.py's Int8Linear).
  *
- * gptkit/generate/cpu_kernel.py compiles this file on first use (cc -O3 -march=native -fopenmp) and
+ * gptkit/generate/cpu/build.py compiles this file on first use (cc -O3 -march=native -fopenmp) and
  * calls it through ctypes. Decoding reads every weight once per token, so its speed is the speed at
  * which the weights stream from memory; in PyTorch the ~30 small operations per layer between the
  * products also cost about a fifth of a step, because each runs with caches that the weights have
  * just flushed. `gptkit_decode` does the same arithmetic as gptkit.model.GPT.forward (its reference,
  * tested to agree) with one parallel region per step.
  *
- * Products: W (out x n, row-major) is read once, in blocks of ROWS rows shared out between the
+ * Products: W (out x n, row-major) is read once, in blocks of BLOCK_ROWS rows shared out between the
  * threads; a block is multiplied with every row of x while it is in the core's cache. Each output
  * adds up 4 x LANES partial sums kept in vectors (GCC/Clang vector extensions become AVX-512, AVX2
  * or NEON code, whatever the machine has). int8 weights are widened to fp32 in registers and the
@@ -20,9 +20,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ROWS 8
+/* Weight rows read as one block. Not the number of rows of x (sequences), which is any: up to how
+ * many the kernel is used is measured in Python (KERNEL_MAX_ROWS in gptkit/generate/cpu/linear.py). */
+#define BLOCK_ROWS 8
 #define LANES 16
-#define LAYER_NORM_EPS 1e-5f /* GPT-2's value, as gptkit.model.LAYER_NORM_EPS */
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 
 static inline vec load(const float *p) {
@@ -73,12 +74,12 @@ static inline float weight(const void *w, int int8, long i) {
     return int8 ? ((const signed char *)w)[i] : ((const float *)w)[i];
 }
 
-/* y[r] = w[r] . x for the ROWS rows starting at w (int8 rows without their scales), one row after
+/* y[r] = w[r] . x for the BLOCK_ROWS rows starting at w (int8 rows without their scales), one row after
  * the other: the block is one sequential read, which the hardware prefetchers follow best (reading
  * the rows side by side instead halves the speed of int8 rows of 768 bytes). Four partial sums per
  * row keep the multiply-adds independent. */
 static inline void dot_rows(const void *w, int int8, long n, const float *x, float *y) {
-    for (int r = 0; r < ROWS; r++) {
+    for (int r = 0; r < BLOCK_ROWS; r++) {
         long row = r * n, i = 0;
         vec acc[4] = {0};
         for (; i + 4 * LANES <= n; i += 4 * LANES)
@@ -102,7 +103,7 @@ static float dot(const float *w, const float *x, long n) {
 /* part[r] = w[o + r] . x for the `rows` rows from row o */
 static inline void block(const void *w, int int8, long o, long rows, long n, const float *x, float *part) {
     long size = int8 ? 1 : sizeof(float);
-    if (rows == ROWS) {
+    if (rows == BLOCK_ROWS) {
         dot_rows((const char *)w + o * n * size, int8, n, x, part);
         return;
     }
@@ -123,11 +124,11 @@ enum { SET = 0, ADD = 1, GELU = 2 }; /* y = xW^T + b; y += xW^T + b; y = gelu(xW
  * b (out values or NULL); called inside a parallel region */
 static void products(const float *x, const void *w, const float *scale, const float *b, float *y, long m,
                      long n, long out, int mode) {
-    long blocks = (out + ROWS - 1) / ROWS;
+    long blocks = (out + BLOCK_ROWS - 1) / BLOCK_ROWS;
 #pragma omp for schedule(static)
     for (long k = 0; k < blocks; k++) {
-        long o = k * ROWS, rows = out - o < ROWS ? out - o : ROWS;
-        float part[ROWS];
+        long o = k * BLOCK_ROWS, rows = out - o < BLOCK_ROWS ? out - o : BLOCK_ROWS;
+        float part[BLOCK_ROWS];
         for (long row = 0; row < m; row++) {
             float *yr = y + row * out + o;
             const float *xr = x + row * n;
@@ -150,7 +151,7 @@ void gptkit_matvec(const float *x, const void *w, const float *scale, const floa
     products(x, w, scale, b, y, m, n, out, SET);
 }
 
-static void layer_norm(const float *x, const float *w, const float *b, float *y, long m, long n) {
+static void layer_norm(const float *x, const float *w, const float *b, float *y, long m, long n, float eps) {
 #pragma omp for schedule(static)
     for (long row = 0; row < m; row++) {
         const float *xr = x + row * n;
@@ -158,7 +159,7 @@ static void layer_norm(const float *x, const float *w, const float *b, float *y,
         for (long i = 0; i < n; i++) mean += xr[i];
         mean /= n;
         for (long i = 0; i < n; i++) var += (xr[i] - mean) * (xr[i] - mean);
-        float inv = 1.0f / sqrtf(var / n + LAYER_NORM_EPS);
+        float inv = 1.0f / sqrtf(var / n + eps);
         for (long i = 0; i < n; i++) y[row * n + i] = (xr[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
     }
 }
@@ -193,34 +194,35 @@ static void attend(const float *qkv, float *kc, float *vc, float *y, float *scor
     }
 }
 
-/* Per layer, the 18 pointers gptkit/generate/cpu_decode.py lays out: LayerNorms as (weight, bias),
- * matrices as (weight, row scales or NULL for fp32, bias), then the cached keys and values. */
+/* Per layer, the 18 pointers LAYER_POINTERS in gptkit/generate/cpu/decode.py lays out (a test holds
+ * this list equal to it): LayerNorms as (weight, bias), matrices as (weight, row scales or NULL for
+ * fp32, bias), then the cached keys and values. */
 enum { LN1_W, LN1_B, ATTN_W, ATTN_S, ATTN_B, ATTN_PROJ_W, ATTN_PROJ_S, ATTN_PROJ_B, LN2_W, LN2_B, FC_W,
        FC_S, FC_B, MLP_PROJ_W, MLP_PROJ_S, MLP_PROJ_B, K_CACHE, V_CACHE, LAYER_FIELDS };
 
 /* One decoding step for B sequences: x (B x C) holds the new tokens' embeddings (token + position)
  * and is overwritten; their keys and values go to position `pos` of every layer's cache (L
- * positions); logits (B x vocab) come out. pad: B left-padding lengths, or NULL. Returns 0, or -1
- * if scratch memory could not be had. */
-int gptkit_decode(float *x, void *const *layers, int n_layer, long B, long C, long H, long L, long pos,
-                  const long long *pad, const float *lnf_w, const float *lnf_b, const void *head,
-                  const float *head_scale, long vocab, float *logits, int threads) {
+ * positions); logits (B x vocab) come out. F: the MLP's width; pad: B left-padding lengths, or
+ * NULL; eps: the LayerNorms' epsilon. Returns 0, or -1 if scratch memory could not be had. */
+int gptkit_decode(float *x, void *const *layers, int n_layer, long B, long C, long F, long H, long L,
+                  long pos, const long long *pad, const float *lnf_w, const float *lnf_b, const void *head,
+                  const float *head_scale, long vocab, float *logits, float eps, int threads) {
     float *h = malloc(sizeof(float) * B * C), *qkv = malloc(sizeof(float) * B * 3 * C),
-          *wide = malloc(sizeof(float) * B * 4 * C), *scores = malloc(sizeof(float) * B * H * L);
+          *wide = malloc(sizeof(float) * B * F), *scores = malloc(sizeof(float) * B * H * L);
     int ok = h && qkv && wide && scores;
     if (ok) {
 #pragma omp parallel num_threads(threads)
         for (int i = 0; i < n_layer; i++) {
             void *const *p = layers + i * LAYER_FIELDS;
-            layer_norm(x, p[LN1_W], p[LN1_B], h, B, C);
+            layer_norm(x, p[LN1_W], p[LN1_B], h, B, C, eps);
             products(h, p[ATTN_W], p[ATTN_S], p[ATTN_B], qkv, B, C, 3 * C, SET);
             attend(qkv, p[K_CACHE], p[V_CACHE], h, scores, B, C, H, L, pos, pad);
             products(h, p[ATTN_PROJ_W], p[ATTN_PROJ_S], p[ATTN_PROJ_B], x, B, C, C, ADD);
-            layer_norm(x, p[LN2_W], p[LN2_B], h, B, C);
-            products(h, p[FC_W], p[FC_S], p[FC_B], wide, B, C, 4 * C, GELU);
-            products(wide, p[MLP_PROJ_W], p[MLP_PROJ_S], p[MLP_PROJ_B], x, B, 4 * C, C, ADD);
+            layer_norm(x, p[LN2_W], p[LN2_B], h, B, C, eps);
+            products(h, p[FC_W], p[FC_S], p[FC_B], wide, B, C, F, GELU);
+            products(wide, p[MLP_PROJ_W], p[MLP_PROJ_S], p[MLP_PROJ_B], x, B, F, C, ADD);
             if (i == n_layer - 1) {
-                layer_norm(x, lnf_w, lnf_b, h, B, C);
+                layer_norm(x, lnf_w, lnf_b, h, B, C, eps);
                 products(h, head, head_scale, NULL, logits, B, C, vocab, SET);
             }
         }
