@@ -349,7 +349,7 @@ def load_model(payload: dict[str, Any]) -> tuple[GPT, Tokenizer, RunConfig]:
         from gptkit.finetuning.lora import merge
         from gptkit.finetuning.methods import apply_method
 
-        apply_method(model, config.finetune, tokenizer)
+        model = apply_method(model, config.finetune, tokenizer)
         model.load_state_dict(clean_state_dict(payload["model"]))
         merge(model)  # LoRA folded into the weights: a plain model, as fast as the base
     else:

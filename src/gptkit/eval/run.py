@@ -437,7 +437,7 @@ def _evaluate_checkpoints(
             notice(f"{path.name} (step {step}): already evaluated on {', '.join(asked)}; skipped")
             continue
         results = (
-            evaluator.run_all(model, tokenizer, model.config.block_size, dev, default_text, todo)
+            evaluator.run_all(model, tokenizer, model.tokens_that_fit(), dev, default_text, todo)
             if todo
             else {}
         )
@@ -537,7 +537,7 @@ def training_metrics(
     """The configured tasks (config.eval.tasks) on the model being trained, as flat metrics for
     `RunLog.eval`; task files are read once per run."""
     evaluator = _training_evaluator(config)
-    results = evaluator.run_all(model, tokenizer, config.model.block_size, device, config.data.path)
+    results = evaluator.run_all(model, tokenizer, model.tokens_that_fit(), device, config.data.path)
     return flat_metrics(results)
 
 

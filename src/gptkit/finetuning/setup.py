@@ -38,11 +38,10 @@ def finetune_parts(
     shape = base_config.model.model_copy(update={"dropout": config.model.dropout})
     config = config.model_copy(update={"model": shape})
     seed_everything(config.train.seed)
-    apply_method(model, fc, tokenizer)
+    model = apply_method(model, fc, tokenizer)
     config = resolve_batch(config, model.num_params(), procs)
     micro = int(config.train.micro_batch_size)
-    # prompt tuning's vectors take part of the context: the tokens get the rest
-    room = config.model.block_size - (fc.prompt_tokens if fc.method == "prompt" else 0)
+    room = model.tokens_that_fit()  # prompt tuning's vectors take part of the context
     if fc.method == "prompt" and config.data.packing and config.data.instructions is not None:
         notice("prompt tuning pads examples (data.packing=false): each example gets its own soft prompt")
         config = config.model_copy(update={"data": config.data.model_copy(update={"packing": False})})

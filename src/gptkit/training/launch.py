@@ -17,15 +17,17 @@ import torch
 from gptkit.checkpoint import load_checkpoint
 from gptkit.config import RunConfig, validate
 from gptkit.console import notice, set_quiet
+from gptkit.data.batch import Batch
 from gptkit.data.shards import PreparedData
 from gptkit.device import pick_device, pick_precision
 from gptkit.errors import GptkitError, os_error
 from gptkit.files import remove_orphans
+from gptkit.fused_loss import next_token_loss
 from gptkit.locks import hold
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer, from_description
 from gptkit.training import distributed
-from gptkit.training.batches import Batch, ShardBatches, TokenSource, fixed_batches
+from gptkit.training.batches import ShardBatches, TokenSource, fixed_batches
 from gptkit.training.budget import available_memory, memory_estimate
 from gptkit.training.checkpoints import earlier_run_files, load_latest, step_files
 from gptkit.training.trainer import Trainer, TrainResult, accumulation_steps, seed_everything
@@ -126,8 +128,7 @@ def _fits_on_cuda(config: RunConfig, micro_batch: int, device: torch.device, pre
     try:
         x = torch.zeros(micro_batch, config.model.block_size, dtype=torch.long, device=device)
         with autocast(device, precision):
-            _, loss = model(x, x)
-        assert loss is not None
+            loss = next_token_loss(model, x, x)
         loss.backward()
         return True
     except torch.cuda.OutOfMemoryError:
