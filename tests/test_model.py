@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from gptkit import fused_loss
 from gptkit.config import MODEL_PRESETS, ModelConfig
 from gptkit.errors import GptkitError
-from gptkit.model import GPT, KVCache
+from gptkit.model import GPT, KVCache, attention_layout
 
 VOCAB = 101  # deliberately not a multiple of 64, so the embedding table has padding rows
 
@@ -321,3 +321,20 @@ def test_fused_loss_matches_logits_loss_and_gradients(
     assert float(fused) == pytest.approx(float(plain), abs=1e-5)
     for name, p in model.named_parameters():
         assert float((p.grad - expected[name]).abs().max()) < 1e-5, name
+
+
+@torch.no_grad()
+def test_packed_layout_gives_each_example_the_logits_it_has_alone() -> None:
+    """One helper makes masks and positions: packed examples neither see each other nor count positions
+    from the row's start, so their logits are those of each example run alone."""
+    model = tiny_model().eval()
+    a, b = torch.randint(0, VOCAB, (1, 5)), torch.randint(0, VOCAB, (1, 7))
+    row = torch.cat([a, b, torch.zeros(1, 2, dtype=torch.long)], dim=1)
+    segments = torch.tensor([[1] * 5 + [2] * 7 + [0] * 2])
+    layout = attention_layout(row.size(1), row.device, segments=segments)
+    assert layout.positions.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1]]
+    packed = model(row, layout=layout)
+    torch.testing.assert_close(packed[:, :5], model(a), rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed[:, 5:12], model(b), rtol=0, atol=1e-5)
+    with pytest.raises(GptkitError, match="KV cache"):
+        attention_layout(14, row.device, model.new_cache(1), segments)
