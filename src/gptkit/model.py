@@ -11,6 +11,12 @@ Module names match HuggingFace's GPT-2 (`transformer.h.0.attn.c_attn.weight`, ..
 be exported and imported by renaming nothing. HF's Conv1D stores its weights transposed compared with
 our nn.Linear; an exporter only has to transpose `c_attn`, `c_proj` and `c_fc` weights.
 
+`GPT.forward` has one path: ids (or input embeddings) in, logits (or the final hidden states) out,
+with an optional cache; `attention_layout` is the one place that makes attention masks and positions.
+What training adds is composed around it by its owner: the loss fused with the head
+(`gptkit.fused_loss`), packed examples (`gptkit.data.batch`), prompt tuning's vectors
+(`gptkit.finetuning.prompt_tuning`, through `inputs_embeds`, as HF/peft do).
+
 For generation, `GPT.new_cache` makes a `KVCache`: the keys and values of tokens already seen, so
 each new token costs one position of work instead of re-running the whole prefix.
 """
