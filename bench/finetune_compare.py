@@ -103,7 +103,7 @@ def trainable_params(base_run: Path, method: str, settings: list[str]) -> int:
     finetune = load_config(
         None, [f"finetune.base={base_run}", *[s for s in settings if s.startswith("finetune.")]]
     )
-    apply_method(model, finetune.finetune, tokenizer)
+    model = apply_method(model, finetune.finetune, tokenizer)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -121,6 +121,7 @@ def packing_vs_padding(
         read_records,
         to_messages,
     )
+    from gptkit.fused_loss import next_token_loss
     from gptkit.generate import ChatTemplate
     from gptkit.loading import load_model
 
@@ -142,8 +143,8 @@ def packing_vs_padding(
             batches = [padded_batch(examples[i : i + micro]) for i in range(0, len(examples), micro)]
         for warm in (True, False):
             start = time.perf_counter()
-            for x, y, *seg in batches[:2] if warm else batches:
-                _, loss = model(x, y, return_logits=False, segments=seg[0] if seg else None)
+            for batch in batches[:2] if warm else batches:
+                loss = next_token_loss(model, batch.ids, batch.targets, batch.layout())
                 loss.backward()
                 model.zero_grad(set_to_none=True)
             if not warm:

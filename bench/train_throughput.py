@@ -18,10 +18,6 @@ all fed the same batches of real text (tiny Shakespeare, ../shared/data beside t
 GPT-2 tokens, or character ids for the "char" configurations whose model vocabulary is 104 like
 the quick start's; random windows from a seeded generator).
 
-Until `Trainer.train_step` calls the model with `return_logits=False` (the fused loss), the gptkit
-rows get that call through `functools.partial` on the trainer's `step_model`, and the rows
-"trainer as is" time the step exactly as the trainer runs it today.
-
 Timing: after `--warmup` untimed steps each, the variants take turns in `--rounds` rounds; in each
 round a variant runs one untimed step and then `--steps` timed full training steps (wall time of
 `train_step()`, which ends with `float(loss)`); tokens/s is batch x T over the median step time.
@@ -51,7 +47,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import inspect
 import json
 import os
 import platform
@@ -69,11 +64,11 @@ import torch
 from tables import markdown  # bench/tables.py: scripts run from bench/
 
 from gptkit.config import RunConfig, load_config
+from gptkit.data.batch import Batch
 from gptkit.device import autocast, fast_matmul, pick_precision
 from gptkit.model import GPT
 from gptkit.runtime import resolve_runtime
 from gptkit.tokenizer import CharTokenizer, gpt2_tokenizer
-from gptkit.training.batches import Batch
 from gptkit.training.budget import flops_per_token, matmul_ceiling
 from gptkit.training.optim import learning_rate, make_optimizer, set_learning_rate
 from gptkit.training.parts import Parts
@@ -135,7 +130,7 @@ def make_batches(vocab: str, batch: int, block: int, n: int, seed: int = 0) -> l
     for _ in range(n):
         starts = rng.integers(0, len(tokens) - block - 1, size=batch)
         rows = torch.from_numpy(np.stack([tokens[s : s + block + 1] for s in starts]))
-        out.append((rows[:, :-1].contiguous(), rows[:, 1:].contiguous()))
+        out.append(Batch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous()))
     return out
 
 
@@ -167,19 +162,13 @@ def run_config(
     )
 
 
-# Whether Trainer.train_step already asks the model for the loss alone (the recommended change).
-TRAINER_SKIPS_LOGITS = "return_logits=False" in inspect.getsource(Trainer.train_step)
-
-
-def ours(cfg: RunConfig, batches: list[Batch], run_dir: Path, seed: int = 0, shim: bool = True) -> Trainer:
-    """A Trainer whose train_step() we time; `shim`: call the model as the recommended trainer does."""
+def ours(cfg: RunConfig, batches: list[Batch], run_dir: Path, seed: int = 0) -> Trainer:
+    """A Trainer whose train_step() we time."""
     torch.manual_seed(seed)
     model = GPT(cfg.model)
     runtime = resolve_runtime(cfg.train, cfg.model)
     parts = Parts(cfg, model, None, ListSource(batches), None, runtime)  # type: ignore[arg-type]
     trainer = Trainer(parts, run_dir, "bench")
-    if shim and not TRAINER_SKIPS_LOGITS:
-        trainer.step_model = functools.partial(trainer.step_model, return_logits=False)
     return trainer
 
 
@@ -214,7 +203,8 @@ class HFTrainer:
         tc = self.config.train
         lr = learning_rate(self.step, tc)
         set_learning_rate(self.optimizer, lr)
-        x, y = self.source.next_batch()
+        batch = self.source.next_batch()
+        x, y = batch.ids, batch.targets
         with autocast(self.device, self.precision):
             loss = self.model(input_ids=x, labels=y, shift_labels=y).loss
         loss.backward()
@@ -288,10 +278,6 @@ def throughput(name: str, args: argparse.Namespace, tmp: Path) -> list[Variant]:
     if args.precision_only:
         time_variants(variants, warmup, rounds, steps)
         return variants
-    if not TRAINER_SKIPS_LOGITS and not slow:
-        for precision in ("fp32", "bf16"):
-            t = ours(cfg(precision), batches, tmp / name, shim=False)
-            variants.append(Variant(f"gptkit {precision}, trainer as is", precision, t.train_step, keep))
     for precision in ("fp32", "bf16"):
         hf = HFTrainer(cfg(precision), batches, precision)
         variants.append(Variant(f"HF {precision}", precision, hf.train_step, plain, note=hf.attention))
@@ -451,11 +437,6 @@ def main() -> None:
                 f"fp32 {ceilings['fp32']:.0f}, bf16 {ceilings['bf16']:.0f} GFLOP/s. tokens/s from the "
                 "median step; best tok/s from the fastest."
             )
-            if not TRAINER_SKIPS_LOGITS:
-                print(
-                    "gptkit rows call the model with return_logits=False (the recommended trainer change); "
-                    '"trainer as is" rows call it as Trainer.train_step does today.'
-                )
         for name in args.curve_configs.split(",") if args.curve else []:
             print()
             print(curve(name, args.curve_steps, Path(tmp), args.curve_losses))

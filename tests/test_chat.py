@@ -19,6 +19,7 @@ from gptkit.checkpoint import load_checkpoint, save_checkpoint
 from gptkit.cli import build_parser
 from gptkit.config import RunConfig, load_config
 from gptkit.errors import GptkitError
+from gptkit.fused_loss import next_token_loss
 from gptkit.generate.chat import Chat, run_chat
 from gptkit.generate.settings import SampleSettings
 from gptkit.generate.textmodel import TextModel
@@ -91,7 +92,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GPT, Cha
             for _ in range(200):
                 ix = torch.randint(len(data) - 129, (8,))
                 x, y = (torch.stack([data[i + d : i + d + 128] for i in ix]) for d in (0, 1))
-                _, loss = model(x, y)
+                loss = next_token_loss(model, x, y)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkit.config import ModelConfig
+from gptkit.finetuning.prompt_tuning import add_soft_prompt
 from gptkit.generate.cpu.build import kernel, matvec
 from gptkit.generate.cpu.decode import CPUDecoder
 from gptkit.generate.cpu.linear import use_cpu_linear
@@ -36,11 +37,13 @@ def pair(bias: bool = True, n_head: int = 4, n_embd: int = 64, soft_prompt: int 
             for name, p in plain.named_parameters():
                 if name.endswith("bias"):
                     p.normal_(0, 0.5)
-        if soft_prompt:
-            plain.soft_prompt = torch.nn.Parameter(torch.randn(soft_prompt, n_embd))
+    if soft_prompt:
+        plain = add_soft_prompt(plain, soft_prompt)
+        with torch.no_grad():
+            plain.soft_prompt.normal_()
     fast = GPT(config).eval()
     if soft_prompt:
-        fast.soft_prompt = torch.nn.Parameter(torch.empty(soft_prompt, n_embd))
+        fast = add_soft_prompt(fast, soft_prompt)
     fast.load_state_dict(plain.state_dict())
     use_cpu_linear(fast)
     return plain, fast
@@ -51,7 +54,7 @@ def decode_both(plain: GPT, fast: GPT, prompts: torch.Tensor, pad: torch.Tensor 
     decoder = CPUDecoder.of(fast)
     assert decoder is not None
     B = prompts.size(0)
-    n_prompt = 0 if plain.soft_prompt is None else plain.soft_prompt.size(0)
+    n_prompt = plain.n_prefix
     ref_cache, cache = plain.new_cache(B), fast.new_cache(B)
     ref_cache.set_padding(pad)
     cache.set_padding(pad)
@@ -62,7 +65,7 @@ def decode_both(plain: GPT, fast: GPT, prompts: torch.Tensor, pad: torch.Tensor 
         fast(prompts, cache=cache)
         for _ in range(steps - n_prompt):
             ids = torch.randint(0, plain.config.vocab_size, (B,), generator=g)
-            ref = plain(ids[:, None], cache=ref_cache)[0][:, -1]
+            ref = plain(ids[:, None], cache=ref_cache)[:, -1]
             out.append((ref, decoder.step(cache, ids)))
     assert cache.pos == ref_cache.pos
     return out

@@ -71,7 +71,7 @@ def direct_logprob(model: GPT, tok: Tokenizer, context: str, continuation: str) 
     n_cont = len(whole) - len(tok.encode(context))
     ids = whole[-(BLOCK + 1) :]
     with torch.no_grad():
-        logits = model(torch.tensor([ids[:-1]]))[0][0]
+        logits = model(torch.tensor([ids[:-1]]))[0]
     logprobs = F.log_softmax(logits.double(), dim=-1)
     total, greedy = 0.0, True
     for j in range(len(ids) - n_cont, len(ids)):
@@ -347,7 +347,7 @@ def test_perplexity_with_stride_equal_to_window_is_the_non_overlapping_computati
     with torch.no_grad():  # chunks of BLOCK inputs, each predicting the next BLOCK tokens
         for start in range(0, len(tokens) - 1, BLOCK):
             chunk = torch.from_numpy(tokens[start : start + BLOCK + 1].astype(np.int64))
-            logits = model(chunk[None, :-1])[0][0]
+            logits = model(chunk[None, :-1])[0]
             nll += float(F.cross_entropy(logits.double(), chunk[1:], reduction="sum"))
     forward = logits_fn(model)
     for batch_size in (1, 5):

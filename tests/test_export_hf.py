@@ -26,6 +26,7 @@ from gptkit.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from gptkit.cli import main  # noqa: E402
 from gptkit.config import ModelConfig, RunConfig  # noqa: E402
 from gptkit.errors import GptkitError  # noqa: E402
+from gptkit.fused_loss import next_token_loss  # noqa: E402
 from gptkit.generate.sampler import Sampler  # noqa: E402
 from gptkit.generate.settings import SampleSettings  # noqa: E402
 from gptkit.interop.hf import export_hf, gpt2_files, import_hf, load_hf  # noqa: E402
@@ -82,7 +83,7 @@ def test_transformers_logits_equal_ours(tmp_path: Path, bias: bool) -> None:
     for batch, length in ((1, 64), (3, 17), (4, 40)):
         ids = torch.randint(0, tok.vocab_size, (batch, length))
         with torch.no_grad():
-            ours = model(ids)[0]
+            ours = model(ids)
             hf_logits = theirs(ids).logits
         assert hf_logits.shape == ours.shape == (batch, length, 70)
         assert (hf_logits - ours).abs().max().item() < 1e-4
@@ -132,7 +133,7 @@ def test_exported_tokenizer_ids_equal_ours_on_shakespeare(
         hf = hf_model(tmp_path / "hf")
         sample = torch.tensor([ids[:64]])
         with torch.no_grad():
-            assert (hf(sample).logits - model(sample)[0]).abs().max().item() < 1e-4
+            assert (hf(sample).logits - model(sample)).abs().max().item() < 1e-4
 
 
 def random_hf_folder(folder: Path, *, vocab: int = 300, base_model: bool = False) -> torch.nn.Module:
@@ -162,12 +163,11 @@ def test_import_random_hf_model_gives_its_logits(tmp_path: Path, base_model: boo
     assert tok.kind == "bpe" and config.model.vocab_size == 300 and config.model.padded_vocab_size == 320
     ids = torch.randint(0, 300, (2, 48))
     with torch.no_grad():
-        assert (theirs(ids).logits - model(ids)[0]).abs().max().item() < 1e-4
+        assert (theirs(ids).logits - model(ids)).abs().max().item() < 1e-4
     # sampling and evaluation take it as they take a trained checkpoint
     text = gptkit.load(ckpt, device="cpu").generate("word1", max_new_tokens=5, temperature=0)
     assert isinstance(text, str) and text
-    _, loss = model(ids[:, :-1], ids[:, 1:])
-    assert loss is not None and torch.isfinite(loss)
+    assert torch.isfinite(next_token_loss(model, ids[:, :-1], ids[:, 1:]))
 
 
 def test_import_then_export_round_trips_the_tensors_exactly(tmp_path: Path) -> None:
@@ -205,7 +205,7 @@ def test_load_and_pytorch_bin_and_gpt2_without_tokenizer_files(tmp_path: Path) -
     assert loaded.tokenizer.kind == "gpt2"
     ids = torch.tensor([gpt2_tokenizer().encode("Hello world, this is GPT-2.")])
     with torch.no_grad():
-        assert (theirs(ids).logits - loaded.model(ids)[0]).abs().max().item() < 1e-4
+        assert (theirs(ids).logits - loaded.model(ids)).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -304,12 +304,13 @@ def test_bad_input_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_a_model_with_tensors_gpt2_has_no_place_for_is_refused(tmp_path: Path) -> None:
     """A prompt-tuned model's soft prompt would be dropped silently: every target refuses it."""
+    from gptkit.finetuning.prompt_tuning import add_soft_prompt
     from gptkit.interop.gguf import export_gguf
     from gptkit.interop.onnx import export_onnx
 
     tok = BPETokenizer.train("some text to train on " * 50, 300)
     model = tiny(tok)
-    model.soft_prompt = torch.nn.Parameter(torch.zeros(4, 64))
+    model = add_soft_prompt(model, 4)
     for export in (
         lambda: export_hf(model, tok, tmp_path / "hf"),
         lambda: export_onnx(model, tmp_path / "m.onnx"),

@@ -17,9 +17,10 @@ import gptkit
 from gptkit.api import finetune
 from gptkit.checkpoint import load_checkpoint, save_checkpoint
 from gptkit.config import RunConfig, load_config
+from gptkit.data.batch import Batch
 from gptkit.errors import GptkitError
 from gptkit.finetuning.instructions import Example, Report, encode, packed_batch, packed_rows, padded_batch
-from gptkit.fused_loss import IGNORE_INDEX
+from gptkit.fused_loss import IGNORE_INDEX, next_token_loss
 from gptkit.generate import ChatTemplate, SampleSettings
 from gptkit.model import GPT
 from gptkit.tokenizer import CharTokenizer
@@ -73,14 +74,14 @@ def examples(tok: CharTokenizer, block: int = 128) -> list[Example]:
     return encode([messages(q, a) for q, a in QA], tok, TEMPLATE, block, "truncate", Report())
 
 
-def per_example_losses(model: GPT, batch: tuple[torch.Tensor, ...]) -> list[float]:
+def per_example_losses(model: GPT, batch: Batch) -> list[float]:
     """Mean loss of each example of a batch (packed: each segment) from the model's logits."""
-    x, y, *seg = batch
+    y = batch.targets
     with torch.no_grad():
-        logits, _ = model(x, segments=seg[0] if seg else None)
+        logits = model(batch.ids, layout=batch.layout())
     ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
     ce = ce.view_as(y)
-    ids = seg[0] if seg else torch.arange(1, len(y) + 1)[:, None].expand_as(y)
+    ids = batch.segments if batch.segments is not None else torch.arange(1, len(y) + 1)[:, None].expand_as(y)
     out = []
     for row in range(len(y)):
         for s in ids[row].unique().tolist():
@@ -107,9 +108,10 @@ def test_loss_counts_response_tokens_only(tok: CharTokenizer) -> None:
     q, a = QA[0]
     ids, mask = TEMPLATE.encode(tok, messages(q, a))
     example = encode([messages(q, a)], tok, TEMPLATE, 128, "truncate", Report())[0]
-    x, y = padded_batch([example])
+    batch = padded_batch([example])
+    x, y = batch.ids, batch.targets
     with torch.no_grad():
-        logits, loss = model(x, y)
+        logits, loss = model(x), next_token_loss(model, x, y)
     # by hand: the log-probability of each answer token (and the newline and end-of-text after it)
     logp = torch.log_softmax(logits[0], dim=-1)
     answer = [i for i in range(1, len(ids)) if mask[i]]
@@ -296,7 +298,7 @@ def test_soft_prompt_with_padding_and_cache(tok: CharTokenizer) -> None:
 
     torch.manual_seed(0)
     model = small_model(tok, 64).eval()
-    add_soft_prompt(model, 5)
+    model = add_soft_prompt(model, 5)
     with torch.no_grad():
         model.soft_prompt.mul_(5)  # a prompt strong enough to matter
     assert all(not p.requires_grad for n, p in model.named_parameters() if n != "soft_prompt")
@@ -308,13 +310,106 @@ def test_soft_prompt_with_padding_and_cache(tok: CharTokenizer) -> None:
     tokens = list(prompts[1])
     with torch.no_grad():
         for _ in range(30):
-            tokens.append(int(model(torch.tensor([tokens]))[0][0, -1].argmax()))
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
     assert tokens[len(prompts[1]) :] == alone[1]
     plain = GPT(model.config).eval()
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "soft_prompt"})
     assert Sampler(plain, tok).generate_ids([prompts[1]], greedy)[0] != alone[1], (
         "the prompt changes the output"
     )
+
+
+OLD_VOCAB = "abcdefghijklmnopqrstuvwxyz .?"  # a character tokenizer of 30 ids (end-of-text included)
+
+
+def old_layout_state(method: str) -> dict[str, torch.Tensor]:
+    """A fine-tune's state dict with the names gptkit wrote before GPT.forward had one path, built by
+    hand (2 layers, width 32, context 16, vocabulary 30 padded to 64): GPT-2's names, plus `soft_prompt`
+    (4 x 32) for prompt tuning, or for LoRA (r=2 on c_attn and attn.c_proj) `base.` before those
+    layers' weights and their `lora_A.default` / `lora_B.default`. Seeded random values."""
+    C, shapes = 32, {"transformer.wte.weight": (64, 32), "transformer.wpe.weight": (16, 32)}
+    for i in range(2):
+        for name, out, inp in [("attn.c_attn", 3 * C, C), ("attn.c_proj", C, C), ("mlp.c_fc", 4 * C, C)] + [
+            ("mlp.c_proj", C, 4 * C)
+        ]:
+            base = f"transformer.h.{i}.{name}" + (".base" if method == "lora" and "attn" in name else "")
+            shapes |= {f"{base}.weight": (out, inp), f"{base}.bias": (out,)}
+            if method == "lora" and "attn" in name:
+                lora = f"transformer.h.{i}.{name}"
+                shapes |= {f"{lora}.lora_A.default": (2, inp), f"{lora}.lora_B.default": (out, 2)}
+        for ln in ("ln_1", "ln_2"):
+            shapes |= {f"transformer.h.{i}.{ln}.weight": (C,), f"transformer.h.{i}.{ln}.bias": (C,)}
+    shapes |= {"transformer.ln_f.weight": (C,), "transformer.ln_f.bias": (C,)}
+    if method == "prompt":
+        shapes["soft_prompt"] = (4, C)
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(shape, generator=g) * 0.3 for k, shape in sorted(shapes.items())}
+    state["lm_head.weight"] = state["transformer.wte.weight"]  # tied
+    return state
+
+
+def write_old_layout_checkpoint(path: Path, method: str) -> Path:
+    tok = CharTokenizer.train([OLD_VOCAB])
+    config = load_config(
+        None,
+        [
+            *("model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=16"),
+            f"model.vocab_size={tok.vocab_size}",
+            *("finetune.base=base.pt", f"finetune.method={method}", "finetune.prompt_tokens=4"),
+            "finetune.lora.r=2",
+        ],
+    )
+    return save_checkpoint(
+        path,
+        model_state=old_layout_state(method),
+        config=config.model_dump(mode="json"),
+        tokenizer=tok.describe(),
+        progress={"step": 5, "tokens": 80},
+    )
+
+
+# The logits gptkit gave for these checkpoints before the change (commit 1efa23d), for the ids of
+# "what is it?": position -1's first 6 logits, and the sum of all logits.
+OLD_LOGITS = {
+    "prompt": ([-0.543317, -0.189235, -0.55013, -1.001112, 0.529994, -0.057282], -57.5831),
+    "lora": ([0.02779, 0.102682, -0.780784, 0.721811, -0.111229, -0.162894], -66.5775),
+}
+
+
+@pytest.mark.parametrize("method", ["prompt", "lora"])
+def test_checkpoints_written_before_the_one_forward_path_load_with_their_logits(
+    tmp_path: Path, method: str
+) -> None:
+    from gptkit.checkpoint import load_model
+
+    model, tok, _ = load_model(load_checkpoint(write_old_layout_checkpoint(tmp_path / "old.pt", method)))
+    with torch.no_grad():
+        logits = model(torch.tensor([tok.encode("what is it?")]))
+    first, total = OLD_LOGITS[method]
+    assert logits[0, -1, :6].tolist() == pytest.approx(first, abs=1e-5)
+    assert float(logits.sum()) == pytest.approx(total, abs=1e-3)
+
+
+def test_eval_and_chat_of_a_prompt_tuned_model_leave_room_for_its_vectors(tmp_path: Path) -> None:
+    """Perplexity windows and the chat context are the tokens that fit after the soft prompt (16 - 4):
+    `gptkit eval` on a text longer than the context once failed with "exceeds block_size"."""
+    from gptkit.generate.chat import Chat
+
+    checkpoint = write_old_layout_checkpoint(tmp_path / "prompt.pt", "prompt")
+    text = tmp_path / "text.txt"
+    text.write_text("what is it? " * 20)
+    done = subprocess.run(
+        [sys.executable, "-m", "gptkit", "eval", str(checkpoint), "--text", str(text), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "GPTKIT_NO_PROGRESS": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "perplexity" in done.stdout and "Traceback" not in done.stderr
+    model = gptkit.load(checkpoint)
+    assert model.model.tokens_that_fit() == 12
+    assert Chat(model).context == 12
 
 
 def test_sft_recipe_runs_on_real_alpaca_records(tmp_path: Path) -> None:
@@ -350,10 +445,11 @@ def test_padded_widths_come_in_few_sizes(tok: CharTokenizer) -> None:
     """Rounded up to 64 positions (at most the context): the same loss, stable shapes for the allocator."""
     exs = examples(tok)
     assert all(e.length < 64 for e in exs)
-    x, y = padded_batch(exs)
+    batch = padded_batch(exs)
+    x, y = batch.ids, batch.targets
     assert x.shape == (len(exs), 64) and (y[:, max(e.length for e in exs) :] == IGNORE_INDEX).all()
     longest = max(e.length for e in exs)
-    assert padded_batch(exs, max_width=longest + 1)[0].shape[1] == longest + 1
+    assert padded_batch(exs, max_width=longest + 1).ids.shape[1] == longest + 1
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ def test_greedy_with_cache_equals_argmax_of_full_forwards(sampler: Sampler, char
     tokens = list(prompt)
     with torch.no_grad():
         for _ in range(100):
-            logits, _ = sampler.model(torch.tensor([tokens]))
+            logits = sampler.model(torch.tensor([tokens]))
             tokens.append(int(logits[0, -1].argmax()))
     assert new == tokens[len(prompt) :]
     assert len(set(new)) > 3, "a degenerate model would make this test weak"
@@ -94,10 +94,10 @@ def test_padded_logits_equal_unpadded_logits(sampler: Sampler, char: CharTokeniz
     cache.set_padding(torch.tensor([len(long) - len(short), 0]))
     idx = torch.tensor([[0] * (len(long) - len(short)) + short, long])
     with torch.no_grad():
-        both = model(idx, cache=cache)[0][:, -1]
-        nxt = model(torch.tensor([[5], [5]]), cache=cache)[0][:, -1]
-        ref_short = model(torch.tensor([short + [5]]))[0][0, -2:]
-        ref_long = model(torch.tensor([long + [5]]))[0][0, -2:]
+        both = model(idx, cache=cache)[:, -1]
+        nxt = model(torch.tensor([[5], [5]]), cache=cache)[:, -1]
+        ref_short = model(torch.tensor([short + [5]]))[0, -2:]
+        ref_long = model(torch.tensor([long + [5]]))[0, -2:]
     torch.testing.assert_close(both[0], ref_short[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(both[1], ref_long[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(nxt[0], ref_short[1], atol=1e-5, rtol=1e-5)

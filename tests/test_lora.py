@@ -31,7 +31,7 @@ def base(seed: int = 0) -> GPT:
 
 def logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model(idx)[0]
+        return model(idx)
 
 
 def randomise_b(model: GPT, name: str = "default", seed: int = 1) -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from gptkit import fused_loss
 from gptkit.config import MODEL_PRESETS, ModelConfig
 from gptkit.errors import GptkitError
-from gptkit.model import GPT, KVCache
+from gptkit.model import GPT, KVCache, attention_layout
 
 VOCAB = 101  # deliberately not a multiple of 64, so the embedding table has padding rows
 
@@ -112,21 +112,26 @@ def test_module_names_follow_huggingface() -> None:
 # Forward, loss
 
 
-def test_output_shapes_and_no_loss_without_targets() -> None:
+def test_output_shapes() -> None:
     model = tiny_model()
     assert model.config.padded_vocab_size == 128
     idx = torch.randint(0, VOCAB, (3, 7))
-    logits, loss = model(idx)
-    assert logits.shape == (3, 7, VOCAB)  # not padded
-    assert loss is None
+    assert model(idx).shape == (3, 7, VOCAB)  # not padded
+    assert model(idx, head=False).shape == (3, 7, 32)  # the final hidden states
+    assert model(idx, last_only=True).shape == (3, 1, VOCAB)
+
+
+def test_inputs_embeds_give_the_logits_of_their_ids() -> None:
+    model = tiny_model().eval()
+    idx = torch.randint(0, VOCAB, (2, 6))
+    torch.testing.assert_close(model(inputs_embeds=model.transformer.wte(idx)), model(idx), rtol=0, atol=0)
 
 
 def test_loss_is_cross_entropy_of_the_logits() -> None:
     model = tiny_model()
     idx = torch.randint(0, VOCAB, (2, 9))
     targets = torch.randint(0, VOCAB, (2, 9))
-    logits, loss = model(idx, targets)
-    assert loss is not None
+    logits, loss = model(idx), fused_loss.next_token_loss(model, idx, targets)
     expected = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
     torch.testing.assert_close(loss, expected)
     assert abs(loss.item() - math.log(VOCAB)) < 0.5  # a fresh model is close to uniform
@@ -138,20 +143,17 @@ def test_loss_ignores_minus_100_targets() -> None:
     targets = torch.randint(0, VOCAB, (2, 9))
     targets[0, :4] = -100
     targets[1, 7:] = -100
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx), fused_loss.next_token_loss(model, idx, targets)
     keep = targets != -100
     log_probs = logits.log_softmax(dim=-1)
     by_hand = -log_probs[keep].gather(1, targets[keep].unsqueeze(1)).mean()
-    assert loss is not None
     torch.testing.assert_close(loss, by_hand)
 
 
 def test_padded_ids_get_no_probability_and_no_gradient() -> None:
     model = tiny_model()
     idx = torch.randint(0, VOCAB, (2, 5))
-    logits, loss = model(idx, idx)
-    assert loss is not None
-    loss.backward()
+    fused_loss.next_token_loss(model, idx, idx).backward()
     wte = model.transformer.wte.weight
     assert torch.count_nonzero(wte[VOCAB:]) == 0  # initialised to zero
     assert wte.grad is not None
@@ -188,9 +190,7 @@ def test_weights_are_tied_and_stay_tied_after_a_step() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     idx = torch.randint(0, VOCAB, (2, 8))
     before = model.transformer.wte.weight.detach().clone()
-    _, loss = model(idx, idx)
-    assert loss is not None
-    loss.backward()
+    fused_loss.next_token_loss(model, idx, idx).backward()
     optimizer.step()
     assert model.lm_head.weight is model.transformer.wte.weight
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
@@ -220,7 +220,7 @@ def test_initialisation_statistics() -> None:
 def test_bias_false_has_no_bias_parameters() -> None:
     model = tiny_model(bias=False)
     assert not [name for name, _ in model.named_parameters() if "bias" in name]
-    logits, _ = model(torch.randint(0, VOCAB, (1, 4)))
+    logits = model(torch.randint(0, VOCAB, (1, 4)))
     assert logits.shape == (1, 4, VOCAB)
 
 
@@ -228,9 +228,9 @@ def test_dropout_random_in_train_and_deterministic_in_eval() -> None:
     model = tiny_model(dropout=0.3)
     idx = torch.randint(0, VOCAB, (2, 10))
     model.train()
-    assert not torch.equal(model(idx)[0], model(idx)[0])
+    assert not torch.equal(model(idx), model(idx))
     model.eval()
-    assert torch.equal(model(idx)[0], model(idx)[0])
+    assert torch.equal(model(idx), model(idx))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,13 +242,13 @@ def test_cache_one_token_at_a_time_matches_full_forward() -> None:
     model = tiny_model().eval()
     seq = torch.randint(0, VOCAB, (2, 4))
     cache = model.new_cache(batch_size=2)
-    logits, _ = model(seq, cache=cache)  # prefill into the empty cache
-    torch.testing.assert_close(logits, model(seq)[0], rtol=0, atol=1e-5)
+    logits = model(seq, cache=cache)  # prefill into the empty cache
+    torch.testing.assert_close(logits, model(seq), rtol=0, atol=1e-5)
     for _ in range(50):
         next_id = logits[:, -1].argmax(dim=-1, keepdim=True)  # greedy
         seq = torch.cat([seq, next_id], dim=1)
-        logits, _ = model(next_id, cache=cache)
-        full, _ = model(seq)
+        logits = model(next_id, cache=cache)
+        full = model(seq)
         assert (logits[:, -1] - full[:, -1]).abs().max().item() < 1e-5
     assert cache.pos == seq.size(1) == 54
 
@@ -257,11 +257,11 @@ def test_cache_one_token_at_a_time_matches_full_forward() -> None:
 def test_cache_in_chunks_matches_full_forward() -> None:
     model = tiny_model().eval()
     seq = torch.randint(0, VOCAB, (2, 5 + 3 * 8))
-    full, _ = model(seq)
+    full = model(seq)
     cache = model.new_cache(batch_size=2)
     start, chunks = 0, [5] + [3] * 8
     for size in chunks:
-        logits, _ = model(seq[:, start : start + size], cache=cache)
+        logits = model(seq[:, start : start + size], cache=cache)
         assert (logits - full[:, start : start + size]).abs().max().item() < 1e-5
         start += size
     assert cache.pos == seq.size(1)
@@ -303,7 +303,7 @@ def test_cache_beyond_block_size_or_max_len_raises() -> None:
 def test_fused_loss_matches_logits_loss_and_gradients(
     monkeypatch: pytest.MonkeyPatch, chunk_elements: int
 ) -> None:
-    """return_logits=False (the trainer's path) gives the same loss and gradients as the plain path,
+    """The fused loss (the trainer's path) gives the same loss and gradients as the plain path,
     whether the logits fit one chunk or are cut into many (7 rows per chunk, the last one short)."""
     monkeypatch.setattr(fused_loss, "LOSS_CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(0)
@@ -312,13 +312,29 @@ def test_fused_loss_matches_logits_loss_and_gradients(
     targets = torch.randint(0, 101, (3, 16))
     targets[0, :5] = -100
     model = GPT(config)
-    _, plain = model(idx, targets)
+    plain = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), ignore_index=-100)
     plain.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    logits, fused = model(idx, targets, return_logits=False)
+    fused = fused_loss.next_token_loss(model, idx, targets)
     fused.backward()
-    assert logits is None
     assert float(fused) == pytest.approx(float(plain), abs=1e-5)
     for name, p in model.named_parameters():
         assert float((p.grad - expected[name]).abs().max()) < 1e-5, name
+
+
+@torch.no_grad()
+def test_packed_layout_gives_each_example_the_logits_it_has_alone() -> None:
+    """One helper makes masks and positions: packed examples neither see each other nor count positions
+    from the row's start, so their logits are those of each example run alone."""
+    model = tiny_model().eval()
+    a, b = torch.randint(0, VOCAB, (1, 5)), torch.randint(0, VOCAB, (1, 7))
+    row = torch.cat([a, b, torch.zeros(1, 2, dtype=torch.long)], dim=1)
+    segments = torch.tensor([[1] * 5 + [2] * 7 + [0] * 2])
+    layout = attention_layout(row.size(1), row.device, segments=segments)
+    assert layout.positions.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1]]
+    packed = model(row, layout=layout)
+    torch.testing.assert_close(packed[:, :5], model(a), rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed[:, 5:12], model(b), rtol=0, atol=1e-5)
+    with pytest.raises(GptkitError, match="KV cache"):
+        attention_layout(14, row.device, model.new_cache(1), segments)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from conftest import shared_file
 
 from gptkit.config import ModelConfig
+from gptkit.fused_loss import next_token_loss
 from gptkit.generate import Sampler, SampleSettings
 from gptkit.generate.cpu.build import kernel
 from gptkit.generate.cpu.decode import CPUDecoder
@@ -48,7 +49,7 @@ def trained() -> tuple[GPT, CharTokenizer, torch.Tensor]:
         starts = torch.randint(0, len(train) - BLOCK - 1, (32,))
         x = torch.stack([train[s : s + BLOCK] for s in starts])
         y = torch.stack([train[s + 1 : s + BLOCK + 1] for s in starts])
-        _, loss = model(x, y)
+        loss = next_token_loss(model, x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -64,13 +65,13 @@ def windows(val: torch.Tensor, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]
 
 def perplexity(model: GPT, val: torch.Tensor) -> float:
     with torch.inference_mode():
-        return math.exp(float(model(*windows(val))[1]))
+        return math.exp(float(next_token_loss(model, *windows(val))))
 
 
 def greedy_tokens(model: GPT, val: torch.Tensor) -> torch.Tensor:
     """The token greedy decoding picks after every prefix of the held-out windows (B, T)."""
     with torch.inference_mode():
-        return model(windows(val)[0])[0].argmax(dim=-1)
+        return model(windows(val)[0]).argmax(dim=-1)
 
 
 def greedy(model: GPT, tokenizer: CharTokenizer, n: int = 50) -> list[list[int]]:
@@ -109,8 +110,8 @@ def test_int8_decoding_quality(trained) -> None:
     x, y = windows(val)
     cache = q.new_cache(x.size(0))
     with torch.inference_mode():
-        steps = [q(x[:, :1], cache=cache)[0][:, -1]] + [decoder.step(cache, x[:, t]) for t in range(1, BLOCK)]
-        logits, ref = torch.stack(steps, dim=1), model(x)[0]
+        steps = [q(x[:, :1], cache=cache)[:, -1]] + [decoder.step(cache, x[:, t]) for t in range(1, BLOCK)]
+        logits, ref = torch.stack(steps, dim=1), model(x)
     base, quant = perplexity(model, val), math.exp(float(F.cross_entropy(logits.flatten(0, 1), y.flatten())))
     assert abs(quant - base) / base <= 0.02, (base, quant)
     assert float((logits.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.95

@@ -20,11 +20,11 @@ import torch
 from gptkit.api import info, prepare
 from gptkit.checkpoint import clean_state_dict, load_checkpoint, newest_intact, step_files
 from gptkit.config import RunConfig, load_config
+from gptkit.data.batch import Batch
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
 from gptkit.runtime import resolve_runtime
 from gptkit.tokenizer import Tokenizer
-from gptkit.training.batches import Batch
 from gptkit.training.launch import train
 from gptkit.training.parts import Parts
 from gptkit.training.trainer import Trainer
@@ -130,11 +130,11 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path, char_data: P
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, 104, (8, 33), generator=g)
     x, y = data[:, :-1], data[:, 1:]
-    big, n1 = one_step(tmp_path, char_data, [(x, y)], "train.micro_batch_size=8")
+    big, n1 = one_step(tmp_path, char_data, [Batch(x, y)], "train.micro_batch_size=8")
     small, n2 = one_step(
         tmp_path,
         char_data,
-        [(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)],
+        [Batch(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)],
         "train.micro_batch_size=2",
         "train.tokens_per_step=256",
     )
@@ -149,7 +149,8 @@ def test_clipping_caps_the_gradient_and_logs_the_pre_clip_norm(tmp_path: Path, c
     cfg = config(tmp_path, char_data, "model.vocab_size=104", "train.grad_clip=0.01")
     torch.manual_seed(0)
     model = GPT(cfg.model)
-    trainer = bare_trainer(cfg, tmp_path / "r", model, None, ListSource([(data[:, :-1], data[:, 1:])]))  # type: ignore[arg-type]
+    source = ListSource([Batch(data[:, :-1], data[:, 1:])])
+    trainer = bare_trainer(cfg, tmp_path / "r", model, None, source)  # type: ignore[arg-type]
     seen = []
 
     def record(optimizer: torch.optim.Optimizer, *_: object) -> None:

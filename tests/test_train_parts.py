@@ -78,7 +78,9 @@ def shards(*lengths: int) -> list[np.ndarray]:
 def test_random_windows_are_targets_shifted_by_one() -> None:
     src = ShardBatches(shards(100, 50), batch_size=4, block_size=8, mode="random", seed=0)
     for _ in range(20):
-        x, y = src.next_batch()
+        batch = src.next_batch()
+        x, y = batch.ids, batch.targets
+        assert batch.segments is None
         assert x.shape == y.shape == (4, 8) and x.dtype == torch.int64
         assert torch.equal(x[:, 1:], y[:, :-1])
         assert torch.equal(y - x, torch.ones_like(x)), "windows never cross a shard boundary"
@@ -87,14 +89,14 @@ def test_random_windows_are_targets_shifted_by_one() -> None:
 def test_ordered_passes_cover_each_shard_and_reshuffle_per_epoch() -> None:
     data = shards(33, 17, 25)
     src = ShardBatches(data, batch_size=1, block_size=8, mode="ordered", seed=5)
-    firsts = [int(src.next_batch()[0][0, 0]) for _ in range(12)]  # windows per epoch: 4 + 2 + 3 = 9
+    firsts = [int(src.next_batch().ids[0, 0]) for _ in range(12)]  # windows per epoch: 4 + 2 + 3 = 9
     epoch0 = firsts[:9]
     assert sorted(epoch0) == sorted([0, 8, 16, 24, 33, 41, 50, 58, 66])
     order0 = [v for v in epoch0 if v in (0, 33, 50)]
     orders = set()
     for seed in range(6):
         s = ShardBatches(data, batch_size=3, block_size=8, mode="ordered", seed=seed)
-        orders.add(tuple(int(s.next_batch()[0][0, 0]) for _ in range(1)))
+        orders.add(tuple(int(s.next_batch().ids[0, 0]) for _ in range(1)))
     assert len(orders) > 1, "shard order depends on the seed"
     assert order0 and src.epoch == 1
 
@@ -109,8 +111,8 @@ def test_restored_source_continues_exactly(mode: str) -> None:
     expected = [a.next_batch() for _ in range(30)]
     b = ShardBatches(data, batch_size=3, block_size=16, mode=mode, seed=11)
     b.load_state_dict(state)
-    for (x1, y1), (x2, y2) in zip(expected, (b.next_batch() for _ in range(30)), strict=True):
-        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    for one, two in zip(expected, (b.next_batch() for _ in range(30)), strict=True):
+        assert torch.equal(one.ids, two.ids) and torch.equal(one.targets, two.targets)
     with pytest.raises(GptkitError, match=r"use the checkpoint's settings"):
         ShardBatches(data, batch_size=3, block_size=16, mode=mode, seed=12).load_state_dict(state)
 
@@ -120,16 +122,16 @@ def test_ranks_split_the_global_batch() -> None:
     whole = ShardBatches(data, batch_size=4, block_size=8, seed=3)
     parts = [ShardBatches(data, batch_size=2, block_size=8, seed=3, rank=r, world_size=2) for r in (0, 1)]
     for _ in range(5):
-        x, _ = whole.next_batch()
-        assert torch.equal(torch.cat([p.next_batch()[0] for p in parts]), x)
+        x = whole.next_batch().ids
+        assert torch.equal(torch.cat([p.next_batch().ids for p in parts]), x)
 
 
 def test_fixed_val_batches_are_fixed_and_spread() -> None:
     data = shards(1000)
     a = fixed_batches(data, n_batches=3, batch_size=2, block_size=16)
     b = fixed_batches(data, n_batches=3, batch_size=2, block_size=16)
-    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, b, strict=True))
-    starts = [int(x[i, 0]) for x, _ in a for i in range(2)]
+    assert all(torch.equal(one.ids, two.ids) for one, two in zip(a, b, strict=True))
+    starts = [int(batch.ids[i, 0]) for batch in a for i in range(2)]
     assert starts[0] == 0 and starts[-1] == 1000 - 17 and starts == sorted(starts)
 
 

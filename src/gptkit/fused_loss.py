@@ -3,16 +3,44 @@
 For a small GPT the logits (tokens x vocabulary) are the largest tensor of a training step. Computing
 them a chunk at a time and turning each chunk straight into its gradient saves that memory and the
 dtype copies around it: measured 14% off an fp32 step of the small benchmark model
-(bench/train_throughput.py). `GPT.forward(..., return_logits=False)` uses it while training.
+(bench/train_throughput.py). `next_token_loss` uses it while training: the model gives its hidden
+states (`head=False`) and the loss applies the head, outside the model.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gptkit.model import GPT, Layout
 
 IGNORE_INDEX = -100  # targets with this value are left out of the loss (F.cross_entropy's default)
 LOSS_CHUNK_ELEMENTS = 2**27  # logits of at most this many entries exist at a time (512 MiB fp32)
+
+
+def next_token_loss(
+    model: GPT, ids: Tensor, targets: Tensor, layout: Layout | None = None, *, step: nn.Module | None = None
+) -> Tensor:
+    """Mean cross-entropy of the model's next-token predictions for `ids` against `targets` (B, T).
+
+    Where gradients flow, the loss is fused with the head (`linear_cross_entropy`: no logits kept,
+    the same loss, a faster step); otherwise (evaluation, a frozen or quantised model) it is the plain
+    cross-entropy of the logits. `step` runs the forward pass: the model as the training step wraps
+    it (DDP, FSDP, torch.compile), by default the model itself.
+    """
+    step = model if step is None else step
+    x = step(ids, layout=layout, head=False)
+    if torch.is_grad_enabled() and x.requires_grad:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            return linear_cross_entropy(
+                x.flatten(0, 1), model.lm_head.weight, targets.flatten(), model.config.vocab_size, dtype
+            )
+    logits = model.lm_head(x)
+    # upcast: cross-entropy of fp16/bf16 logits loses precision (a no-op for fp32)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def linear_cross_entropy(

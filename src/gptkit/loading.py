@@ -28,7 +28,7 @@ def load_model(payload: dict[str, Any]) -> tuple[GPT, Tokenizer, RunConfig]:
         )
     model = GPT(config.model)
     if config.finetune.base is not None:  # a fine-tune's checkpoint: its modules (LoRA, soft prompt)
-        apply_method(model, config.finetune, tokenizer)
+        model = apply_method(model, config.finetune, tokenizer)
         model.load_state_dict(clean_state_dict(payload["model"]))
         merge(model)  # LoRA folded into the weights: a plain model, as fast as the base
     else:

@@ -11,6 +11,12 @@ Module names match HuggingFace's GPT-2 (`transformer.h.0.attn.c_attn.weight`, ..
 be exported and imported by renaming nothing. HF's Conv1D stores its weights transposed compared with
 our nn.Linear; an exporter only has to transpose `c_attn`, `c_proj` and `c_fc` weights.
 
+`GPT.forward` has one path: ids (or input embeddings) in, logits (or the final hidden states) out,
+with an optional cache; `attention_layout` is the one place that makes attention masks and positions.
+What training adds is composed around it by its owner: the loss fused with the head
+(`gptkit.fused_loss`), packed examples (`gptkit.data.batch`), prompt tuning's vectors
+(`gptkit.finetuning.prompt_tuning`, through `inputs_embeds`, as HF/peft do).
+
 For generation, `GPT.new_cache` makes a `KVCache`: the keys and values of tokens already seen, so
 each new token costs one position of work instead of re-running the whole prefix.
 """
@@ -18,6 +24,7 @@ each new token costs one position of work instead of re-running the whole prefix
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +32,6 @@ from torch import Tensor, nn
 
 from gptkit.config import ModelConfig, validate
 from gptkit.errors import GptkitError
-from gptkit.fused_loss import IGNORE_INDEX, linear_cross_entropy
 
 LAYER_NORM_EPS = 1e-5  # GPT-2's value
 
@@ -86,68 +92,52 @@ class KVCache:
         self.pad = None
 
 
-def attention_mask(t_new: int, cache: KVCache | None, device: torch.device) -> Tensor | None:
-    """Boolean mask (True = attend) for t_new queries after the cache's positions, or None.
+class Layout(NamedTuple):
+    """Where each new position sits and what it attends to: what `attention_layout` makes."""
 
-    None means "plain causal" when nothing is cached (SDPA's `is_causal=True`, whose triangle is
-    aligned to the top-left corner: right only without past keys) and "everything" for a single new
-    token. With left padding every query also skips the padding keys, except a padding query's own
-    key: a query that sees no key at all would give NaN, which the values of later layers would carry.
+    mask: Tensor | None  # True = attend; (T, S) or (B, 1, T, S); None: plain causal (SDPA's is_causal)
+    positions: Tensor  # position ids (T,) or (B, T)
+
+
+def attention_layout(
+    t_new: int, device: torch.device, cache: KVCache | None = None, segments: Tensor | None = None
+) -> Layout:
+    """The one place that makes attention masks and positions, for t_new positions after the cache's.
+
+    Plain (no cache or an empty one, no padding): mask None, SDPA's `is_causal=True`, whose triangle is
+    aligned to the top-left corner (right only without past keys); a single new token sees everything.
+    Left padding (`cache.pad`): every query also skips the padding keys, except a padding query's own
+    key (a query that sees no key would give NaN, which later layers would carry), and positions count
+    from each sequence's first real token, so a padded sequence gets the logits it would get alone.
+    `segments` (B, T) numbers several examples packed into each row (equal ids = one example,
+    contiguous): each attends only to itself and counts positions from 0, so its loss is what it would
+    be alone. Packing is for training: no cache.
     """
     t_past = 0 if cache is None else cache.pos
     pad = None if cache is None else cache.pad
-    if pad is None and (t_past == 0 or t_new == 1):
-        return None
-    # query i sits at absolute position t_past + i and may see keys 0 .. t_past + i
-    mask = torch.ones(t_new, t_past + t_new, dtype=torch.bool, device=device).tril(diagonal=t_past)
+    positions = torch.arange(t_past, t_past + t_new, device=device)
+    if segments is not None:
+        if cache is not None:
+            raise GptkitError("packed segments are for training; they do not combine with a KV cache")
+        same = segments[:, :, None] == segments[:, None, :]
+        causal = torch.ones(t_new, t_new, dtype=torch.bool, device=device).tril()
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        first = torch.where(starts, positions, 0).cummax(dim=1).values  # where each example starts
+        return Layout((same & causal)[:, None], positions - first)
     if pad is None:
-        return mask
+        mask = None if t_past == 0 or t_new == 1 else causal_after(t_past, t_new, device)
+        return Layout(mask, positions)
     keys = torch.arange(t_past + t_new, device=device)
-    queries = torch.arange(t_past, t_past + t_new, device=device)
     real_key = keys >= pad[:, None]  # (B, S)
-    own_key = queries[:, None] == keys  # (T, S)
-    return (mask & real_key[:, None, :] | own_key)[:, None]  # (B, 1, T, S): the same for every head
+    own_key = positions[:, None] == keys  # (T, S)
+    mask = causal_after(t_past, t_new, device) & real_key[:, None, :] | own_key
+    return Layout(mask[:, None], (positions - pad[:, None]).clamp(min=0))  # (B, 1, T, S): every head
 
 
-def insert_prompt(x: Tensor, prompt: Tensor, pad: Tensor | None) -> Tensor:
-    """Token embeddings x (B, T, C) with the soft prompt (P, C) before each sequence's first token:
-    (B, P + T, C). With left padding the prompt goes after the padding, where the sequence starts."""
-    B, T, C = x.shape
-    P = prompt.size(0)
-    prompt = prompt.to(x.dtype).expand(B, P, C)
-    if pad is None:
-        return torch.cat([prompt, x], dim=1)
-    both = torch.cat([x, prompt], dim=1)  # tokens at 0 .. T-1, the prompt at T .. T+P-1
-    j, p = torch.arange(T + P, device=x.device)[None], pad[:, None]
-    source = torch.where(j < p, j, torch.where(j < p + P, T + j - p, j - P))
-    return both.gather(1, source[..., None].expand(B, T + P, C))
-
-
-def remove_prompt(x: Tensor, n_prompt: int, pad: Tensor | None) -> Tensor:
-    """The positions of the tokens only, undoing `insert_prompt`'s layout: (B, T, C)."""
-    if pad is None:
-        return x[:, n_prompt:]
-    B, T, C = x.size(0), x.size(1) - n_prompt, x.size(2)
-    t = torch.arange(T, device=x.device)[None]
-    where = torch.where(t < pad[:, None], t, t + n_prompt)
-    return x.gather(1, where[..., None].expand(B, T, C))
-
-
-def segment_layout(segments: Tensor) -> tuple[Tensor, Tensor]:
-    """Attention mask (B, 1, T, T) and positions (B, T) for sequences packed with several examples.
-
-    `segments` (B, T) numbers the examples of each row (equal ids = one example, contiguous). Each
-    example attends only to itself and counts positions from 0, so its loss is what it would be
-    alone: packing saves the padding without mixing examples.
-    """
-    T = segments.size(1)
-    same = segments[:, :, None] == segments[:, None, :]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-    t = torch.arange(T, device=segments.device)
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    first = torch.where(starts, t, 0).cummax(dim=1).values  # where each position's example starts
-    return (same & causal)[:, None], t - first
+def causal_after(t_past: int, t_new: int, device: torch.device) -> Tensor:
+    """(t_new, t_past + t_new): query i sits at position t_past + i and sees keys 0 .. t_past + i."""
+    return torch.ones(t_new, t_past + t_new, dtype=torch.bool, device=device).tril(diagonal=t_past)
 
 
 CPU_BF16_ATTENTION_MIN_WORK = 32768  # keys x head_dim from which CPU attention is faster in bf16
@@ -183,7 +173,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
-        """`mask` comes from `attention_mask` (made once per forward pass, not once per layer)."""
+        """`mask` comes from `attention_layout` (made once per forward pass, not once per layer)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim): heads become a batch dimension
@@ -237,6 +227,23 @@ class Block(nn.Module):
         return x
 
 
+class LMHead(nn.Linear):
+    """The output layer: logits for the real vocabulary only.
+
+    Its weight is the (padded) token embedding; only the first vocab_size rows are used, so softmax,
+    loss and sampling never see padded ids. A row slice is contiguous, so the logits come out
+    contiguous too (cutting columns off padded logits instead would make the loss copy them). A
+    quantised head (gptkit.generate.quantize) holds only those rows and is called the same way.
+    """
+
+    def __init__(self, n_embd: int, padded_vocab_size: int, vocab_size: int) -> None:
+        super().__init__(n_embd, padded_vocab_size, bias=False)
+        self.vocab_size = vocab_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight[: self.vocab_size])
+
+
 class GPT(nn.Module):
     """GPT-2 language model: token ids (B, T) -> next-token logits (B, T, vocab_size)."""
 
@@ -257,11 +264,9 @@ class GPT(nn.Module):
                 ln_f=nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
+        self.lm_head: nn.Module = LMHead(config.n_embd, vocab, config.vocab_size)
         # Weight tying: the output projection reuses the token embedding (one tensor, two roles).
         self.lm_head.weight = self.transformer.wte.weight
-        self.soft_prompt: nn.Parameter | None  # prompt tuning's vectors (gptkit.finetuning.prompt_tuning)
-        self.register_parameter("soft_prompt", None)
         self._init_weights()
 
     @classmethod
@@ -318,72 +323,46 @@ class GPT(nn.Module):
         head_dim = c.n_embd // c.n_head
         return KVCache(c.n_layer, batch_size, c.n_head, head_dim, max_len, self.device, self.dtype)
 
+    n_prefix = 0  # positions an input prefix takes before the tokens (prompt tuning's vectors)
+
+    def tokens_that_fit(self) -> int:
+        """How many tokens one forward pass can read: the context less the positions of a prefix.
+        The one place for this fact: fine-tuning data, the sampler, chat and eval all ask here."""
+        return self.config.block_size - self.n_prefix
+
     def forward(
         self,
-        idx: Tensor,
-        targets: Tensor | None = None,
-        cache: KVCache | None = None,
+        idx: Tensor | None = None,
         *,
-        return_logits: bool = True,
-        segments: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        cache: KVCache | None = None,
+        layout: Layout | None = None,
         last_only: bool = False,
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """Logits (B, T, vocab_size) for token ids `idx` (B, T), and the mean loss if `targets` given.
+        head: bool = True,
+    ) -> Tensor:
+        """Next-token logits (B, T, vocab_size) for token ids `idx` (B, T), or for `inputs_embeds`
+        (B, T, n_embd) in their place (how prompt tuning puts its vectors in).
 
-        With a `cache`, `idx` holds only the new tokens; they are placed after the cached positions.
-        `return_logits=False` with `targets` returns (None, loss), computed by `fused_loss`
-        without keeping the logits: what a training step wants (the same loss, a faster step).
-        `segments` marks several examples packed into each row (see `segment_layout`). A model
-        with a `soft_prompt` puts it before the tokens (see `insert_prompt`). `last_only` gives the
-        logits (B, 1, vocab_size) of the last position only: all that sampling needs after a prompt,
-        without the output layer's work for every other position.
+        With a `cache`, the input holds only the new positions; they are placed after the cached
+        ones. `layout` (from `attention_layout`) overrides the attention mask and positions made from
+        the cache (packed examples). `last_only`: the last position only (B, 1, ...), all that
+        sampling needs after a prompt. `head=False`: the final hidden states (B, T, n_embd) instead of
+        logits, for a loss fused with the head (`gptkit.fused_loss`); still a call of the module, so
+        that DDP, FSDP and torch.compile see it.
         """
-        B, T = idx.shape
-        x = self.transformer.wte(idx)
-        prompt = self.soft_prompt if cache is None or cache.pos == 0 else None
-        pad = None if cache is None else cache.pad
-        if prompt is not None:  # prompt tuning: trained vectors before the first token (after padding)
-            x = insert_prompt(x, prompt, pad)
-            T = x.size(1)
-        pos = self.check_length(B, T, cache)
-
-        positions = torch.arange(pos, pos + T, device=idx.device)
-        if cache is not None and cache.pad is not None:  # count from each sequence's first real token
-            positions = (positions - cache.pad[:, None]).clamp(min=0)
-        mask = attention_mask(T, cache, idx.device)
-        if segments is not None:  # packed examples (training): no cache, no soft prompt
-            mask, positions = segment_layout(segments)
+        x = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        self.check_length(B, T, cache)
+        mask, positions = layout or attention_layout(T, x.device, cache)
         x = self.transformer.drop(x + self.transformer.wpe(positions))
         for block in self.transformer.h:
             x = block(x, cache, mask)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.advance(T)  # every layer has written its keys/values for these T positions
-        if prompt is not None:  # outputs (and logits) for the tokens only
-            x = remove_prompt(x, prompt.size(0), pad)
         if last_only:
             x = x[:, -1:]
-
-        # Only the first vocab_size rows of the (padded) head: softmax, loss and sampling never see
-        # padded ids. A row slice is contiguous, so the logits come out contiguous too (cutting
-        # columns off padded logits instead would make the loss copy them).
-        # (a quantised head, from gptkit.generate.cpu.quantize, is a module holding only those rows)
-        head = self.lm_head.weight[: self.config.vocab_size] if isinstance(self.lm_head, nn.Linear) else None
-        if targets is not None and not return_logits and torch.is_grad_enabled() and x.requires_grad:
-            device = x.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-            with torch.autocast(device, enabled=False):
-                loss = linear_cross_entropy(
-                    x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size, dtype
-                )
-            return None, loss
-        logits = self.lm_head(x) if head is None else F.linear(x, head)
-
-        loss = None
-        if targets is not None:
-            # upcast: cross-entropy of fp16/bf16 logits loses precision (a no-op for fp32)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return (logits if return_logits or targets is None else None), loss
+        return self.lm_head(x) if head else x
 
     def check_length(self, batch_size: int, t_new: int, cache: KVCache | None) -> int:
         """Raise a clear error if the tokens do not fit; return the position of the first new token."""

@@ -434,7 +434,7 @@ def _evaluate_checkpoints(
             notice(f"{path.name} (step {step}): already evaluated on {', '.join(asked)}; skipped")
             continue
         results = (
-            evaluator.run_all(model, tokenizer, model.config.block_size, dev, default_text, todo)
+            evaluator.run_all(model, tokenizer, model.tokens_that_fit(), dev, default_text, todo)
             if todo
             else {}
         )

@@ -56,7 +56,7 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
 
 def logits_fn(model: nn.Module) -> Callable[[Tensor], Tensor]:
     """A GPT (or a wrapper of one: DDP, FSDP, compiled) as ids (B, T) → logits (B, T, V)."""
-    return lambda idx: model(idx)[0]
+    return lambda idx: model(idx)
 
 
 def show_progress(progress: bool) -> bool:

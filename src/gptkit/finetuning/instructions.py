@@ -7,7 +7,7 @@ model learns to answer, not to ask. The same template is stored with the fine-tu
 so `gptkit chat` builds its prompts exactly as the training examples were built.
 
 Batches either pack several examples into each row of `block_size` tokens, separated by a segment
-id (the model keeps attention and positions inside each example: `GPT.forward(segments=...)`),
+id (`Batch.layout()` keeps attention and positions inside each example: `attention_layout`),
 or pad each example to the longest of its batch. Both give every example the same loss as alone.
 """
 
@@ -22,12 +22,11 @@ import numpy as np
 import torch
 
 from gptkit.console import notice
+from gptkit.data.batch import Batch
 from gptkit.errors import GptkitError
 from gptkit.fused_loss import IGNORE_INDEX
 from gptkit.templates import ChatTemplate, Message, alpaca_messages
 from gptkit.tokenizer import Tokenizer
-
-Batch = tuple[torch.Tensor, ...]  # (x, y) or (x, y, segments)
 
 
 @dataclass
@@ -228,7 +227,7 @@ PAD_MULTIPLE = 64  # padded widths come in few sizes, so the allocator reuses fr
 
 
 def padded_batch(examples: list[Example], max_width: int | None = None) -> Batch:
-    """Right-padded (x, y): causal attention never looks right, so padding changes nothing before it.
+    """Right-padded rows: causal attention never looks right, so padding changes nothing before it.
 
     The width is the longest example rounded up to a multiple of PAD_MULTIPLE (at most `max_width`):
     batches of a different width each step made CPU training hold 1.5x the memory of packing
@@ -242,7 +241,7 @@ def padded_batch(examples: list[Example], max_width: int | None = None) -> Batch
     for i, e in enumerate(examples):
         x[i, : e.length] = torch.tensor(e.ids[:-1])
         y[i, : e.length] = torch.tensor(e.targets)
-    return x, y
+    return Batch(x, y)
 
 
 def packed_rows(examples: list[Example], block_size: int) -> list[list[Example]]:
@@ -259,7 +258,7 @@ def packed_rows(examples: list[Example], block_size: int) -> list[list[Example]]
 
 
 def packed_batch(rows: list[list[Example]], block_size: int) -> Batch:
-    """(x, y, segments) of block_size columns; segment ids count from 1, padding is segment 0."""
+    """Rows of block_size columns with their segments; segment ids count from 1, padding is 0."""
     x = torch.zeros(len(rows), block_size, dtype=torch.long)
     y = torch.full((len(rows), block_size), IGNORE_INDEX, dtype=torch.long)
     seg = torch.zeros(len(rows), block_size, dtype=torch.long)
@@ -270,7 +269,7 @@ def packed_batch(rows: list[list[Example]], block_size: int) -> Batch:
             y[i, at : at + e.length] = torch.tensor(e.targets)
             seg[i, at : at + e.length] = j
             at += e.length
-    return x, y, seg
+    return Batch(x, y, seg)
 
 
 class InstructionBatches:

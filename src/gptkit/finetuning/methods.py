@@ -13,9 +13,11 @@ from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer
 
 
-def apply_method(model: GPT, finetune: FinetuneConfig, tokenizer: Tokenizer | None = None) -> None:
-    """LoRA layers (base frozen), a soft prompt (model frozen), or nothing (full fine-tuning)."""
+def apply_method(model: GPT, finetune: FinetuneConfig, tokenizer: Tokenizer | None = None) -> GPT:
+    """The model to train: with LoRA layers (base frozen, in place), with a soft prompt (model
+    frozen, a `PromptTunedGPT` around the same modules), or as it is (full fine-tuning)."""
     if finetune.method == "lora":
         lora.add_lora(model, finetune.lora)
     elif finetune.method == "prompt":
-        add_soft_prompt(model, finetune.prompt_tokens, finetune.prompt_init, tokenizer)
+        return add_soft_prompt(model, finetune.prompt_tokens, finetune.prompt_init, tokenizer)
+    return model

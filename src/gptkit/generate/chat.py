@@ -83,7 +83,7 @@ class Chat:
 
     @property
     def context(self) -> int:
-        return self.model.model.config.block_size
+        return self.model.model.tokens_that_fit()
 
     def reply_room(self) -> int:
         """Tokens kept free for the reply: max_new_tokens, but at most half the context."""

@@ -32,7 +32,7 @@ class ForwardDecoder:
         self.model = model
 
     def step(self, cache: KVCache, ids: Tensor) -> Tensor:
-        return self.model(ids.to(self.model.device)[:, None], cache=cache)[0][:, -1]
+        return self.model(ids.to(self.model.device)[:, None], cache=cache)[:, -1]
 
 
 def forward_decoder(model: GPT, batch_size: int) -> Decoder:

@@ -100,8 +100,7 @@ class Sampler:
         if not rows or any(not r for r in rows):
             raise GptkitError("the prompt is empty; give at least one token (a newline is enough)")
         model = self.model
-        n_prompt = 0 if model.soft_prompt is None else model.soft_prompt.size(0)  # prompt tuning's vectors
-        block = model.config.block_size - n_prompt  # room for tokens
+        block = model.tokens_that_fit()  # room for tokens (a soft prompt takes the rest)
         stop_ids = torch.tensor(
             [self.tokenizer.eot_id] if settings.stop_tokens is None else settings.stop_tokens,
             dtype=torch.long,
@@ -120,7 +119,7 @@ class Sampler:
             for i, r in enumerate(history):
                 seen[i, r] = True
         longest = max(map(len, history))
-        cache = model.new_cache(len(rows), n_prompt + min(block, longest + settings.max_new_tokens))
+        cache = model.new_cache(len(rows), model.n_prefix + min(block, longest + settings.max_new_tokens))
         decoder = self.decoder_for(model, len(rows))
         was_training = model.training
         model.eval()
@@ -159,4 +158,4 @@ class Sampler:
         pad = torch.tensor([longest - len(r) for r in rows])
         idx = torch.tensor([[0] * (longest - len(r)) + r for r in rows], device=self.model.device)
         cache.set_padding(pad)
-        return self.model(idx, cache=cache, last_only=True)[0][:, -1]
+        return self.model(idx, cache=cache, last_only=True)[:, -1]

@@ -65,7 +65,7 @@ class _Graph(nn.Module):
             x = x + block.attn.c_proj(y)
             x = x + block.mlp(block.ln_2(x))
         x = m.transformer.ln_f(x)
-        logits = F.linear(x, m.lm_head.weight[: c.vocab_size])
+        logits = m.lm_head(x)
         return (logits, *presents)
 
 

@@ -13,9 +13,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from gptkit.data.batch import Batch
 from gptkit.errors import GptkitError
-
-Batch = tuple[torch.Tensor, ...]  # (x, y), or (x, y, segments) for packed examples
 
 
 class TokenSource(Protocol):
@@ -27,7 +26,7 @@ class TokenSource(Protocol):
 def _windows(
     shards: list[np.ndarray], starts: list[tuple[int, int]], block_size: int, vocab_size: int | None = None
 ) -> Batch:
-    """Stack windows of block_size + 1 tokens; y is x shifted by one (next-token targets).
+    """Stack windows of block_size + 1 tokens; the targets are the ids shifted by one.
 
     With `vocab_size`, an id outside the vocabulary (a damaged shard) is a one-line error naming the
     shard, not an IndexError deep in the embedding; the max of a batch costs next to nothing."""
@@ -42,7 +41,7 @@ def _windows(
             "every shard's sha256)"
         )
     data = torch.from_numpy(rows)
-    return data[:, :-1], data[:, 1:]
+    return Batch(data[:, :-1], data[:, 1:])
 
 
 def _usable(shards: list[np.ndarray], block_size: int, split: str) -> np.ndarray:

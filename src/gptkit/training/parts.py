@@ -17,15 +17,17 @@ import torch
 
 from gptkit.config import FinetuneConfig, RunConfig, validate
 from gptkit.console import notice
+from gptkit.data.batch import Batch
 from gptkit.data.shards import PreparedData
 from gptkit.errors import GptkitError
 from gptkit.finetuning import lora
 from gptkit.finetuning.instructions import InstructionBatches, load_instructions, val_batches
 from gptkit.finetuning.methods import apply_method
+from gptkit.fused_loss import next_token_loss
 from gptkit.model import GPT
 from gptkit.runtime import Processes, Runtime, resolve_runtime
 from gptkit.tokenizer import Tokenizer, from_description
-from gptkit.training.batches import Batch, ShardBatches, TokenSource, fixed_batches
+from gptkit.training.batches import ShardBatches, TokenSource, fixed_batches
 from gptkit.training.budget import available_memory, memory_estimate
 from gptkit.training.trainer import Trainer, accumulation_steps, seed_everything
 
@@ -108,8 +110,7 @@ def _fits_on_cuda(config: RunConfig, micro_batch: int, runtime: Runtime) -> bool
     try:
         x = torch.zeros(micro_batch, config.model.block_size, dtype=torch.long, device=runtime.device)
         with runtime.autocast():
-            _, loss = model(x, x)
-        assert loss is not None
+            loss = next_token_loss(model, x, x)
         loss.backward()
         return True
     except torch.cuda.OutOfMemoryError:
@@ -206,12 +207,11 @@ def finetune_parts(
     shape = base_config.model.model_copy(update={"dropout": config.model.dropout})
     config = config.model_copy(update={"model": shape})
     seed_everything(config.train.seed)
-    apply_method(model, fc, tokenizer)
+    model = apply_method(model, fc, tokenizer)
     runtime = resolve_runtime(config.train, config.model, procs, device)
     config = resolve_batch(config, model.num_params(), runtime)
     micro = int(config.train.micro_batch_size)
-    # prompt tuning's vectors take part of the context: the tokens get the rest
-    room = config.model.block_size - (fc.prompt_tokens if fc.method == "prompt" else 0)
+    room = model.tokens_that_fit()  # prompt tuning's vectors take part of the context
     if fc.method == "prompt" and config.data.packing and config.data.instructions is not None:
         notice("prompt tuning pads examples (data.packing=false): each example gets its own soft prompt")
         config = config.model_copy(update={"data": config.data.model_copy(update={"packing": False})})

@@ -25,6 +25,7 @@ from gptkit.config import RunConfig, to_yaml
 from gptkit.console import notice
 from gptkit.device import autocast, fast_matmul
 from gptkit.errors import GptkitError
+from gptkit.fused_loss import next_token_loss
 from gptkit.generate import Sampler, SampleSettings
 from gptkit.training import distributed
 from gptkit.training.budget import (
@@ -341,15 +342,13 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         positions = 0  # what the model computed: padded batches are narrower than block_size
         for micro in range(self.accum):
-            # (x, y) or, with packed examples, (x, y, segments)
-            x, y, *segments = (t.to(self.device, non_blocking=True) for t in self.train_source.next_batch())
-            positions += x.numel()
+            batch = self.train_source.next_batch().to(self.device, non_blocking=True)
+            positions += batch.ids.numel()
             with distributed.gradient_sync(self.step_model, self.procs, sync=micro == self.accum - 1):
                 with autocast(self.device, self.precision):
-                    _, loss = self.step_model(  # fused loss: no logits kept
-                        x, y, return_logits=False, segments=segments[0] if segments else None
+                    loss = next_token_loss(  # fused with the head: no logits kept
+                        self.model, batch.ids, batch.targets, batch.layout(), step=self.step_model
                     )
-                assert loss is not None
                 # Each micro-batch's mean loss / accum: the gradient of the mean over all of them
                 # (and DDP/FSDP average over the ranks' slices).
                 self.scaler.scale(loss / self.accum).backward()
@@ -427,11 +426,10 @@ class Trainer:
         if self.val_batches:
             self.model.eval()
             losses = []
-            for x, y, *segments in self.val_batches:
-                seg = segments[0].to(self.device) if segments else None
+            for batch in self.val_batches:
+                batch = batch.to(self.device)
                 with autocast(self.device, self.precision):
-                    _, loss = self.model(x.to(self.device), y.to(self.device), segments=seg)
-                assert loss is not None
+                    loss = next_token_loss(self.model, batch.ids, batch.targets, batch.layout())
                 losses.append(float(loss))
             self.model.train()
             self.last_val_loss = sum(losses) / len(losses)
@@ -443,7 +441,7 @@ class Trainer:
         if self.parts.tasks is not None:  # zero-shot tasks, as gptkit eval scores them; every rank runs them
             self.model.eval()
             with autocast(self.device, self.precision):
-                block = self.config.model.block_size
+                block = self.model.tokens_that_fit()  # a soft prompt's vectors take part of the context
                 metrics.update(self.parts.tasks.metrics(self.model, self.tokenizer, block, self.device))
             self.model.train()
         samples = {}

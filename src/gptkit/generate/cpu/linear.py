@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptkit.generate.cpu.build import kernel, matvec
-from gptkit.model import GPT
+from gptkit.model import GPT, LMHead
 
 KERNEL_MAX_ROWS = 8  # rows of x (sequences) up to which the kernel beats oneDNN (it reads W once for all)
 
@@ -89,7 +89,7 @@ def use_cpu_linear(model: GPT, *, use_kernel: bool = True) -> int:
             if type(child) is nn.Linear and child is not model.lm_head:
                 setattr(module, name, CPULinear(child.weight, child.bias, use_kernel=use_kernel))
                 n += 1
-    if type(model.lm_head) is nn.Linear:  # still tied to the embedding; scores the real vocabulary only
+    if type(model.lm_head) is LMHead:  # still tied to the embedding; scores the real vocabulary only
         rows = model.config.vocab_size
         model.lm_head = CPULinear(model.lm_head.weight, None, rows=rows, use_kernel=use_kernel)
         n += 1

@@ -200,7 +200,7 @@ def weight_bytes(model: nn.Module) -> int:
 def quantize(model: GPT, mode: Mode) -> QuantizeReport:
     """Quantise `model` in place for CPU inference (`mode` "int8" or "int4"); returns the report.
 
-    After this the model generates with the `Sampler` and computes losses (`model(idx, targets)`),
+    After this the model generates with the `Sampler` and computes logits (`model(idx)`),
     but cannot be trained or saved as a checkpoint: quantise after loading, not before saving.
     """
     if mode not in QUANTIZE_MODES:
