@@ -380,7 +380,7 @@ OLD_LOGITS = {
 def test_checkpoints_written_before_the_one_forward_path_load_with_their_logits(
     tmp_path: Path, method: str
 ) -> None:
-    from gptkit.checkpoint import load_model
+    from gptkit.loading import load_model
 
     model, tok, _ = load_model(load_checkpoint(write_old_layout_checkpoint(tmp_path / "old.pt", method)))
     with torch.no_grad():

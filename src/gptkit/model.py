@@ -233,7 +233,7 @@ class LMHead(nn.Linear):
     Its weight is the (padded) token embedding; only the first vocab_size rows are used, so softmax,
     loss and sampling never see padded ids. A row slice is contiguous, so the logits come out
     contiguous too (cutting columns off padded logits instead would make the loss copy them). A
-    quantised head (gptkit.generate.quantize) holds only those rows and is called the same way.
+    quantised head (gptkit.generate.cpu.quantize) holds only those rows and is called the same way.
     """
 
     def __init__(self, n_embd: int, padded_vocab_size: int, vocab_size: int) -> None:
