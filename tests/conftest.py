@@ -1,11 +1,18 @@
-"""Shared fixtures: the real public data beside the project root (../shared/data)."""
+"""What the tests share: the real public data beside the project root (../shared/data), the one
+small model, the settings of a small training run, and the built-in corpus prepared once a session."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:  # torch is imported when a test builds a model, not when pytest collects the CLI tests
+    from gptkit.model import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GPTKIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -32,3 +39,62 @@ def char_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("data") / "pydoc"
     prepare([], out, tokenizer="char", progress=False, workers=1)
     return out
+
+
+# A small training run, as `gptkit train` overrides: 2 layers, width 32, context 32, fp32, logs every step.
+TINY_RUN = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "train.micro_batch_size=4",
+    "train.lr=3e-3",
+    "train.warmup_steps=3",
+    "train.precision=fp32",
+    "eval.batches=2",
+    "eval.sample_tokens=8",
+    "log.every=1",
+]
+
+
+TINY_SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64}  # the small model's shape
+
+
+def tiny_gpt(
+    vocab_size: int = 101, *, seed: int = 0, scale: float = 1.0, random_vectors: bool = False, **shape: Any
+) -> GPT:
+    """The tests' small GPT, in eval mode: 2 layers, 2 heads, width 32, context 64 unless `shape` says
+    otherwise (any ModelConfig field), initialised from `seed`.
+
+    The default vocabulary (101) is not a multiple of 64, so the embedding has padding rows. `scale`
+    multiplies every weight: 4-8 give peaked distributions without near-ties, for greedy tests.
+    `random_vectors` draws every bias and LayerNorm gain from N(0.5, 0.1), so that no mapping error
+    (export, import, kernels) hides behind a 0 or a 1.
+    """
+    import torch
+
+    from gptkit.config import ModelConfig
+    from gptkit.model import GPT
+
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(**{**TINY_SHAPE, "vocab_size": vocab_size, **shape}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if random_vectors and p.dim() == 1:
+                p.normal_(mean=0.5, std=0.1)
+            elif scale != 1.0:
+                p.mul_(scale)
+    return model.eval()
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until a training process has logged `step` in its run folder (or fail if it exits)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = run / "metrics.jsonl"
+        if path.exists() and sum(1 for _ in path.open()) >= step:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.05)
+    pytest.fail(f"step {step} never came")

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def prepare(
-    sources: list[str] | None = None,
+    sources: list[str | Path] | None = None,
     out: str | Path = "data/default",
     *,
     overwrite: bool = False,
@@ -32,7 +32,10 @@ def prepare(
     from gptkit.data.prepare import prepare_data
 
     config = validate(PrepareConfig, settings, "prepare settings")
-    return prepare_data(sources or [], Path(out), config, overwrite=overwrite, progress=progress)
+    if isinstance(sources, (str, Path)):  # one source given bare
+        sources = [sources]
+    specs = [str(s) for s in sources or []]
+    return prepare_data(specs, Path(out), config, overwrite=overwrite, progress=progress)
 
 
 def train(

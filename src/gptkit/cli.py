@@ -543,7 +543,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gptkit: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader of our output left (`| head`): not an error of ours
-        raise
+        # Python's advice: point stdout at /dev/null, so the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a process ended by SIGPIPE
     except OSError as e:  # a system error no command words itself: still one line, no traceback
         print(f"gptkit: error: {describe_os_error(e)}", file=sys.stderr)
         return 2

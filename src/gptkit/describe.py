@@ -24,6 +24,7 @@ from gptkit.config import (
 )
 from gptkit.data.shards import PreparedData
 from gptkit.errors import GptkitError
+from gptkit.layout import CHECKPOINT_FOLDER, CONFIG_FILE
 from gptkit.tokenizer import from_description
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -42,7 +43,7 @@ def describe(target: str, verify: bool = False) -> dict[str, Any]:
         return _data_info(path, verify)
     if path.is_dir() and all((path / name).is_file() for name in ADAPTER_FILES):
         return _adapter_info(path)
-    if path.is_dir() and (path / "checkpoints").is_dir():
+    if path.is_dir() and (path / CHECKPOINT_FOLDER).is_dir():
         return _run_info(path)
     if path.is_dir() and (path / "config.json").is_file():
         return _hf_info(path)
@@ -193,7 +194,7 @@ def _adapter_info(path: Path) -> dict[str, Any]:
             "base": peft.get("base_model_name_or_path") or None,
         },
     }
-    run_config = path.parent / "config.yaml"
+    run_config = path.parent / CONFIG_FILE
     if run_config.is_file():
         config = validate(RunConfig, yaml.safe_load(run_config.read_text(encoding="utf-8")), str(run_config))
         out["finetune"] = _finetune_summary(config)

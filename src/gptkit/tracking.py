@@ -19,6 +19,7 @@ from gptkit.config import RunConfig
 from gptkit.console import notice
 from gptkit.errors import GptkitError
 from gptkit.files import write_atomic
+from gptkit.layout import TENSORBOARD_FOLDER
 
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"
 WANDB_RUN_ID_FILE = "wandb_run_id"
@@ -78,7 +79,7 @@ class TensorBoardTracker:
             raise _missing("tensorboard", "tensorboard") from None
         # Purging from start_step + 1 hides what a crashed run wrote past its checkpoint, as in metrics.jsonl.
         self.writer = SummaryWriter(
-            str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            str(run_dir / TENSORBOARD_FOLDER), purge_step=start_step + 1 if start_step else None
         )
 
     def log(self, split: str, step: int, metrics: dict[str, float]) -> None:

@@ -1,7 +1,7 @@
-"""A run folder's layout, the one place that knows it: step checkpoints, rotation, best, newest intact.
+"""A run folder's checkpoints, the one place that handles them: listing, rotation, best, newest intact.
 
 `runs/NAME/checkpoints/step_00001000.pt` ... and `best.json` naming the best one, beside the run's
-records (metrics.jsonl, samples.md, eval.json, report.md). Each file is written atomically
+records (`gptkit.layout` names every file of a run folder). Each file is written atomically
 (checkpoint/format.py), so a crash leaves every earlier file intact; resuming, sampling or evaluating
 a run takes the newest file that loads, and says so when it has to skip a damaged one.
 """
@@ -19,10 +19,9 @@ from gptkit.checkpoint.format import load_checkpoint, save_checkpoint
 from gptkit.console import notice
 from gptkit.errors import GptkitError
 from gptkit.files import remove_orphans, write_atomic
+from gptkit.layout import CHECKPOINT_FOLDER, RUN_RECORDS
 
-CHECKPOINT_FOLDER = "checkpoints"
 NAME = re.compile(r"^step_(\d+)\.pt$")
-RUN_RECORDS = ("metrics.jsonl", "samples.md", "eval.json", "report.md")  # runlog, report, eval.run
 
 
 def checkpoint_folder(run_dir: str | Path) -> Path:

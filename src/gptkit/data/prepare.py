@@ -70,6 +70,7 @@ def prepare_data(
 def _prepare(
     sources: list[Source], out: Path, config: PrepareConfig, overwrite: bool, progress: bool
 ) -> dict[str, Any]:
+    _finish_interrupted_swap(out)
     final = _check_output(out, overwrite, sources)
     skips = SkipLog(config.skip_bad)
     tokenizer = _build_tokenizer(sources, config, skips, progress)
@@ -168,11 +169,34 @@ def _remove_stale_partials(out: Path) -> None:
         notice(f"removed {stale}, left by an interrupted prepare")
 
 
+def _replaced(final: Path, pid: int) -> Path:
+    """Where `_publish` of process `pid` keeps the folder it replaces until the new one is in place."""
+    return final.parent / f".{final.name}.old-{pid}"
+
+
+def _finish_interrupted_swap(out: Path) -> None:
+    """A prepare killed inside `_publish` left the data it was replacing in `.OUT.old-PID`: put it
+    back if `out` is missing (the new data never arrived), else delete it (the swap was done)."""
+    if not out.parent.is_dir():
+        return
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        pid = old.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or alive(int(pid)):
+            continue
+        if out.exists() or out.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+            notice(f"removed {old}, the data an interrupted prepare had already replaced")
+        else:
+            old.rename(out)
+            notice(f"restored {out} from {old}, where an interrupted prepare had moved it")
+
+
 def _publish(tmp: Path, final: Path) -> None:
-    """Swap the finished folder into place; an old one is only deleted after the swap."""
+    """Swap the finished folder into place; an old one is only deleted after the swap (a kill in
+    between leaves it in `_replaced`, which the next prepare puts back or removes)."""
     old = None
     if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        old = _replaced(final, os.getpid())
         final.rename(old)
     tmp.rename(final)
     fsync_dir(final.parent)

@@ -12,7 +12,7 @@ prepared before gptkit recorded it have none, and load unchecked).
 The reader trusts nothing: it checks the format, the tokenizer against the vocabulary size, every
 shard's size, each split's total, and the shards' sha256 when that is cheap (at most
 VERIFY_ON_OPEN_BYTES of shards; `gptkit info DATA --verify` checks any size). Batches check their
-token ids against the vocabulary (training.batches), which finds what the sizes cannot.
+token ids against the vocabulary (data.batches), which finds what the sizes cannot.
 """
 
 from __future__ import annotations
@@ -56,8 +56,13 @@ class PreparedData:
         path = Path(path)
         meta_path = path / "meta.json"
         if not meta_path.is_file():
-            partial = sorted(path.parent.glob(f".{path.name}.partial-*")) if path.parent.exists() else []
-            why = " (an interrupted prepare left " + str(partial[0]) + ")" if partial else ""
+            left = (
+                sorted(path.parent.glob(f".{path.name}.partial-*"))
+                + sorted(path.parent.glob(f".{path.name}.old-*"))
+                if path.parent.exists()
+                else []
+            )
+            why = " (an interrupted prepare left " + str(left[0]) + ")" if left else ""
             raise GptkitError(
                 f"{str(path)!r} is not prepared data: no meta.json{why}; "
                 f"run: gptkit prepare [SOURCE ...] --out {path}"

@@ -19,7 +19,6 @@ from gptkit.generate.textmodel import TextModel
 from gptkit.tracking import markdown_code
 
 ANSWERS = "answers"  # the task name of answer records in eval.json
-EVAL_MD = "eval.md"
 
 
 def read_questions(path: str | Path) -> list[str]:

@@ -32,14 +32,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gptkit.checkpoint import CHECKPOINT_FOLDER, is_run, newest_intact, run_of, step_files
+from gptkit.checkpoint import is_run, newest_intact, run_of, step_files
 from gptkit.config import EVAL_BATCH_SIZE, EVAL_DATA_DIR, EVAL_MAX_NEW_TOKENS, EvalConfig
 from gptkit.console import notice
 from gptkit.device import pick_device
 from gptkit.errors import GptkitError
 from gptkit.eval.answers import (
     ANSWERS,
-    EVAL_MD,
     answer_questions,
     answers_text,
     read_questions,
@@ -58,13 +57,12 @@ from gptkit.eval.tasks import (
 from gptkit.files import write_atomic
 from gptkit.generate.inference import check_quantize, prepare
 from gptkit.generate.textmodel import TextModel
+from gptkit.layout import CHECKPOINT_FOLDER, EVAL_FILE, EVAL_MD, EVAL_PNG
 from gptkit.loading import is_hf_folder, load_any
 from gptkit.locks import hold
 from gptkit.tokenizer import Tokenizer
 from gptkit.tracking import MLflowTracker, TensorBoardTracker
 
-EVAL_FILE = "eval.json"
-EVAL_PNG = "eval.png"
 KEY_FIELDS = ("checkpoint", "step", "task", "limit", "file", "quantize")  # what makes a result the same one
 PLOTTED = {
     PERPLEXITY: ("bits_per_byte",),

@@ -2,7 +2,7 @@
 
 `torchrun --nproc_per_node=N -m gptkit train CONFIG` starts N copies of `gptkit train`; each learns
 its rank from the environment torchrun sets. Every rank draws the same global batch and trains on
-its own slice (gptkit.training.batches), gradients are averaged across ranks, and so N processes with
+its own slice (gptkit.data.batches), gradients are averaged across ranks, and so N processes with
 micro-batch B take the same steps as one process with micro-batch N x B. Only rank 0 prints, logs
 and writes files; checkpoints hold full (unsharded) states, so a run saved by N processes resumes
 with any number of processes, or loads into a plain model.

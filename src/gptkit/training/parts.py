@@ -18,6 +18,7 @@ import torch
 from gptkit.config import FinetuneConfig, RunConfig, validate
 from gptkit.console import notice
 from gptkit.data.batch import Batch
+from gptkit.data.batches import ShardBatches, TokenSource, fixed_batches
 from gptkit.data.shards import PreparedData
 from gptkit.errors import GptkitError
 from gptkit.finetuning import lora
@@ -27,7 +28,6 @@ from gptkit.fused_loss import next_token_loss
 from gptkit.model import GPT
 from gptkit.runtime import Processes, Runtime, resolve_runtime
 from gptkit.tokenizer import Tokenizer, from_description
-from gptkit.training.batches import ShardBatches, TokenSource, fixed_batches
 from gptkit.training.budget import available_memory, memory_estimate
 from gptkit.training.trainer import Trainer, accumulation_steps, seed_everything
 

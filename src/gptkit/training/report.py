@@ -8,22 +8,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gptkit.checkpoint import CHECKPOINT_FOLDER
 from gptkit.config import RunConfig
 from gptkit.files import write_atomic
 from gptkit.finetuning.lora import ADAPTER_DIR
+from gptkit.layout import CHECKPOINT_FOLDER, CONFIG_FILE, LOSS_PNG, METRICS_FILE, REPORT_FILE, SAMPLES_FILE
 from gptkit.tracking import markdown_code
 from gptkit.training.runlog import (
-    LOSS_PNG,
-    METRICS_FILE,
-    SAMPLES_FILE,
     format_samples,
     read_metrics,
     sample_sections,
     si,
 )
-
-REPORT_FILE = "report.md"
 
 
 def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
@@ -64,7 +59,7 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
     ]
     files = [
         f"`{f}`"
-        for f in ("config.yaml", METRICS_FILE, SAMPLES_FILE, f"{CHECKPOINT_FOLDER}/")
+        for f in (CONFIG_FILE, METRICS_FILE, SAMPLES_FILE, f"{CHECKPOINT_FOLDER}/")
         if (run_dir / f).exists()
     ]
     if files:

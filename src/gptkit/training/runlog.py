@@ -28,11 +28,9 @@ from tqdm import tqdm
 from gptkit.config import RunConfig
 from gptkit.console import notice
 from gptkit.files import write_atomic
+from gptkit.layout import LOSS_PNG, METRICS_FILE, SAMPLES_FILE
 from gptkit.tracking import MLflowTracker, Status, TensorBoardTracker, WandbTracker, markdown_code
 
-METRICS_FILE = "metrics.jsonl"
-SAMPLES_FILE = "samples.md"
-LOSS_PNG = "loss.png"
 NO_PROGRESS_ENV = "GPTKIT_NO_PROGRESS"  # 1: no progress bar (tests, scripts)
 
 

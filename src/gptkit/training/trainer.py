@@ -27,6 +27,7 @@ from gptkit.device import autocast, fast_matmul
 from gptkit.errors import GptkitError
 from gptkit.fused_loss import next_token_loss
 from gptkit.generate import Sampler, SampleSettings
+from gptkit.layout import CONFIG_FILE
 from gptkit.training import distributed
 from gptkit.training.budget import (
     available_memory,
@@ -265,7 +266,7 @@ class Trainer:
         self._check_inputs()
         self._print_budget()
         if main:
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
+            (self.run_dir / CONFIG_FILE).write_text(to_yaml(self.config))
         # MFU compares all processes' tokens with all processes' ceilings (each measures its own)
         ceiling = sum(distributed.gather(matmul_ceiling(self.device.type, self.precision), self.procs))
         together = f" of {self.procs.world_size} processes together" if self.procs.distributed else ""

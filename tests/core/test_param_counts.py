@@ -13,7 +13,7 @@ import pytest
 
 from gptkit.api import info, prepare
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "configs").glob("*.yaml"))]
 STATED = re.compile(r"(\d[\d,]*(?:\.\d+)?[MB]?)[- ](?:parameters?|params)\b|(?:GPT-2 |\()(\d[\d.]*[MB])\b")
 

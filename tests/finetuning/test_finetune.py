@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_gpt
 
 import gptkit
 from gptkit.api import finetune
@@ -122,12 +123,8 @@ def test_loss_counts_response_tokens_only(tok: CharTokenizer) -> None:
 
 
 def small_model(tok: CharTokenizer, block_size: int) -> GPT:
-    """2 layers, width 32: small enough to compare examples one by one."""
-    config = load_config(
-        None, ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", f"model.block_size={block_size}"]
-    )
-    config.model.vocab_size = tok.vocab_size
-    return GPT(config.model)
+    """Small enough to compare examples one by one."""
+    return tiny_gpt(tok.vocab_size, block_size=block_size)
 
 
 def test_packing_and_padding_give_each_example_its_own_loss(tok: CharTokenizer) -> None:

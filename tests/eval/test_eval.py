@@ -16,15 +16,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_DATA, shared_file
+from conftest import SHARED_DATA, shared_file, tiny_gpt
 
 from gptkit.checkpoint import save_checkpoint
 from gptkit.config import EvalConfig, RunConfig, load_config
 from gptkit.errors import GptkitError
 from gptkit.eval.perplexity import perplexity, read_tokens, windows
-from gptkit.eval.run import EVAL_FILE, EVAL_PNG, EvalSettings, Evaluator, read_results
+from gptkit.eval.run import EvalSettings, Evaluator, read_results
 from gptkit.eval.scoring import encode_pair, logits_fn, score_requests
 from gptkit.eval.tasks import KNOWN_TASKS, Example, find_task_file, hellaswag_example, load_task
+from gptkit.layout import EVAL_FILE, EVAL_PNG
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer, gpt2_tokenizer
 
@@ -37,22 +38,8 @@ def quiet(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def tiny_model(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    config = load_config(
-        None,
-        [
-            "model.n_layer=2",
-            "model.n_head=2",
-            "model.n_embd=32",
-            f"model.block_size={BLOCK}",
-            "model.vocab_size=50257",
-        ],
-    )
-    model = GPT(config.model)
-    with torch.no_grad():  # larger weights than GPT-2's init: peaked, varied distributions, no near-ties
-        for p in model.parameters():
-            p.mul_(8)
-    return model.eval()
+    """The GPT-2 vocabulary, weights x8: peaked, varied distributions, no near-ties."""
+    return tiny_gpt(50257, block_size=BLOCK, seed=seed, scale=8)
 
 
 @pytest.fixture(scope="module")

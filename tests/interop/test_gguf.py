@@ -7,15 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 gguf = pytest.importorskip("gguf", reason="needs the export extra: pip install -e .[export]")
 
-from conftest import shared_file  # noqa: E402
+from conftest import shared_file, tiny_gpt  # noqa: E402
 
 from gptkit.api import export_model  # noqa: E402
 from gptkit.checkpoint import save_checkpoint  # noqa: E402
-from gptkit.config import ModelConfig, RunConfig  # noqa: E402
+from gptkit.config import RunConfig  # noqa: E402
 from gptkit.errors import GptkitError  # noqa: E402
 from gptkit.generate.sampler import Sampler  # noqa: E402
 from gptkit.generate.settings import SampleSettings  # noqa: E402
@@ -30,16 +29,7 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40 + 
 
 
 def tiny(tokenizer: Tokenizer, *, bias: bool = True, n_embd: int = 64) -> GPT:
-    torch.manual_seed(0)
-    config = ModelConfig(
-        n_layer=2, n_head=4, n_embd=n_embd, block_size=64, vocab_size=tokenizer.vocab_size, bias=bias
-    )
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.normal_(mean=0.5, std=0.1)
-    return model
+    return tiny_gpt(tokenizer.vocab_size, n_head=4, n_embd=n_embd, bias=bias, random_vectors=True)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_gpt
 
 from gptkit.config import LoRAConfig, ModelConfig, TrainConfig
 from gptkit.errors import GptkitError
@@ -25,8 +26,7 @@ ALL = ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]
 
 
 def base(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(CONFIG).eval()
+    return tiny_gpt(seed=seed, **CONFIG.model_dump(include={"block_size"}))
 
 
 def logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:

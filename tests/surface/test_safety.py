@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_train import TINY, wait_for_step
+from conftest import TINY_RUN, wait_for_step
 
 from gptkit.api import export_model, train
 from gptkit.checkpoint import load_checkpoint, step_files
@@ -71,7 +71,7 @@ def data(char_data: Path) -> Path:
 
 
 def tiny(root: Path, data: Path, *overrides: str) -> list[str]:
-    return [*TINY, f"data.path={data}", f"runs_dir={root / 'runs'}", "eval.every=0", *overrides]
+    return [*TINY_RUN, f"data.path={data}", f"runs_dir={root / 'runs'}", "eval.every=0", *overrides]
 
 
 @pytest.fixture(scope="module")

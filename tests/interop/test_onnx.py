@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_gpt
 
 ort = pytest.importorskip("onnxruntime", reason="needs the export extra: pip install -e .[export]")
 onnx = pytest.importorskip("onnx", reason="needs the export extra: pip install -e .[export]")
@@ -27,13 +28,7 @@ def exported(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[GPT, ort.InferenceSession, ort.InferenceSession]:
     """One export for the module (it takes a few seconds). bias=False: ONNX expresses it as it is."""
-    torch.manual_seed(0)
-    config = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=VOCAB, bias=False)
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.normal_(mean=1.0, std=0.1)
+    model = tiny_gpt(VOCAB, n_head=4, n_embd=64, bias=False, random_vectors=True)
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
     prefill, decode = export_onnx(model, out)
     assert decode == with_past_path(out) == out.with_name("model_with_past.onnx")

@@ -96,6 +96,16 @@ def test_info_on_a_preset() -> None:
     assert bad.returncode == 2 and "did you mean 'gpt2'" in bad.stderr
 
 
+def test_a_reader_that_leaves_early_is_not_an_error_with_a_traceback() -> None:
+    """`gptkit info gpt2 | head -1`: the pipe closes before gptkit writes; no traceback, SIGPIPE's code."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptkit", "info", "gpt2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # long before the interpreter has started and written anything
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and stderr == "", stderr
+
+
 TORCH_PROBE = """
 import sys
 from gptkit.cli import build_parser, main
@@ -115,7 +125,7 @@ print("TORCH_LOADED" if "torch" in sys.modules else "NO_TORCH", file=sys.stderr)
 )
 def test_parser_help_version_and_info_of_presets_and_configs_do_not_import_torch(args: list[str]) -> None:
     """Start-up stays fast: torch is imported only by commands that run a model."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
         [sys.executable, "-c", TORCH_PROBE, *args], capture_output=True, text=True, cwd=root, timeout=120
     )

@@ -34,7 +34,7 @@ def test_the_cli_says_lr_is_train_lr(tmp_path: Path) -> None:
         [sys.executable, "-m", "gptkit", "train", "configs/tiny.yaml", "lr=3e-4"],
         capture_output=True,
         text=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert out.returncode == 2 and "did you mean 'train.lr'" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1

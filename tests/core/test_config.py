@@ -19,7 +19,7 @@ from gptkit.config import (
 )
 from gptkit.errors import GptkitError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, text: str) -> Path:

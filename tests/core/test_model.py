@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_SHAPE, tiny_gpt
 
 from gptkit import fused_loss
 from gptkit.config import MODEL_PRESETS, ModelConfig
@@ -17,13 +18,11 @@ VOCAB = 101  # deliberately not a multiple of 64, so the embedding table has pad
 
 
 def tiny_config(**overrides: object) -> ModelConfig:
-    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=VOCAB)
-    return ModelConfig(**{**shape, **overrides})
+    return ModelConfig(**{**TINY_SHAPE, "vocab_size": VOCAB, **overrides})
 
 
 def tiny_model(seed: int = 0, **overrides: object) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(tiny_config(**overrides))
+    return tiny_gpt(int(overrides.pop("vocab_size", VOCAB)), seed=seed, **overrides).train()
 
 
 def meta_model(config: ModelConfig) -> GPT:

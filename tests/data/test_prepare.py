@@ -319,6 +319,34 @@ def test_killed_run_leaves_nothing_a_loader_or_rerun_accepts(tmp_path: Path) -> 
     assert sorted(split_docs(data, "train") + split_docs(data, "val")) == sorted(DOCS * 4000)
 
 
+def dead_pid() -> int:
+    """The id of a process that has ended."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_prepare_killed_while_swapping_folders_loses_no_data(tmp_path: Path) -> None:
+    """Killed between moving the old folder aside and moving the new one in: the next prepare puts
+    the old data back (and, with --overwrite, replaces it); killed after: it removes the leftover."""
+    src = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    out = tmp_path / "out"
+    prepare([src], out, tokenizer="char", progress=False, workers=1)
+    before = sorted(split_docs(PreparedData.open(out), "train"))
+    aside = tmp_path / f".out.old-{dead_pid()}"
+    out.rename(aside)  # where the killed prepare left it: no `out`
+    with pytest.raises(GptkitError, match=r"an interrupted prepare left .*\.out\.old-"):
+        PreparedData.open(out)
+    with pytest.raises(GptkitError, match="pass --overwrite"):  # put back, so not silently replaced
+        prepare([src], out, tokenizer="char", progress=False, workers=1)
+    assert not aside.exists() and sorted(split_docs(PreparedData.open(out), "train")) == before
+
+    (tmp_path / f".out.old-{dead_pid()}").mkdir()  # killed after the new folder was in place
+    prepare([src], out, tokenizer="char", progress=False, workers=1, overwrite=True)
+    assert not list(tmp_path.glob(".out.old-*"))
+    assert sorted(split_docs(PreparedData.open(out), "train")) == before
+
+
 def test_workers_run_from_a_script_on_standard_input(tmp_path: Path) -> None:
     """`python - < script.py` names its main module "<stdin>"; worker processes must still start."""
     (tmp_path / "notes").mkdir()

@@ -6,6 +6,7 @@ import string
 
 import pytest
 import torch
+from conftest import tiny_gpt
 
 from gptkit.config import ModelConfig
 from gptkit.generate import Sampler, SampleSettings
@@ -23,11 +24,8 @@ CONFIG = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=l
 
 
 def pair(use_kernel: bool = True) -> tuple[GPT, GPT]:
-    torch.manual_seed(0)
-    plain = GPT(CONFIG).eval()
-    with torch.no_grad():  # larger weights than GPT-2's init: peaked distributions, no near-ties
-        for p in plain.parameters():
-            p.mul_(4)
+    """The plain model (weights x4: peaked distributions, no near-ties) and a copy with the CPU layers."""
+    plain = tiny_gpt(CONFIG.vocab_size, n_head=4, n_embd=64, scale=4)
     fast = GPT(CONFIG).eval()
     fast.load_state_dict(plain.state_dict())
     assert use_cpu_linear(fast, use_kernel=use_kernel) == 4 * CONFIG.n_layer + 1

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RUN, wait_for_step
 
 from gptkit.api import info, prepare
 from gptkit.checkpoint import clean_state_dict, load_checkpoint, newest_intact, step_files
@@ -29,20 +30,6 @@ from gptkit.training.launch import train
 from gptkit.training.parts import Parts
 from gptkit.training.trainer import Trainer
 
-TINY = [
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=32",
-    "train.micro_batch_size=4",
-    "train.lr=3e-3",
-    "train.warmup_steps=3",
-    "train.precision=fp32",
-    "eval.batches=2",
-    "eval.sample_tokens=8",
-    "log.every=1",
-]
-
 
 @pytest.fixture(autouse=True)
 def quiet(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,7 +37,7 @@ def quiet(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def config(tmp_path: Path, data: Path, *overrides: str) -> RunConfig:
-    return load_config(None, [*TINY, f"data.path={data}", f"runs_dir={tmp_path / 'runs'}", *overrides])
+    return load_config(None, [*TINY_RUN, f"data.path={data}", f"runs_dir={tmp_path / 'runs'}", *overrides])
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -225,7 +212,7 @@ def test_rotation_keeps_the_best_and_best_survives_resume(tmp_path: Path, char_d
 def test_checkpoints_from_wrapped_models_load_into_a_plain_model(tmp_path: Path) -> None:
     import torch.distributed as dist
 
-    cfg = load_config(None, [*TINY, "model.vocab_size=50"])
+    cfg = load_config(None, [*TINY_RUN, "model.vocab_size=50"])
     model = GPT(cfg.model)
     compiled = torch.compile(model)  # wrapping only; nothing is compiled until it is called
     assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
@@ -297,20 +284,8 @@ def test_nan_loss_skips_steps_then_stops(tmp_path: Path, char_data: Path, capsys
 def cli(tmp_path: Path, data: Path, *extra: str) -> list[str]:
     cfg = tmp_path / "sig.yaml"
     cfg.write_text("")
-    args = [*TINY, f"data.path={data}", f"runs_dir={tmp_path / 'runs'}", *extra]
+    args = [*TINY_RUN, f"data.path={data}", f"runs_dir={tmp_path / 'runs'}", *extra]
     return [sys.executable, "-m", "gptkit", "train", str(cfg), *args]
-
-
-def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        path = run / "metrics.jsonl"
-        if path.exists() and sum(1 for _ in path.open()) >= step:
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"training exited early: {proc.stderr.read() if proc.stderr else ''}")
-        time.sleep(0.05)
-    pytest.fail(f"step {step} never came")
 
 
 @pytest.mark.slow
@@ -618,8 +593,8 @@ def test_eval_inputs_are_checked_before_step_1(tmp_path: Path, shakespeare: Path
     data = tmp_path / "shakespeare"
     prepare([str(shakespeare)], data, tokenizer="char", progress=False, workers=1)
     env = {**os.environ, "GPTKIT_NO_PROGRESS": "1"}
-    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-    common = [str(tiny), *TINY, f"data.path={data}", f"runs_dir={tmp_path / 'runs'}", "eval.every=25"]
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    common = [str(tiny), *TINY_RUN, f"data.path={data}", f"runs_dir={tmp_path / 'runs'}", "eval.every=25"]
     for extra, message in [
         ([], "eval.prompts[0] 'The \"if\" statement' cannot be sampled from: character '\"' (U+0022)"),
         (["eval.tasks=[lambada]", "eval.task_data=nope", "eval.sample_tokens=0"], "lambada needs nope"),
@@ -661,8 +636,8 @@ def test_an_error_after_step_1_saves_an_emergency_checkpoint_that_resumes_exactl
     five steps were lost; now it is one line, after an emergency checkpoint of step 5."""
     import shutil
 
+    from gptkit.data.batches import ShardBatches
     from gptkit.data.shards import PreparedData
-    from gptkit.training.batches import ShardBatches
 
     data = tmp_path / "data"
     shutil.copytree(char_data, data)

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from conftest import SHARED_DATA, shared_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
-MULTI = "several processes (tests/test_distributed.py runs torchrun with 2, DDP and FSDP)"
+MULTI = "several processes (tests/training/test_distributed.py runs torchrun with 2, DDP and FSDP)"
 NOT_RUN = {
     "torchrun --nproc_per_node=4 -m gptkit train configs/small.yaml": MULTI,
     "torchrun --nproc_per_node=4 -m gptkit train configs/small.yaml train.distributed=fsdp": MULTI,

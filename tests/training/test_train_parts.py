@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from gptkit.config import ModelConfig, TrainConfig
+from gptkit.data.batches import ShardBatches, fixed_batches
 from gptkit.device import native_bf16, pick_precision
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
-from gptkit.training.batches import ShardBatches, fixed_batches
 from gptkit.training.optim import learning_rate, make_optimizer, param_groups
 
 

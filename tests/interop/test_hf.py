@@ -18,13 +18,13 @@ safetensors_torch = pytest.importorskip(
     "safetensors.torch", reason="needs the export extra: pip install -e .[export]"
 )
 
-from conftest import shared_file  # noqa: E402
+from conftest import shared_file, tiny_gpt  # noqa: E402
 
 import gptkit  # noqa: E402
 from gptkit.api import export_model  # noqa: E402
 from gptkit.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from gptkit.cli import main  # noqa: E402
-from gptkit.config import ModelConfig, RunConfig  # noqa: E402
+from gptkit.config import RunConfig  # noqa: E402
 from gptkit.errors import GptkitError  # noqa: E402
 from gptkit.fused_loss import next_token_loss  # noqa: E402
 from gptkit.generate.sampler import Sampler  # noqa: E402
@@ -41,18 +41,8 @@ CHARS = "".join(chr(c) for c in range(ord(" "), ord(" ") + 68)) + "\n"
 def tiny(
     tokenizer: Tokenizer, *, seed: int = 0, bias: bool = True, n_embd: int = 64, n_layer: int = 2
 ) -> GPT:
-    torch.manual_seed(seed)
-    config = ModelConfig(
-        n_layer=n_layer, n_head=4, n_embd=n_embd, block_size=64, vocab_size=tokenizer.vocab_size, bias=bias
-    )
-    model = GPT(config).eval()
-    with (
-        torch.no_grad()
-    ):  # random biases and LayerNorm gains too, so that no mapping error hides behind a 0 or 1
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.normal_(mean=1.0 if name.endswith("ln_1.weight") else 0.0, std=0.1)
-    return model
+    shape = {"n_layer": n_layer, "n_head": 4, "n_embd": n_embd, "bias": bias}
+    return tiny_gpt(tokenizer.vocab_size, seed=seed, random_vectors=True, **shape)
 
 
 def char_tokenizer() -> CharTokenizer:
