@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'gptkit[serve]'")
 pytest.importorskip("openai", reason="the openai client is not installed (gptkit's dev extra)")
 
-from servers import KEY, Server, char_checkpoint, start  # noqa: E402
+from servers import KEY, ORIGIN, Server, char_checkpoint, start  # noqa: E402
 
 import gptkit  # noqa: E402
 from gptkit.generate.textmodel import TextModel  # noqa: E402
@@ -31,8 +31,9 @@ def server(chat_model: TextModel) -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A base model (no chat template) behind a key, one row and one place in the queue; larger, so
+    """A base model (no chat template) behind a key, one row and one place in the queue, open to
+    browsers on ORIGIN; larger, so
     that a stream of 1000 tokens lasts seconds (a request waits in the queue meanwhile)."""
     ckpt = char_checkpoint(tmp_path_factory.mktemp("serve") / "base.pt", None, n_layer=4, n_embd=384)
     model = gptkit.load(ckpt, device="cpu")
-    yield from start(model, api_key=KEY, max_batch=1, max_queue=1, keepalive=0.2)
+    yield from start(model, api_key=KEY, max_batch=1, max_queue=1, keepalive=0.2, cors_origin=ORIGIN)

@@ -26,6 +26,7 @@ from gptkit.templates import ChatTemplate
 from gptkit.tokenizer import CharTokenizer
 
 KEY = "serve-test-key"
+ORIGIN = "http://localhost:3000"  # the strict server's one allowed browser origin
 BLOCK = 1024  # long enough that a stream of 1000 tokens lasts about a second
 
 

@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from servers import KEY, Server
+from servers import KEY, ORIGIN, Server
 
 from gptkit.serve.server import exposed
 
@@ -113,3 +113,16 @@ def test_unknown_fields_are_ignored(server: Server) -> None:
 
 def test_only_unspecified_addresses_count_as_exposed() -> None:
     assert exposed("0.0.0.0") and exposed("::") and not exposed("127.0.0.1") and not exposed("localhost")
+
+
+def test_cors_only_for_the_given_origin(strict: Server, server: Server) -> None:
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}  # fmt: skip
+    r = httpx.options(f"{strict.url}/v1/chat/completions", headers=preflight)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    other = httpx.options(f"{strict.url}/v1/chat/completions", headers={**preflight, "Origin": "http://evil"})
+    assert "access-control-allow-origin" not in other.headers
+    r = httpx.get(f"{strict.url}/v1/models", headers={"Origin": ORIGIN, "Authorization": f"Bearer {KEY}"})
+    assert r.headers["access-control-allow-origin"] == ORIGIN
+    r = httpx.get(f"{server.url}/v1/models", headers={"Origin": ORIGIN})  # no --cors-origin: no CORS
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers

@@ -176,3 +176,18 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server: Server) -> None:
     while active(server) != 0:
         assert time.monotonic() < deadline, "the slot was not freed within a second"
         time.sleep(0.02)
+
+
+def test_metrics_count_requests_tokens_and_latencies(server: Server) -> None:
+    greedy(server, max_tokens=5)
+    text = httpx.get(f"{server.url}/metrics").text
+
+    def value(pattern: str) -> float:
+        return float(re.search(rf"^{pattern} (\S+)$", text, re.M).group(1))
+
+    assert value(r'gptkit_requests_total\{endpoint="/v1/completions",status="200"\}') >= 1
+    assert value("gptkit_prompt_tokens_total") >= len(PROMPT)
+    assert value("gptkit_completion_tokens_total") >= 5
+    assert value("gptkit_queued_requests") == 0
+    assert value("gptkit_time_to_first_token_seconds_count") >= 1
+    assert value("gptkit_inter_token_seconds_count") >= 4

@@ -103,11 +103,6 @@ class Decoding:
     def busy(self) -> bool:
         return bool(self.waiting or self.prefill or self.slots.owners or self.ended)
 
-    @property
-    def running(self) -> int:
-        """Sequences in the batch or being prefilled."""
-        return len(self.slots.owners) + sum(map(len, self.staged))
-
     def add(
         self, prompt: list[int], settings: SampleSettings, seeds: list[int], text: bool = True
     ) -> list[Sequence]:
