@@ -7,13 +7,16 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import pytest
 import torch
-from servers import Server
+from servers import Server, start
 
+import gptkit
 from gptkit.generate.settings import SampleSettings
+from gptkit.generate.textmodel import TextModel
 from gptkit.templates import ChatTemplate
 
 PROMPT = "The quick brown fox"
@@ -191,3 +194,13 @@ def test_metrics_count_requests_tokens_and_latencies(server: Server) -> None:
     assert value("gptkit_queued_requests") == 0
     assert value("gptkit_time_to_first_token_seconds_count") >= 1
     assert value("gptkit_inter_token_seconds_count") >= 4
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantised_models_serve_what_they_generate(mode: str, chat_model: TextModel) -> None:
+    """`--quantize`: the server decodes with the quantised model (int8 through the CPU kernel, int4
+    through GPT.forward) and says what `gptkit.load(..., quantize=mode)` generates."""
+    model = gptkit.load(chat_model.source, device="cpu", quantize=mode)
+    with contextmanager(start)(model, max_batch=2, max_queue=2) as running:
+        out = greedy(running, max_tokens=20)
+    assert out.choices[0].text == model.generate(PROMPT, temperature=0, max_new_tokens=20)
