@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'gptkit[serve]'")
 pytest.importorskip("openai", reason="the openai client is not installed (gptkit's dev extra)")
 
-from servers import KEY, ORIGIN, Server, char_checkpoint, start  # noqa: E402
+from serve.servers import KEY, ORIGIN, Server, char_checkpoint, start  # noqa: E402
 
 import gptkit  # noqa: E402
 from gptkit.generate.textmodel import TextModel  # noqa: E402

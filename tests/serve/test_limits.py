@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from servers import KEY, ORIGIN, Server
+from serve.servers import KEY, ORIGIN, Server
 
 from gptkit.serve.server import exposed
 

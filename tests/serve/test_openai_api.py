@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 import torch
-from servers import Server, start
+from serve.servers import Server, start
 
 import gptkit
 from gptkit.generate.settings import SampleSettings

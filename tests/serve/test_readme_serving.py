@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from servers import Server
+from serve.servers import Server
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
 SECTION = re.search(r"^## Serving\n(.*?)^## ", README, re.M | re.S).group(1)
