@@ -82,6 +82,7 @@ BAD = [
     ("temperature -1", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
     ("wrong type", {"prompt": "hi", "n": "many"}, 400, "n"),
     ("too many samples", {"prompt": "hi", "n": 99}, 400, "n"),
+    ("too many choices", {"prompt": ["hi"] * 40, "n": 2}, 400, "prompt"),
     ("prompt longer than the context", {"prompt": "x" * 1100}, 400, "prompt"),
     ("max_tokens past the context", {"prompt": "hi", "max_tokens": 1023}, 400, "max_tokens"),
     ("20 MB body", {"prompt": "x" * 20_000_000}, 413, None),

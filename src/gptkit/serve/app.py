@@ -255,6 +255,10 @@ def add_routes(app: FastAPI, served: Served) -> None:
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not texts or any(not t for t in texts):
             raise ApiError(400, "prompt: give a non-empty string or a list of them", param="prompt")
+        if len(texts) * body.n > p.MAX_CHOICES:
+            raise ApiError(
+                400, f"prompts x n is {len(texts) * body.n}; at most {p.MAX_CHOICES}", param="prompt"
+            )
         prompts = [encode_prompt(served, t) for t in texts]
         settings = sample_settings(served, body, prompts, body.max_tokens, body.logprobs, [])
         run = Run(served, body, prompts, settings, chat=False)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_N = 8  # samples per request: each takes a row of the batch
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
+MAX_CHOICES = 64  # prompts x n in one completions request
 
 
 class Request(BaseModel):
