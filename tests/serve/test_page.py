@@ -1,0 +1,418 @@
+"""The chat page at `/`, driven in headless Chromium (Debian's chromium + chromium-driver, through
+Selenium) against a real `gptkit serve` on 127.0.0.1: streaming, stop, reload, settings, errors, phone
+width. Nothing downloads a browser or a driver: both paths are given and Selenium Manager is offline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import string
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from gptkit.checkpoint import save_checkpoint
+from gptkit.config import load_config
+from gptkit.model import GPT
+from gptkit.templates import ChatTemplate
+from gptkit.tokenizer import CharTokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+KEY = "page-test-key"
+TEMPLATE = ChatTemplate.named("chat")
+NO_MODEL = "no model: see Settings"  # what the page shows when /v1/models failed
+BLOCK = 1024  # long replies (one character a token) give the stop test time to press Stop
+
+if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+    pytest.skip(
+        "chromium and chromium-driver are not installed: apt-get install chromium chromium-driver",
+        allow_module_level=True,
+    )
+webdriver = pytest.importorskip(
+    "selenium.webdriver", reason="selenium is not installed: pip install selenium (in gptkit's dev extra)"
+)
+from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+# ------------------------------------------------------------------------------------ server and browser
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained char model with the "chat" template that (almost) never ends a reply by itself.
+
+    Its end-of-text logit is pushed about 10 below the others (one LayerNorm bias and the tied row), so
+    replies run to max_tokens: long enough to be stopped, while temperature still changes what it says.
+    """
+    tok = CharTokenizer.train([string.printable.replace("\x0b", "").replace("\x0c", "")])
+    config = load_config(
+        None,
+        ["model.n_layer=4", "model.n_head=4", "model.n_embd=256", f"model.block_size={BLOCK}",
+         f"model.vocab_size={tok.vocab_size}", "model.dropout=0.0"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT(config.model)
+    with torch.no_grad():
+        model.transformer.ln_f.bias[0] = 10.0
+        model.transformer.wte.weight[tok.eot_id] = 0.0
+        model.transformer.wte.weight[tok.eot_id, 0] = -1.0
+    return save_checkpoint(
+        tmp_path_factory.mktemp("page") / "chat.pt",
+        model_state=model.state_dict(),
+        config=config.model_dump(mode="json"),
+        tokenizer=tok.describe(),
+        chat_template=TEMPLATE.to_dict(),
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, key: str | None = KEY) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`gptkit serve` with an API key on 127.0.0.1 and a free port; yields its base URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gptkit", "serve", str(checkpoint), "--port", str(port), "--api-key", KEY],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"gptkit serve exited with {process.returncode}:\n{log.read_text()}")
+            try:
+                if get(f"{url}/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"gptkit serve did not answer /health in 120 s:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium from Debian's packages; Selenium Manager may not download anything."""
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1280,900", "--lang=en-US"):  # fmt: skip
+        options.add_argument(flag)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SE_OFFLINE", "true")
+        driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def page(browser: Any, server: str) -> Any:
+    """The page with the key set, a fresh conversation and desktop size (each test may change them)."""
+    browser.set_window_size(1280, 900)
+    browser.get(server + "/")
+    settings = json.dumps({"api_key": KEY})
+    browser.execute_script(f"localStorage.clear(); localStorage.setItem('gptkit.settings', '{settings}')")
+    browser.refresh()
+    wait_for(browser, lambda: testid(browser, "model").text not in ("", NO_MODEL), "the model's name")
+    return browser
+
+
+# ------------------------------------------------------------------------------------------- page helpers
+
+
+def wait_for(driver: Any, condition: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.02).until(lambda _: condition())
+    except TimeoutException:
+        pytest.fail(f"the page did not show {what} within {timeout} s")
+
+
+def testid(driver: Any, name: str) -> WebElement:
+    return driver.find_element(By.CSS_SELECTOR, f'[data-testid="{name}"]')
+
+
+def all_testid(driver: Any, name: str) -> list[WebElement]:
+    return driver.find_elements(By.CSS_SELECTOR, f'[data-testid="{name}"]')
+
+
+def streaming(driver: Any) -> bool:
+    return testid(driver, "stop").is_displayed()
+
+
+def reply_text(driver: Any) -> str:
+    """The newest reply exactly as its DOM text holds it (not the rendered, whitespace-folded text)."""
+    replies = all_testid(driver, "reply-text")
+    return replies[-1].get_property("textContent") if replies else ""
+
+
+def set_field(driver: Any, name: str, value: str) -> None:
+    if not testid(driver, "settings").is_displayed():
+        testid(driver, "settings-toggle").click()
+    field = testid(driver, name)
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(Keys.DELETE)
+    if value:
+        field.send_keys(value)
+
+
+def send(driver: Any, text: str) -> None:
+    """Types the message and presses Enter (Shift+Enter for its line breaks, as a person would)."""
+    field = testid(driver, "input")
+    for i, line in enumerate(text.split("\n")):
+        if i:
+            field.send_keys(Keys.SHIFT, Keys.ENTER)
+        field.send_keys(line)
+    field.send_keys(Keys.ENTER)
+
+
+def finished_reply(driver: Any, timeout: float = 60) -> str:
+    wait_for(driver, lambda: not streaming(driver), "the end of the reply", timeout)
+    return reply_text(driver)
+
+
+def active_sequences(url: str) -> float:
+    """The server's active sequences, read from /metrics (Prometheus text)."""
+    status, text = get(f"{url}/metrics")
+    assert status == 200, text
+    for line in text.splitlines():
+        if line.startswith("gptkit_active_sequences"):
+            return float(line.split()[-1])
+    raise AssertionError(f"no gptkit_active_sequences in /metrics:\n{text}")
+
+
+def chat_request(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)
+
+
+def screenshot(driver: Any, tmp_path: Path, name: str) -> Path:
+    """Saves a screenshot under pytest's tmp dir and copies it to test-artifacts/ (git-ignored)."""
+    path = tmp_path / name
+    assert driver.save_screenshot(str(path)), f"could not write {path}"
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    copy = shutil.copy(path, artifacts / name)
+    print(f"screenshot: {path} (copied to {copy})")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+
+def test_a_reply_streams_into_the_page_as_text(page: Any, tmp_path: Path) -> None:
+    set_field(page, "max-tokens", "300")
+    message = "Hi <b>there</b> <img src=x onerror=alert(1)>\nsecond line"
+    send(page, message)
+    wait_for(page, lambda: streaming(page), "the Stop button while the reply streams")
+    lengths = []
+    while streaming(page):
+        lengths.append(len(reply_text(page)))
+        time.sleep(0.02)
+    growth = sorted(set(lengths))
+    assert len(growth) >= 3 and lengths == sorted(lengths), f"the reply did not grow across polls: {lengths}"
+    reply = finished_reply(page)
+    assert len(reply) == 300, "the model never ends a reply itself: it runs to max_tokens (one char a token)"
+
+    # the user's text is shown as typed, and nobody's text became HTML
+    assert testid(page, "user-text").get_property("textContent") == message
+    tags = page.execute_script(
+        "return [...document.getElementById('messages').querySelectorAll('*')].map(e => e.tagName)"
+    )
+    assert set(tags) <= {"DIV", "SPAN", "BUTTON"}, tags
+    stats = testid(page, "reply-stats").text
+    assert stats.startswith("300 tokens · ") and " tokens/s · " in stats, stats
+    assert page.title.startswith("Hi <b>there</b>")
+    screenshot(page, tmp_path, "chat-page.png")
+
+
+def test_stop_ends_the_reply_and_the_server_frees_the_sequence(page: Any, server: str) -> None:
+    set_field(page, "max-tokens", str(BLOCK - 100))
+    send(page, "Tell me a long story.")
+    wait_for(page, lambda: len(reply_text(page)) > 20, "the first characters of the reply")
+    assert active_sequences(server) == 1
+    testid(page, "stop").click()
+    wait_for(page, lambda: not streaming(page), "the Send button after Stop", timeout=5)
+    stopped = reply_text(page)
+    wait_for(page, lambda: active_sequences(server) == 0, "0 active sequences in the server's /metrics", 2)
+    time.sleep(0.5)
+    assert reply_text(page) == stopped, "the reply went on growing after Stop"
+    assert 20 < len(stopped) < BLOCK - 100
+    assert "stopped" in testid(page, "reply-stats").text
+    assert not testid(page, "error").is_displayed()
+
+    # the stopped reply stays in the conversation: the next message continues from it
+    send(page, "Go on.")
+    wait_for(page, lambda: len(all_testid(page, "reply")) == 2, "a second reply")
+    testid(page, "stop").click()
+    wait_for(page, lambda: not streaming(page), "the Send button after the second Stop", timeout=5)
+
+
+def test_conversations_survive_a_reload_and_can_be_renamed_and_deleted(page: Any) -> None:
+    set_field(page, "max-tokens", "40")
+    send(page, "first chat")
+    first = finished_reply(page)
+    testid(page, "new-chat").click()
+    assert all_testid(page, "reply") == [] and testid(page, "title").text == "New chat"
+    send(page, "second chat")
+    second = finished_reply(page)
+
+    titles = [t.text for t in all_testid(page, "conversation-title")]
+    assert titles == ["second chat", "first chat"], "newest first"
+    item = all_testid(page, "conversation")[1]
+    item.find_element(By.CSS_SELECTOR, '[data-testid="rename"]').click()
+    box = testid(page, "rename-input")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys("Kept <i>chat</i>", Keys.ENTER)
+
+    page.refresh()
+    wait_for(page, lambda: len(all_testid(page, "conversation")) == 2, "both conversations after the reload")
+    assert [t.text for t in all_testid(page, "conversation-title")] == ["second chat", "Kept <i>chat</i>"]
+    assert reply_text(page) == second, "the open conversation is the one open before the reload"
+    all_testid(page, "conversation-title")[1].click()
+    assert testid(page, "title").text == "Kept <i>chat</i>"
+    assert testid(page, "user-text").text == "first chat" and reply_text(page) == first
+    assert "40 tokens" in testid(page, "reply-stats").text
+
+    all_testid(page, "conversation")[0].find_element(By.CSS_SELECTOR, '[data-testid="delete"]').click()
+    alert = page.switch_to.alert
+    assert alert.text == 'Delete "second chat"?'
+    alert.accept()
+    page.refresh()
+    wait_for(page, lambda: len(all_testid(page, "conversation")) == 1, "one conversation after deleting")
+    assert [t.text for t in all_testid(page, "conversation-title")] == ["Kept <i>chat</i>"]
+
+
+def test_temperature_and_the_system_prompt_reach_the_server(page: Any, server: str) -> None:
+    set_field(page, "temperature", "0")
+    set_field(page, "system", "Be brief.")
+    set_field(page, "max-tokens", "60")
+    page.refresh()  # the settings persist
+    testid(page, "settings-toggle").click()
+    assert testid(page, "temperature").get_property("value") == "0"
+    assert testid(page, "system").get_property("value") == "Be brief."
+
+    send(page, "Say something.")
+    greedy = finished_reply(page)
+    alone = chat_request(
+        server,
+        {
+            "model": testid(page, "model").text,
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Say something."},
+            ],
+            "temperature": 0,
+            "max_tokens": 60,
+        },
+    )
+    assert greedy == alone["choices"][0]["message"]["content"], "the page shows exactly the server's reply"
+
+    testid(page, "regenerate").click()
+    assert finished_reply(page) == greedy, "temperature 0 is greedy: the same reply again"
+    assert len(all_testid(page, "reply")) == 1, "Regenerate replaces the last reply"
+
+    set_field(page, "temperature", "1.5")
+    testid(page, "regenerate").click()
+    assert finished_reply(page) != greedy, "at temperature 1.5 the reply differs from the greedy one"
+
+    page.execute_cdp_cmd(
+        "Browser.grantPermissions",
+        {"origin": server, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
+    )
+    testid(page, "copy").click()
+    wait_for(page, lambda: testid(page, "copy").text != "Copy", "the Copy button's answer", 5)
+    assert testid(page, "copy").text == "Copied"
+    pasted = page.execute_async_script(
+        "navigator.clipboard.readText().then(arguments[0], e => arguments[0](''))"
+    )
+    assert pasted == reply_text(page)
+
+
+def test_server_errors_and_bad_settings_are_shown_as_text(page: Any) -> None:
+    set_field(page, "api-key", "wrong-key")
+    send(page, "hello")
+    error = wait_for(page, lambda: testid(page, "error").is_displayed() and testid(page, "error"), "an error")
+    assert error.text.startswith("Error 401") and "API key" in error.text, error.text
+
+    set_field(page, "api-key", KEY)
+    set_field(page, "max-tokens", str(BLOCK * 4))
+    testid(page, "regenerate").click()
+    error = wait_for(page, lambda: testid(page, "error").is_displayed() and testid(page, "error"), "an error")
+    assert error.text.startswith("Error 400") and "max_tokens" in error.text, error.text
+
+    set_field(page, "max-tokens", "")
+    set_field(page, "temperature", "7")
+    testid(page, "regenerate").click()
+    error = wait_for(page, lambda: testid(page, "error").is_displayed() and testid(page, "error"), "an error")
+    assert error.text == 'temperature must be a number from 0 to 2, not "7"'
+
+
+def test_the_page_works_at_phone_width(page: Any, tmp_path: Path) -> None:
+    page.set_window_size(390, 844)
+    set_field(page, "max-tokens", "80")
+    testid(page, "settings-toggle").click()
+    send(page, "hello from a phone")
+    finished_reply(page)
+    overflow = page.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"the page is {overflow} px wider than the phone"
+    assert testid(page, "send").is_displayed() and testid(page, "input").is_displayed()
+    assert not testid(page, "new-chat").is_displayed() or testid(page, "new-chat").location["x"] < 0
+    screenshot(page, tmp_path, "chat-page-phone.png")
+
+    testid(page, "menu").click()
+    wait_for(page, lambda: testid(page, "new-chat").location["x"] >= 0, "the conversation list")
+    all_testid(page, "conversation-title")[0].click()
+    wait_for(page, lambda: testid(page, "new-chat").location["x"] < 0, "the list closing after a choice", 5)
+    assert reply_text(page)
