@@ -160,7 +160,7 @@ def page(browser: Any, server: str) -> Any:
     settings = json.dumps({"api_key": KEY})
     browser.execute_script(f"localStorage.clear(); localStorage.setItem('gptkit.settings', '{settings}')")
     browser.refresh()
-    wait_for(browser, lambda: testid(browser, "model").text not in ("", NO_MODEL), "the model's name")
+    wait_for(browser, lambda: find(browser, "model").text not in ("", NO_MODEL), "the model's name")
     return browser
 
 
@@ -174,28 +174,28 @@ def wait_for(driver: Any, condition: Callable[[], Any], what: str, timeout: floa
         pytest.fail(f"the page did not show {what} within {timeout} s")
 
 
-def testid(driver: Any, name: str) -> WebElement:
+def find(driver: Any, name: str) -> WebElement:
     return driver.find_element(By.CSS_SELECTOR, f'[data-testid="{name}"]')
 
 
-def all_testid(driver: Any, name: str) -> list[WebElement]:
+def find_all(driver: Any, name: str) -> list[WebElement]:
     return driver.find_elements(By.CSS_SELECTOR, f'[data-testid="{name}"]')
 
 
 def streaming(driver: Any) -> bool:
-    return testid(driver, "stop").is_displayed()
+    return find(driver, "stop").is_displayed()
 
 
 def reply_text(driver: Any) -> str:
     """The newest reply exactly as its DOM text holds it (not the rendered, whitespace-folded text)."""
-    replies = all_testid(driver, "reply-text")
+    replies = find_all(driver, "reply-text")
     return replies[-1].get_property("textContent") if replies else ""
 
 
 def set_field(driver: Any, name: str, value: str) -> None:
-    if not testid(driver, "settings").is_displayed():
-        testid(driver, "settings-toggle").click()
-    field = testid(driver, name)
+    if not find(driver, "settings").is_displayed():
+        find(driver, "settings-toggle").click()
+    field = find(driver, name)
     field.send_keys(Keys.CONTROL, "a")
     field.send_keys(Keys.DELETE)
     if value:
@@ -204,7 +204,7 @@ def set_field(driver: Any, name: str, value: str) -> None:
 
 def send(driver: Any, text: str) -> None:
     """Types the message and presses Enter (Shift+Enter for its line breaks, as a person would)."""
-    field = testid(driver, "input")
+    field = find(driver, "input")
     for i, line in enumerate(text.split("\n")):
         if i:
             field.send_keys(Keys.SHIFT, Keys.ENTER)
@@ -252,7 +252,7 @@ def screenshot(driver: Any, tmp_path: Path, name: str) -> Path:
 
 
 def test_a_reply_streams_into_the_page_as_text(page: Any, tmp_path: Path) -> None:
-    set_field(page, "max-tokens", "300")
+    set_field(page, "max-tokens", "800")
     message = "Hi <b>there</b> <img src=x onerror=alert(1)>\nsecond line"
     send(page, message)
     wait_for(page, lambda: streaming(page), "the Stop button while the reply streams")
@@ -263,16 +263,16 @@ def test_a_reply_streams_into_the_page_as_text(page: Any, tmp_path: Path) -> Non
     growth = sorted(set(lengths))
     assert len(growth) >= 3 and lengths == sorted(lengths), f"the reply did not grow across polls: {lengths}"
     reply = finished_reply(page)
-    assert len(reply) == 300, "the model never ends a reply itself: it runs to max_tokens (one char a token)"
+    assert len(reply) == 800, "the model never ends a reply itself: it runs to max_tokens (one char a token)"
 
     # the user's text is shown as typed, and nobody's text became HTML
-    assert testid(page, "user-text").get_property("textContent") == message
+    assert find(page, "user-text").get_property("textContent") == message
     tags = page.execute_script(
         "return [...document.getElementById('messages').querySelectorAll('*')].map(e => e.tagName)"
     )
     assert set(tags) <= {"DIV", "SPAN", "BUTTON"}, tags
-    stats = testid(page, "reply-stats").text
-    assert stats.startswith("300 tokens · ") and " tokens/s · " in stats, stats
+    stats = find(page, "reply-stats").text
+    assert stats.startswith("800 tokens · ") and " tokens/s · " in stats, stats
     assert page.title.startswith("Hi <b>there</b>")
     screenshot(page, tmp_path, "chat-page.png")
 
@@ -282,56 +282,57 @@ def test_stop_ends_the_reply_and_the_server_frees_the_sequence(page: Any, server
     send(page, "Tell me a long story.")
     wait_for(page, lambda: len(reply_text(page)) > 20, "the first characters of the reply")
     assert active_sequences(server) == 1
-    testid(page, "stop").click()
+    find(page, "stop").click()
     wait_for(page, lambda: not streaming(page), "the Send button after Stop", timeout=5)
     stopped = reply_text(page)
     wait_for(page, lambda: active_sequences(server) == 0, "0 active sequences in the server's /metrics", 2)
     time.sleep(0.5)
     assert reply_text(page) == stopped, "the reply went on growing after Stop"
     assert 20 < len(stopped) < BLOCK - 100
-    assert "stopped" in testid(page, "reply-stats").text
-    assert not testid(page, "error").is_displayed()
+    assert "stopped" in find(page, "reply-stats").text
+    assert not find(page, "error").is_displayed()
 
-    # the stopped reply stays in the conversation: the next message continues from it
+    # the stopped reply stays in the conversation, and the conversation goes on
+    set_field(page, "max-tokens", "50")
     send(page, "Go on.")
-    wait_for(page, lambda: len(all_testid(page, "reply")) == 2, "a second reply")
-    testid(page, "stop").click()
-    wait_for(page, lambda: not streaming(page), "the Send button after the second Stop", timeout=5)
+    after = finished_reply(page)
+    assert len(after) == 50
+    assert [e.get_property("textContent") for e in find_all(page, "reply-text")] == [stopped, after]
 
 
 def test_conversations_survive_a_reload_and_can_be_renamed_and_deleted(page: Any) -> None:
     set_field(page, "max-tokens", "40")
     send(page, "first chat")
     first = finished_reply(page)
-    testid(page, "new-chat").click()
-    assert all_testid(page, "reply") == [] and testid(page, "title").text == "New chat"
+    find(page, "new-chat").click()
+    assert find_all(page, "reply") == [] and find(page, "title").text == "New chat"
     send(page, "second chat")
     second = finished_reply(page)
 
-    titles = [t.text for t in all_testid(page, "conversation-title")]
+    titles = [t.text for t in find_all(page, "conversation-title")]
     assert titles == ["second chat", "first chat"], "newest first"
-    item = all_testid(page, "conversation")[1]
+    item = find_all(page, "conversation")[1]
     item.find_element(By.CSS_SELECTOR, '[data-testid="rename"]').click()
-    box = testid(page, "rename-input")
+    box = find(page, "rename-input")
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys("Kept <i>chat</i>", Keys.ENTER)
 
     page.refresh()
-    wait_for(page, lambda: len(all_testid(page, "conversation")) == 2, "both conversations after the reload")
-    assert [t.text for t in all_testid(page, "conversation-title")] == ["second chat", "Kept <i>chat</i>"]
+    wait_for(page, lambda: len(find_all(page, "conversation")) == 2, "both conversations after the reload")
+    assert [t.text for t in find_all(page, "conversation-title")] == ["second chat", "Kept <i>chat</i>"]
     assert reply_text(page) == second, "the open conversation is the one open before the reload"
-    all_testid(page, "conversation-title")[1].click()
-    assert testid(page, "title").text == "Kept <i>chat</i>"
-    assert testid(page, "user-text").text == "first chat" and reply_text(page) == first
-    assert "40 tokens" in testid(page, "reply-stats").text
+    find_all(page, "conversation-title")[1].click()
+    assert find(page, "title").text == "Kept <i>chat</i>"
+    assert find(page, "user-text").text == "first chat" and reply_text(page) == first
+    assert "40 tokens" in find(page, "reply-stats").text
 
-    all_testid(page, "conversation")[0].find_element(By.CSS_SELECTOR, '[data-testid="delete"]').click()
+    find_all(page, "conversation")[0].find_element(By.CSS_SELECTOR, '[data-testid="delete"]').click()
     alert = page.switch_to.alert
     assert alert.text == 'Delete "second chat"?'
     alert.accept()
     page.refresh()
-    wait_for(page, lambda: len(all_testid(page, "conversation")) == 1, "one conversation after deleting")
-    assert [t.text for t in all_testid(page, "conversation-title")] == ["Kept <i>chat</i>"]
+    wait_for(page, lambda: len(find_all(page, "conversation")) == 1, "one conversation after deleting")
+    assert [t.text for t in find_all(page, "conversation-title")] == ["Kept <i>chat</i>"]
 
 
 def test_temperature_and_the_system_prompt_reach_the_server(page: Any, server: str) -> None:
@@ -339,16 +340,16 @@ def test_temperature_and_the_system_prompt_reach_the_server(page: Any, server: s
     set_field(page, "system", "Be brief.")
     set_field(page, "max-tokens", "60")
     page.refresh()  # the settings persist
-    testid(page, "settings-toggle").click()
-    assert testid(page, "temperature").get_property("value") == "0"
-    assert testid(page, "system").get_property("value") == "Be brief."
+    find(page, "settings-toggle").click()
+    assert find(page, "temperature").get_property("value") == "0"
+    assert find(page, "system").get_property("value") == "Be brief."
 
     send(page, "Say something.")
     greedy = finished_reply(page)
     alone = chat_request(
         server,
         {
-            "model": testid(page, "model").text,
+            "model": find(page, "model").text,
             "messages": [
                 {"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "Say something."},
@@ -359,21 +360,21 @@ def test_temperature_and_the_system_prompt_reach_the_server(page: Any, server: s
     )
     assert greedy == alone["choices"][0]["message"]["content"], "the page shows exactly the server's reply"
 
-    testid(page, "regenerate").click()
+    find(page, "regenerate").click()
     assert finished_reply(page) == greedy, "temperature 0 is greedy: the same reply again"
-    assert len(all_testid(page, "reply")) == 1, "Regenerate replaces the last reply"
+    assert len(find_all(page, "reply")) == 1, "Regenerate replaces the last reply"
 
     set_field(page, "temperature", "1.5")
-    testid(page, "regenerate").click()
+    find(page, "regenerate").click()
     assert finished_reply(page) != greedy, "at temperature 1.5 the reply differs from the greedy one"
 
     page.execute_cdp_cmd(
         "Browser.grantPermissions",
         {"origin": server, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
     )
-    testid(page, "copy").click()
-    wait_for(page, lambda: testid(page, "copy").text != "Copy", "the Copy button's answer", 5)
-    assert testid(page, "copy").text == "Copied"
+    find(page, "copy").click()
+    wait_for(page, lambda: find(page, "copy").text != "Copy", "the Copy button's answer", 5)
+    assert find(page, "copy").text == "Copied"
     pasted = page.execute_async_script(
         "navigator.clipboard.readText().then(arguments[0], e => arguments[0](''))"
     )
@@ -383,36 +384,36 @@ def test_temperature_and_the_system_prompt_reach_the_server(page: Any, server: s
 def test_server_errors_and_bad_settings_are_shown_as_text(page: Any) -> None:
     set_field(page, "api-key", "wrong-key")
     send(page, "hello")
-    error = wait_for(page, lambda: testid(page, "error").is_displayed() and testid(page, "error"), "an error")
+    error = wait_for(page, lambda: find(page, "error").is_displayed() and find(page, "error"), "an error")
     assert error.text.startswith("Error 401") and "API key" in error.text, error.text
 
     set_field(page, "api-key", KEY)
     set_field(page, "max-tokens", str(BLOCK * 4))
-    testid(page, "regenerate").click()
-    error = wait_for(page, lambda: testid(page, "error").is_displayed() and testid(page, "error"), "an error")
+    find(page, "regenerate").click()
+    error = wait_for(page, lambda: find(page, "error").is_displayed() and find(page, "error"), "an error")
     assert error.text.startswith("Error 400") and "max_tokens" in error.text, error.text
 
     set_field(page, "max-tokens", "")
     set_field(page, "temperature", "7")
-    testid(page, "regenerate").click()
-    error = wait_for(page, lambda: testid(page, "error").is_displayed() and testid(page, "error"), "an error")
+    find(page, "regenerate").click()
+    error = wait_for(page, lambda: find(page, "error").is_displayed() and find(page, "error"), "an error")
     assert error.text == 'temperature must be a number from 0 to 2, not "7"'
 
 
 def test_the_page_works_at_phone_width(page: Any, tmp_path: Path) -> None:
     page.set_window_size(390, 844)
     set_field(page, "max-tokens", "80")
-    testid(page, "settings-toggle").click()
+    find(page, "settings-toggle").click()
     send(page, "hello from a phone")
     finished_reply(page)
     overflow = page.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0, f"the page is {overflow} px wider than the phone"
-    assert testid(page, "send").is_displayed() and testid(page, "input").is_displayed()
-    assert not testid(page, "new-chat").is_displayed() or testid(page, "new-chat").location["x"] < 0
+    assert find(page, "send").is_displayed() and find(page, "input").is_displayed()
+    assert not find(page, "new-chat").is_displayed() or find(page, "new-chat").location["x"] < 0
     screenshot(page, tmp_path, "chat-page-phone.png")
 
-    testid(page, "menu").click()
-    wait_for(page, lambda: testid(page, "new-chat").location["x"] >= 0, "the conversation list")
-    all_testid(page, "conversation-title")[0].click()
-    wait_for(page, lambda: testid(page, "new-chat").location["x"] < 0, "the list closing after a choice", 5)
+    find(page, "menu").click()
+    wait_for(page, lambda: find(page, "new-chat").location["x"] >= 0, "the conversation list")
+    find_all(page, "conversation-title")[0].click()
+    wait_for(page, lambda: find(page, "new-chat").location["x"] < 0, "the list closing after a choice", 5)
     assert reply_text(page)
