@@ -5,6 +5,7 @@ width. Nothing downloads a browser or a driver: both paths are given and Seleniu
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import socket
@@ -31,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 KEY = "page-test-key"
 TEMPLATE = ChatTemplate.named("chat")
-NO_MODEL = "no model: see Settings"  # what the page shows when /v1/models failed
 BLOCK = 1024  # long replies (one character a token) give the stop test time to press Stop
 
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
@@ -42,7 +42,7 @@ if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
 webdriver = pytest.importorskip(
     "selenium.webdriver", reason="selenium is not installed: pip install selenium (in gptkit's dev extra)"
 )
-from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
@@ -59,7 +59,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained char model with the "chat" template that (almost) never ends a reply by itself.
 
     Its end-of-text logit is pushed about 10 below the others (one LayerNorm bias and the tied row), so
-    replies run to max_tokens: long enough to be stopped, while temperature still changes what it says.
+    replies run to max_tokens: long enough to be stopped. Unlike the API tests' peaked model, its other
+    choices are near-uniform, so temperature visibly changes a reply; 4 layers of width 256 stream
+    about 200 tokens/s on 2 busy cores, slow enough to watch.
     """
     tok = CharTokenizer.train([string.printable.replace("\x0b", "").replace("\x0c", "")])
     config = load_config(
@@ -98,13 +100,15 @@ def get(url: str, key: str | None = KEY) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`gptkit serve` with an API key on 127.0.0.1 and a free port; yields its base URL."""
+def served(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`gptkit serve` with an API key on 127.0.0.1 and a free port, one row and one place in the queue
+    (so that two held requests fill it); yields its base URL."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with log.open("w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gptkit", "serve", str(checkpoint), "--port", str(port), "--api-key", KEY],
+            [sys.executable, "-m", "gptkit", "serve", str(checkpoint), "--port", str(port), "--api-key", KEY]
+            + ["--max-batch", "1", "--max-queue", "1"],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -153,14 +157,15 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def page(browser: Any, server: str) -> Any:
+def page(browser: Any, served: str) -> Any:
     """The page with the key set, a fresh conversation and desktop size (each test may change them)."""
     browser.set_window_size(1280, 900)
-    browser.get(server + "/")
+    browser.get(served + "/")
     settings = json.dumps({"api_key": KEY})
     browser.execute_script(f"localStorage.clear(); localStorage.setItem('gptkit.settings', '{settings}')")
     browser.refresh()
-    wait_for(browser, lambda: find(browser, "model").text not in ("", NO_MODEL), "the model's name")
+    model = model_id(served)
+    wait_for(browser, lambda: find(browser, "model").text == model, f"the model's name {model!r}")
     return browser
 
 
@@ -169,7 +174,8 @@ def page(browser: Any, server: str) -> Any:
 
 def wait_for(driver: Any, condition: Callable[[], Any], what: str, timeout: float = 30) -> Any:
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.02).until(lambda _: condition())
+        wait = WebDriverWait(driver, timeout, 0.02, ignored_exceptions=[StaleElementReferenceException])
+        return wait.until(lambda _: condition())
     except TimeoutException:
         pytest.fail(f"the page did not show {what} within {timeout} s")
 
@@ -190,6 +196,12 @@ def reply_text(driver: Any) -> str:
     """The newest reply exactly as its DOM text holds it (not the rendered, whitespace-folded text)."""
     replies = find_all(driver, "reply-text")
     return replies[-1].get_property("textContent") if replies else ""
+
+
+def shown_error(driver: Any) -> str | None:
+    """The text of the error shown under the newest reply, if any (read in one step: the page redraws)."""
+    script = "const e = [...document.querySelectorAll('[data-testid=error]')].pop();"
+    return driver.execute_script(script + "return e && !e.hidden ? e.textContent : null")
 
 
 def set_field(driver: Any, name: str, value: str) -> None:
@@ -217,14 +229,33 @@ def finished_reply(driver: Any, timeout: float = 60) -> str:
     return reply_text(driver)
 
 
-def active_sequences(url: str) -> float:
-    """The server's active sequences, read from /metrics (Prometheus text)."""
+def model_id(url: str) -> str:
+    return json.loads(get(f"{url}/v1/models")[1])["data"][0]["id"]
+
+
+def active(url: str) -> float:
+    return metric(url, "gptkit_active_sequences")
+
+
+def metric(url: str, name: str) -> float:
+    """One unlabelled value of the server's /metrics (Prometheus text)."""
     status, text = get(f"{url}/metrics")
     assert status == 200, text
     for line in text.splitlines():
-        if line.startswith("gptkit_active_sequences"):
+        if line.startswith(name + " "):
             return float(line.split()[-1])
-    raise AssertionError(f"no gptkit_active_sequences in /metrics:\n{text}")
+    raise AssertionError(f"no {name} in /metrics:\n{text}")
+
+
+def hold(url: str) -> http.client.HTTPConnection:
+    """Sends a long streamed request and leaves it running, unread; closing the connection cancels it."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    messages = [{"role": "user", "content": "wait"}]
+    body = {"model": model_id(url), "messages": messages, "max_tokens": 900, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    connection.request("POST", "/v1/chat/completions", body=json.dumps(body), headers=headers)
+    return connection
 
 
 def chat_request(url: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -277,15 +308,15 @@ def test_a_reply_streams_into_the_page_as_text(page: Any, tmp_path: Path) -> Non
     screenshot(page, tmp_path, "chat-page.png")
 
 
-def test_stop_ends_the_reply_and_the_server_frees_the_sequence(page: Any, server: str) -> None:
+def test_stop_ends_the_reply_and_the_server_frees_the_sequence(page: Any, served: str) -> None:
     set_field(page, "max-tokens", str(BLOCK - 100))
     send(page, "Tell me a long story.")
     wait_for(page, lambda: len(reply_text(page)) > 20, "the first characters of the reply")
-    assert active_sequences(server) == 1
+    assert active(served) == 1
     find(page, "stop").click()
     wait_for(page, lambda: not streaming(page), "the Send button after Stop", timeout=5)
     stopped = reply_text(page)
-    wait_for(page, lambda: active_sequences(server) == 0, "0 active sequences in the server's /metrics", 2)
+    wait_for(page, lambda: active(served) == 0, "no active sequence in the server's /metrics", 2)
     time.sleep(0.5)
     assert reply_text(page) == stopped, "the reply went on growing after Stop"
     assert 20 < len(stopped) < BLOCK - 100
@@ -335,7 +366,7 @@ def test_conversations_survive_a_reload_and_can_be_renamed_and_deleted(page: Any
     assert [t.text for t in find_all(page, "conversation-title")] == ["Kept <i>chat</i>"]
 
 
-def test_temperature_and_the_system_prompt_reach_the_server(page: Any, server: str) -> None:
+def test_temperature_and_the_system_prompt_reach_the_server(page: Any, served: str) -> None:
     set_field(page, "temperature", "0")
     set_field(page, "system", "Be brief.")
     set_field(page, "max-tokens", "60")
@@ -347,7 +378,7 @@ def test_temperature_and_the_system_prompt_reach_the_server(page: Any, server: s
     send(page, "Say something.")
     greedy = finished_reply(page)
     alone = chat_request(
-        server,
+        served,
         {
             "model": find(page, "model").text,
             "messages": [
@@ -370,7 +401,7 @@ def test_temperature_and_the_system_prompt_reach_the_server(page: Any, server: s
 
     page.execute_cdp_cmd(
         "Browser.grantPermissions",
-        {"origin": server, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
+        {"origin": served, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
     )
     find(page, "copy").click()
     wait_for(page, lambda: find(page, "copy").text != "Copy", "the Copy button's answer", 5)
@@ -381,23 +412,37 @@ def test_temperature_and_the_system_prompt_reach_the_server(page: Any, server: s
     assert pasted == reply_text(page)
 
 
-def test_server_errors_and_bad_settings_are_shown_as_text(page: Any) -> None:
+def test_server_errors_and_bad_settings_are_shown_as_text(page: Any, served: str) -> None:
     set_field(page, "api-key", "wrong-key")
     send(page, "hello")
-    error = wait_for(page, lambda: find(page, "error").is_displayed() and find(page, "error"), "an error")
-    assert error.text.startswith("Error 401") and "API key" in error.text, error.text
+    error = wait_for(page, lambda: shown_error(page), "an error")
+    assert error.startswith("Error 401") and "API key" in error, error
 
     set_field(page, "api-key", KEY)
     set_field(page, "max-tokens", str(BLOCK * 4))
     find(page, "regenerate").click()
-    error = wait_for(page, lambda: find(page, "error").is_displayed() and find(page, "error"), "an error")
-    assert error.text.startswith("Error 400") and "max_tokens" in error.text, error.text
+    error = wait_for(page, lambda: shown_error(page), "an error")
+    assert error.startswith("Error 400") and "max_tokens" in error, error
 
+    # a full queue: one held request decodes in the one row, the other waits in the one place
     set_field(page, "max-tokens", "")
+    held = [hold(served)]
+    wait_for(page, lambda: active(served) == 1, "the first held request decoding")
+    held.append(hold(served))
+    try:
+        wait_for(page, lambda: metric(served, "gptkit_queued_requests") == 1, "the second request queued")
+        find(page, "regenerate").click()
+        error = wait_for(page, lambda: shown_error(page), "an error")
+        assert error.startswith("Error 429") and "retry after" in error, error
+    finally:
+        for connection in held:
+            connection.close()
+    wait_for(page, lambda: active(served) == 0, "the held requests cancelled")
+
     set_field(page, "temperature", "7")
     find(page, "regenerate").click()
-    error = wait_for(page, lambda: find(page, "error").is_displayed() and find(page, "error"), "an error")
-    assert error.text == 'temperature must be a number from 0 to 2, not "7"'
+    error = wait_for(page, lambda: shown_error(page), "an error")
+    assert error == 'temperature must be a number from 0 to 2, not "7"'
 
 
 def test_the_page_works_at_phone_width(page: Any, tmp_path: Path) -> None:
