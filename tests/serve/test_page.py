@@ -375,7 +375,7 @@ def test_a_reload_mid_reply_keeps_what_arrived_and_frees_the_sequence(page: Any,
     assert find(page, "user-text").text == "one" and find_all(page, "reply") == []
     find(page, "regenerate").click()  # "Get a reply"
     stored = "return JSON.parse(localStorage.getItem('gptkit.conversations'))[0].messages[1]?.content ?? ''"
-    saved = wait_for(page, lambda: page.execute_script(stored), "the streaming reply saved (once a second)")
+    saved = wait_for(page, lambda: page.execute_script(stored), "the streaming reply saved (every 250 ms)")
     assert streaming(page), "the reply is saved while it streams"
     seen = reply_text(page)
     page.refresh()
