@@ -35,6 +35,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("interop", ("interop",)),
     ("loader", ("loading",)),
     ("use", ("eval",)),
+    ("serving", ("serve",)),
     ("surface", ("describe", "api", "cli", "__init__", "__main__")),
 ]
 SURFACE = "surface"

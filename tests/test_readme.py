@@ -92,6 +92,7 @@ def test_readme_python_api_example_runs(tmp_path: Path) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README, re.S)
     assert len(blocks) == README.count("```python"), "every python block is found, not only the first"
     assert any("gptkit.generate.Chat(" in code for code in blocks), "the Chat example is a block that runs"
+    blocks = [code for code in blocks if "from openai import" not in code]  # tests/serve run it on a server
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("Some notes about tokenizers and models.\n" * 2000)
     for code in blocks:

@@ -25,7 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 MULTI = "several processes (tests/test_distributed.py runs torchrun with 2, DDP and FSDP)"
+SERVER = "a server that runs until stopped (tests/serve/ run servers and this section's examples)"
 NOT_RUN = {
+    "gptkit serve runs/tiny": SERVER,
+    'gptkit serve runs/sft --quantize int8 --max-batch 8 --api-key "$(cat key.txt)"': SERVER,
     "torchrun --nproc_per_node=4 -m gptkit train configs/small.yaml": MULTI,
     "torchrun --nproc_per_node=4 -m gptkit train configs/small.yaml train.distributed=fsdp": MULTI,
     "torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=node0:29500 "

@@ -8,6 +8,7 @@ from gptkit.api import (
     info,
     load,
     prepare,
+    serve,
     train,
 )
 from gptkit.errors import GptkitError
@@ -15,7 +16,7 @@ from gptkit.version import __version__
 
 # Subpackages load on first attribute access (`gptkit.generate.Chat` after `import gptkit`), so that
 # `import gptkit` and `gptkit --help` stay free of torch.
-SUBPACKAGES = ("data", "eval", "export", "finetuning", "generate", "training")
+SUBPACKAGES = ("data", "eval", "export", "finetuning", "generate", "serve", "training")
 
 
 def __getattr__(name: str) -> object:
@@ -36,5 +37,6 @@ __all__ = [
     "info",
     "load",
     "prepare",
+    "serve",
     "train",
 ]

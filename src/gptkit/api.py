@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -124,6 +125,44 @@ def load(
         merge(model)  # one plain model again: decoding as fast as the base
     model = prepare(model, target, quantize)  # int8/int4, or fp32 through gptkit's CPU kernels
     return TextModel(model, tokenizer, source=str(ckpt), chat_template=payload.get("chat_template"))
+
+
+def serve(
+    model: str | Path | TextModel,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    quantize: str | None = None,
+    adapters: Sequence[str | Path | tuple[str | Path, float]] = (),
+    device: str = "auto",
+    max_batch: int = 8,
+    max_queue: int = 64,
+    cors_origin: str | None = None,
+) -> None:
+    """Serve a model over OpenAI's HTTP API until interrupted: `/v1/completions`,
+    `/v1/chat/completions`, `/v1/models`, `/health`, `/metrics` and the chat page at `/`.
+
+    `model` is what `load` takes (loaded with `quantize` and `adapters`) or a loaded model. Up to
+    `max_batch` sequences decode together, up to `max_queue` requests wait (then 429). `api_key`
+    (default: the GPTKIT_API_KEY environment variable) is required as `Authorization: Bearer KEY` on
+    every route but /health and the page. Needs the `serve` extra (FastAPI, uvicorn, prometheus_client).
+    """
+    try:
+        from gptkit.serve.server import run
+    except ImportError as e:
+        from gptkit.errors import GptkitError
+
+        raise GptkitError(
+            f"serving needs the serve extra ({e.name} is missing): pip install 'gptkit[serve]'"
+        ) from None
+    from gptkit.generate.textmodel import TextModel
+
+    if not isinstance(model, TextModel):
+        model = load(model, device=device, quantize=quantize, adapters=adapters)
+    key = api_key if api_key is not None else os.environ.get("GPTKIT_API_KEY") or None
+    run(model, host=host, port=port, api_key=key, max_batch=max_batch, max_queue=max_queue,
+        cors_origin=cors_origin)  # fmt: skip
 
 
 def export_model(

@@ -349,6 +349,45 @@ def run_chat(args: argparse.Namespace) -> int:
     return chat_loop(chat, input_lines(sys.stdin.isatty()), sys.stdout, sys.stderr)
 
 
+def add_serve(p: argparse.ArgumentParser) -> None:
+    add_model_source(p)
+    add_adapters(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 opens it to the network")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every route but /health and the page "
+        "(default: GPTKIT_API_KEY if set, else none)",
+    )
+    p.add_argument("--max-batch", type=int, default=8, help="sequences that decode together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
+    p.add_argument(
+        "--cors-origin", default=None, metavar="ORIGIN", help="allow browsers on ORIGIN (default: no CORS)"
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from gptkit.api import serve
+
+    if args.max_batch < 1 or args.max_queue < 1:
+        raise GptkitError("--max-batch and --max-queue must be at least 1")
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        quantize=args.quantize,
+        adapters=adapter_list(args),
+        device=args.device,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        cors_origin=args.cors_origin,
+    )
+    return 0
+
+
 def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "target",
@@ -501,6 +540,7 @@ COMMANDS: dict[
     "info": ("describe a preset, run, checkpoint, prepared data or config", add_info, run_info),
     "sample": ("generate text from a trained model", add_sample, run_sample),
     "chat": ("talk to an instruction-tuned model in the terminal", add_chat, run_chat),
+    "serve": ("serve a model over OpenAI's HTTP API, with a chat page", add_serve, run_serve),
     "export": ("export a model to HuggingFace, ONNX, GGUF or safetensors", add_export, run_export),
     "import": ("import a HuggingFace GPT-2 folder as a gptkit checkpoint", add_import, run_import),
     "eval": ("perplexity and zero-shot benchmarks (hellaswag, lambada, piqa)", add_eval, run_eval),

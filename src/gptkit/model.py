@@ -91,6 +91,15 @@ class KVCache:
         self.pos = 0
         self.pad = None
 
+    def rows(self, n: int) -> KVCache:
+        """The first n sequences as a cache of their own that shares this one's storage (a view, so
+        a decoder can run a batch whose rows join and leave without copying the cache); its `pos` and
+        `pad` are its own, set by whoever steps it."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [t[:n] for t in self.k], [t[:n] for t in self.v]
+        view.pos, view.pad = self.pos, None
+        return view
+
 
 class Layout(NamedTuple):
     """Where each new position sits and what it attends to: what `attention_layout` makes."""
@@ -368,8 +377,10 @@ class GPT(nn.Module):
         """Raise a clear error if the tokens do not fit; return the position of the first new token."""
         pos = 0 if cache is None else cache.pos
         block_size = self.config.block_size
-        if pos + t_new > block_size:
-            where = f"{t_new} tokens" if cache is None else f"{pos} cached + {t_new} new tokens"
+        # a sequence's length counts from its first real position: left padding is not part of it
+        first = 0 if cache is None or cache.pad is None else int(cache.pad.min())
+        if pos + t_new - first > block_size:
+            where = f"{t_new} tokens" if cache is None else f"{pos - first} cached + {t_new} new tokens"
             raise GptkitError(
                 f"sequence of {where} exceeds block_size ({block_size}); crop the input to the last "
                 f"{block_size} tokens or use a model with a larger block_size"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gptkit.generate.chat import Chat, ChatTemplate
+    from gptkit.generate.decoding import Decoding, Sequence, Step
     from gptkit.generate.sampler import Piece, Sampler
     from gptkit.generate.settings import SampleSettings
     from gptkit.generate.text import TextStream
@@ -18,13 +19,26 @@ if TYPE_CHECKING:
 _HOMES = {
     "Chat": "chat",
     "ChatTemplate": "chat",
+    "Decoding": "decoding",
+    "Sequence": "decoding",
+    "Step": "decoding",
     "Piece": "sampler",
     "Sampler": "sampler",
     "SampleSettings": "settings",
     "TextStream": "text",
 }
 
-__all__ = ["Chat", "ChatTemplate", "Piece", "SampleSettings", "Sampler", "TextStream"]
+__all__ = [
+    "Chat",
+    "ChatTemplate",
+    "Decoding",
+    "Piece",
+    "SampleSettings",
+    "Sampler",
+    "Sequence",
+    "Step",
+    "TextStream",
+]
 
 
 def __getattr__(name: str) -> Any:

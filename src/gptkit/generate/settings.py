@@ -28,9 +28,24 @@ class SampleSettings(BaseModel):
         allow_inf_nan=False,
         description="> 1 discourages tokens already in the prompt or the output (CTRL's rule)",
     )
+    presence_penalty: float = Field(
+        0.0,
+        ge=-2.0,
+        le=2.0,
+        description="subtracted once from the logit of every token already generated (OpenAI's)",
+    )
+    frequency_penalty: float = Field(
+        0.0,
+        ge=-2.0,
+        le=2.0,
+        description="subtracted from a token's logit once per time it was generated (OpenAI's)",
+    )
     stop: list[str] = Field(default_factory=list, description="strings that end a sample (not included)")
     stop_tokens: list[int] | None = Field(None, description="token ids that end a sample; None: end-of-text")
     num_samples: int = Field(1, ge=1, le=1024, description="samples per prompt")
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="report each token's log-probability and this many alternatives"
+    )
     seed: int | None = Field(  # a 64-bit integer: what torch's generators take
         None, ge=-(2**63), le=2**63 - 1, description="the same seed and settings give the same text"
     )
