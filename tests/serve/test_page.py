@@ -466,18 +466,21 @@ def test_server_errors_and_bad_settings_are_shown_as_text(page: Any, served: str
 
 def test_the_page_works_at_phone_width(page: Any, tmp_path: Path) -> None:
     page.set_window_size(390, 844)
+    assert page.execute_script("return window.innerWidth") <= 400
     set_field(page, "max-tokens", "80")
     find(page, "settings-toggle").click()
     send(page, "hello from a phone")
-    finished_reply(page)
+    reply = finished_reply(page)
     overflow = page.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0, f"the page is {overflow} px wider than the phone"
     assert find(page, "send").is_displayed() and find(page, "input").is_displayed()
-    assert not find(page, "new-chat").is_displayed() or find(page, "new-chat").location["x"] < 0
+    assert find(page, "new-chat").location["x"] < 0, "the conversation list waits off screen"
     screenshot(page, tmp_path, "chat-page-phone.png")
 
+    find(page, "new-chat-top").click()
+    assert find(page, "title").text == "New chat" and find_all(page, "reply") == []
     find(page, "menu").click()
     wait_for(page, lambda: find(page, "new-chat").location["x"] >= 0, "the conversation list")
     find_all(page, "conversation-title")[0].click()
     wait_for(page, lambda: find(page, "new-chat").location["x"] < 0, "the list closing after a choice", 5)
-    assert reply_text(page)
+    assert reply_text(page) == reply
