@@ -385,6 +385,21 @@ def test_a_reload_mid_reply_keeps_what_arrived_and_frees_the_sequence(page: Any,
     assert saved and kept.startswith(saved) and (seen.startswith(kept) or kept.startswith(seen))
 
 
+def test_damaged_storage_keeps_what_is_readable(page: Any) -> None:
+    good = {"id": "a", "title": "kept", "messages": [{"role": "user", "content": "hi"}, {"role": "x"}]}
+    stored = [good, {"id": 1}, None, {"id": "b", "title": "no messages"}]
+    script = "localStorage.setItem('gptkit.conversations', arguments[0]);"
+    script += "localStorage.setItem('gptkit.settings', '{\"temperature\": 0.5, \"api_key\": null}')"
+    page.execute_script(script, json.dumps(stored))
+    page.refresh()
+    assert [t.text for t in find_all(page, "conversation-title")] == ["kept"]
+    find_all(page, "conversation-title")[0].click()
+    assert [e.text for e in find_all(page, "user-text")] == ["hi"] and find_all(page, "reply") == []
+    find(page, "settings-toggle").click()
+    assert find(page, "temperature").get_property("value") == "0.5"
+    assert find(page, "api-key").get_property("value") == ""
+
+
 def test_temperature_and_the_system_prompt_reach_the_server(page: Any, served: str) -> None:
     set_field(page, "temperature", "0")
     set_field(page, "system", "Be brief.")
