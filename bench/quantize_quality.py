@@ -72,8 +72,9 @@ def forward_logits(model: GPT, x: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def decoded_logits(model: GPT, x: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced decoding: the first token through GPT.forward, then one kernel step per token."""
-    decoder = CPUDecoder.of(model, x.size(0))
+    """Teacher-forced decoding: the first token through GPT.forward, then one kernel step per token
+    (all windows in each step: the kernel computes each row as it would alone)."""
+    decoder = CPUDecoder.of(model)
     if decoder is None:
         raise SystemExit("gptkit's CPU kernel is not available here: no decoding figures")
     cache = model.new_cache(x.size(0))
