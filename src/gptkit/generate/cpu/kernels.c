@@ -266,8 +266,9 @@ static inline __attribute__((always_inline)) void int4_tile(const unsigned char 
     }
 }
 
-static inline __attribute__((always_inline)) void int4_dots(const unsigned char *w, const float *table, int shift,
-                                                            long n, const float *x, long T, float *y) {
+static inline __attribute__((always_inline)) void int4_dots(const unsigned char *w, const float *table,
+                                                            int shift, long n, const float *x, long T,
+                                                            float *y) {
 #define INT4(t) int4_tile(w, table, shift, n, x, t, y)
     BY_TILE(T, INT4)
 #undef INT4
