@@ -14,18 +14,21 @@ per call for a 2304x768 / 768x3072 / 50257x768 weight, weights out of cache; one
     int8 x int8 torch._int_mm, per-row       77 / 88 / 1565          256 / 339 / 5649 at 32
     dynamic int8 (fbgemm, per tensor)        72 / 90 / 1587          219 / 282 / 4788 at 32
 
-and on the Xeon (AVX-512 + AMX) of earlier sessions, for the int4 choice:
-
-    _weight_int8pack_mm, bf16 input          129 / 122 / 4355        5041 / 1681 / 41649 at 32
-    _weight_int4pack_mm_for_cpu, bf16        109 / 115 / 2300        1219 / 1516 / 32175 at 32
-    _weight_int4pack_mm_for_cpu, fp32        6940 / 4361 / 68622     (unusable: no vectorised path)
+On the Xeon (AVX-512 + AMX) of earlier sessions, torch's int4 kernel wanted bf16 activations and its
+own packing (`_weight_int4pack_mm_for_cpu`: 109 / 115 / 2300 with bf16, 6940 / 4361 / 68622 with
+fp32); run that way here, int4 decoded GPT-2 124M slower than int8 (120 against 152 tokens/s).
 
 So int8 keeps its weights as plain int8 rows with one scale each: decoding multiplies them in
 gptkit's CPU kernel with fp32 activations (`gptkit.generate.cpu.build`; `gptkit.generate.cpu.decode`
 runs a whole step of them in one call), and prompts quantise their activations per row for `torch._int_mm`
 (fbgemm's packed weights were 10-20% faster at 32 rows but cannot be read by the kernel, and a
-second copy would double the memory). int4 uses `_weight_int4pack_mm_for_cpu` with bf16
-activations and group-wise asymmetric scales.
+second copy would double the memory). int4 packs two 4-bit codes a byte with a bf16 scale and zero
+per group of INT4_GROUP inputs (`gptkit.generate.cpu.int4`), and the same kernel looks the weights
+up in registers, again with fp32 activations. The group size, measured (quality:
+`bench/quantize_quality.py` on the tests' trained model; time: the best of 60 decoding steps of
+GPT-2 124M on 1 thread): 32 inputs cost 0.625 bytes a weight, +0.28% perplexity, 96.0% of greedy
+tokens equal to fp32's, and 15% more time than 64; 64: 0.5625 bytes, +0.85%, 95.1%; 128: 0.53
+bytes, +1.09%, 92.1%, 3% less time than 64. 64 it is: nearly 128's speed, nearly 32's agreement.
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ from gptkit.generate.cpu.linear import KERNEL_MAX_ROWS
 from gptkit.model import GPT
 
 Mode = QuantizeMode
-INT4_GROUP = 64  # weights sharing one scale and zero point; 32 costs 12% more bytes for little gain
-INT4_KERNEL_ROWS = 64  # rows of x up to which gptkit's kernel beats unpacking the weights for F.linear
+INT4_GROUP = 64  # inputs sharing one scale and zero point (the choice: see above)
+# rows of x up to which gptkit's kernel beats unpacking the weights for F.linear (measured, GPT-2's
+# block matrices, 2 threads: 2.5 / 3.2 ms against 3.4 / 12.2 at 64 rows, 5.0 / 7.9 against 8.2 / 14.2 at 128)
+INT4_KERNEL_ROWS = 128
 
 
 @dataclass
