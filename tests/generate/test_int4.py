@@ -111,7 +111,7 @@ def test_a_row_gets_the_same_numbers_whatever_the_batch(kind: str) -> None:
 def test_the_layer_takes_the_kernel_for_few_rows_and_f_linear_for_many() -> None:
     g = torch.Generator().manual_seed(1)
     layer = Int4Linear(torch.randn(96, 160, generator=g), torch.randn(96, generator=g))
-    x = torch.randn(2, INT4_KERNEL_ROWS, 160, generator=g)  # 2 x 64 rows: more than the kernel takes
+    x = torch.randn(2, INT4_KERNEL_ROWS, 160, generator=g)  # twice the rows the kernel takes
     ref = F.linear(x, layer.dequantized_weight(), layer.bias)
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
@@ -199,7 +199,8 @@ def test_int4_decoder_equals_forward_with_the_dequantised_weights(bias: bool) ->
     prompts = torch.randint(0, 301, (2, 4))
     assert_close_steps(decode_both(ref, q, prompts, torch.tensor([0, 1]), 50))
     ref, q = model_pair(bias=bias)
-    prompts = torch.randint(0, 301, (3, 30))  # 90 rows: the prompt goes through F.linear
+    prompts = torch.randint(0, 301, (3, 50))  # 150 rows: the prompt goes through F.linear
+    assert prompts.numel() > INT4_KERNEL_ROWS
     assert_close_steps(decode_both(ref, q, prompts, torch.tensor([0, 5, 29]), 20))
 
 
