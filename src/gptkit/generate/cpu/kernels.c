@@ -167,109 +167,136 @@ static inline __attribute__((always_inline)) void dense_dots(const void *w, int 
 _Static_assert(INT4_BLOCK == 2 * LANES, "one int4 block is two vectors");
 
 
-typedef unsigned int uvec __attribute__((vector_size(LANES * sizeof(unsigned int))));
-
-/* table[16 g + q] = q * scale + zero, group g's 16 values, from its bf16 (scale, zero) pairs. q * scale
- * is exact (4 bits times 8), so the sum is the one rounding, as in int4.py's dequantize. The pair is
+/* A group's table: its 16 values q * scale + zero, from its bf16 (scale, zero) pair. q * scale is
+ * exact (4 bits times 8), so the sum is the one rounding, as in int4.py's dequantize. The pair is
  * read as one 32-bit word in every lane and each half moved to the top (a bf16 is an fp32's top
  * half): x86 broadcasts 32 bits from memory as a plain load, where spreading a 16-bit value or a
- * register takes the shuffle unit, which the lookups keep busy. */
-static void int4_tables(const unsigned short *sz, long groups, float *table) {
-    const vec codes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    for (long g = 0; g < groups; g++) {
-#if defined(__AVX512F__)
-        float word; /* as a float, so that the compiler broadcasts it from memory */
-        memcpy(&word, sz + 2 * g, sizeof word);
-        uvec pair = (uvec)_mm512_set1_ps(word);
-#else
-        uvec pair = (uvec){0} + (sz[2 * g] | (unsigned int)sz[2 * g + 1] << 16);
-#endif
-        vec t = codes * (vec)(pair << 16) + (vec)(pair & 0xffff0000u);
-        memcpy(table + 16 * g, &t, sizeof t);
-    }
+ * register takes the shuffle unit, which the lookups keep busy. Made in registers for each group as
+ * the row is read (a table per row in memory cost a fifth more time). load_int4(p, table, lo, hi)
+ * gives the 32 weights of the block at p: lo = weights 0..15, hi = 16..31. */
+static inline float from_bf16(unsigned short h) {
+    unsigned int u = (unsigned int)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
 }
 
-/* The 32 weights of the block at p, looked up in its group's table t: lo = weights 0..15, hi = 16..31 */
 #if defined(__AVX512F__)
-static inline void load_int4(const unsigned char *p, const float *t, vec *lo, vec *hi) {
-    __m512 table = _mm512_loadu_ps(t);
+typedef __m512 table_t;
+static inline table_t int4_table(const unsigned short *pair) {
+    float word; /* as a float, so that the compiler broadcasts it from memory */
+    memcpy(&word, pair, sizeof word);
+    __m512i both = _mm512_castps_si512(_mm512_set1_ps(word));
+    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(both, 16));
+    __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(both, _mm512_set1_epi32((int)0xffff0000u)));
+    return _mm512_add_ps(_mm512_mul_ps(codes, scale), zero);
+}
+static inline void load_int4(const unsigned char *p, table_t table, vec *lo, vec *hi) {
     __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); /* the permute reads bits 0-3 */
     *lo = (vec)_mm512_permutexvar_ps(e, table);
     *hi = (vec)_mm512_permutexvar_ps(_mm512_srli_epi32(e, 4), table);
 }
 #elif defined(__AVX2__)
-static inline __m256 lookup8(__m256i e, __m256 t0, __m256 t1) { /* t0 for codes 0-7, t1 for 8-15 */
-    __m256 a = _mm256_permutevar8x32_ps(t0, e), b = _mm256_permutevar8x32_ps(t1, e);
+typedef struct {
+    __m256 low, high; /* codes 0-7 and 8-15 */
+} table_t;
+static inline table_t int4_table(const unsigned short *pair) {
+    float word;
+    memcpy(&word, pair, sizeof word);
+    __m256i both = _mm256_castps_si256(_mm256_set1_ps(word));
+    __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(both, 16));
+    __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(both, _mm256_set1_epi32((int)0xffff0000u)));
+    table_t t = {_mm256_add_ps(_mm256_mul_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), scale), zero),
+                 _mm256_add_ps(_mm256_mul_ps(_mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15), scale), zero)};
+    return t;
+}
+static inline __m256 lookup8(__m256i e, table_t t) {
+    __m256 a = _mm256_permutevar8x32_ps(t.low, e), b = _mm256_permutevar8x32_ps(t.high, e);
     return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(e, 28))); /* by bit 3 */
 }
-static inline void load_int4(const unsigned char *p, const float *t, vec *lo, vec *hi) {
-    __m256 t0 = _mm256_loadu_ps(t), t1 = _mm256_loadu_ps(t + 8), v[4];
+static inline void load_int4(const unsigned char *p, table_t t, vec *lo, vec *hi) {
+    __m256 v[4];
     for (int h = 0; h < 2; h++) {
         __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * h)));
-        v[h] = lookup8(e, t0, t1);
-        v[2 + h] = lookup8(_mm256_srli_epi32(e, 4), t0, t1);
+        v[h] = lookup8(e, t);
+        v[2 + h] = lookup8(_mm256_srli_epi32(e, 4), t);
     }
     memcpy(lo, v, sizeof *lo);
     memcpy(hi, v + 2, sizeof *hi);
 }
 #else
-static inline void load_int4(const unsigned char *p, const float *t, vec *lo, vec *hi) {
+typedef struct {
+    float v[16];
+} table_t;
+static inline table_t int4_table(const unsigned short *pair) {
+    table_t t;
+    float scale = from_bf16(pair[0]), zero = from_bf16(pair[1]);
+    for (int q = 0; q < 16; q++) t.v[q] = q * scale + zero;
+    return t;
+}
+static inline void load_int4(const unsigned char *p, table_t t, vec *lo, vec *hi) {
     float a[LANES], b[LANES];
     for (int l = 0; l < LANES; l++) {
-        a[l] = t[p[l] & 15];
-        b[l] = t[p[l] >> 4];
+        a[l] = t.v[p[l] & 15];
+        b[l] = t.v[p[l] >> 4];
     }
     *lo = load(a);
     *hi = load(b);
 }
 #endif
 
-/* y[r] = w . x[r] for the T (a constant where inlined) rows of x (n apart) and one int4 weight row w;
- * block k's table is table + 16 (k >> shift), groups being INT4_BLOCK << shift weights. */
-static inline __attribute__((always_inline)) void int4_tile(const unsigned char *w, const float *table,
+/* y[r] = w . x[r] for the T (a constant where inlined) rows of x (n apart) and one int4 weight row w
+ * whose groups' (scale, zero) pairs are sz; groups of INT4_BLOCK << shift weights. */
+static inline __attribute__((always_inline)) void int4_tile(const unsigned char *w, const unsigned short *sz,
                                                             int shift, long n, const float *x, int T,
                                                             float *y) {
     vec acc[TILE][2 * UNROLL];
     for (int r = 0; r < TILE; r++)
         for (int a = 0; a < 2 * UNROLL; a++) acc[r][a] = (vec){0};
     long full = n / INT4_BLOCK, k = 0;
-    for (; k + UNROLL <= full; k += UNROLL)
+    for (; k + UNROLL <= full; k += UNROLL) {
+        table_t first = int4_table(sz + 2 * (k >> shift));
         for (int u = 0; u < UNROLL; u++) {
             vec lo, hi;
             long at = (k + u) * INT4_BLOCK;
             if (u == 0) __builtin_prefetch(w + at / 2 + INT4_AHEAD);
-            load_int4(w + at / 2, table + 16 * ((k + u) >> shift), &lo, &hi);
+            int same = ((k + u) >> shift) == (k >> shift);
+            load_int4(w + at / 2, same ? first : int4_table(sz + 2 * ((k + u) >> shift)), &lo, &hi);
             for (int r = 0; r < T; r++) {
                 acc[r][2 * u] += lo * load(x + r * n + at);
                 acc[r][2 * u + 1] += hi * load(x + r * n + at + LANES);
             }
         }
+    }
     for (; k < full; k++) {
         vec lo, hi;
         long at = k * INT4_BLOCK;
-        load_int4(w + at / 2, table + 16 * (k >> shift), &lo, &hi);
+        load_int4(w + at / 2, int4_table(sz + 2 * (k >> shift)), &lo, &hi);
         for (int r = 0; r < T; r++) {
             acc[r][0] += lo * load(x + r * n + at);
             acc[r][1] += hi * load(x + r * n + at + LANES);
         }
     }
+    const unsigned short *last = sz + 2 * (full >> shift); /* the group of the last, partial block */
+    float scale = from_bf16(last[0]), zero = from_bf16(last[1]);
     for (int r = 0; r < T; r++) {
         vec sum = acc[r][0];
         for (int a = 1; a < 2 * UNROLL; a++) sum += acc[r][a];
         float s = total(sum);
-        for (long i = full * INT4_BLOCK; i < n; i++) { /* the last, partial block */
+        for (long i = full * INT4_BLOCK; i < n; i++) {
             long j = i - full * INT4_BLOCK;
             unsigned char byte = w[full * INT4_BLOCK / 2 + j % 16];
-            s += table[16 * (full >> shift) + (j < 16 ? byte & 15 : byte >> 4)] * x[r * n + i];
+            s += ((j < 16 ? byte & 15 : byte >> 4) * scale + zero) * x[r * n + i];
         }
         y[r] = s;
     }
 }
 
-static inline __attribute__((always_inline)) void int4_dots(const unsigned char *w, const float *table,
+static inline __attribute__((always_inline)) void int4_dots(const unsigned char *w, const unsigned short *sz,
                                                             int shift, long n, const float *x, long T,
                                                             float *y) {
-#define INT4(t) int4_tile(w, table, shift, n, x, t, y)
+#define INT4(t) int4_tile(w, sz, shift, n, x, t, y)
     BY_TILE(T, INT4)
 #undef INT4
 }
@@ -287,26 +314,25 @@ static inline void put(float *y, float v, int mode) {
 /* y (m x out) from x (m x n), w (out x n) and b (out values or NULL); called inside a parallel region.
  * w is fp32 (scale NULL, group 0), int8 with `scale` holding its out row scales (group 0), or int4
  * codes (out rows of ceil(n / INT4_BLOCK) blocks) in groups of `group` inputs with `scale` holding
- * their bf16 (scale, zero) pairs (out x groups). Each weight row is read once for all rows of x (an
- * int4 row's tables made once too), in blocks of BLOCK_ROWS rows shared out between the threads. */
+ * their bf16 (scale, zero) pairs (out x groups). Each weight row is read once for all rows of x, in
+ * blocks of BLOCK_ROWS rows shared out between the threads. */
 static void products(const float *x, const void *w, const void *scale, long group, const float *b, float *y,
                      long m, long n, long out, int mode) {
     const float *row_scale = group ? NULL : scale;
-    long groups = group ? (n + group - 1) / group : 1, blocks = (out + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    long groups = group ? (n + group - 1) / group : 0, blocks = (out + BLOCK_ROWS - 1) / BLOCK_ROWS;
     long stride = group ? (n + INT4_BLOCK - 1) / INT4_BLOCK * (INT4_BLOCK / 2) : row_scale ? n : n * 4;
     int shift = 0;
     while ((INT4_BLOCK << shift) < group) shift++;
-    float table[16 * groups];
 #pragma omp for schedule(static)
     for (long k = 0; k < blocks; k++)
         for (long o = k * BLOCK_ROWS; o < out && o < (k + 1) * BLOCK_ROWS; o++) {
             const char *wo = (const char *)w + o * stride;
-            if (group) int4_tables((const unsigned short *)scale + 2 * o * groups, groups, table);
+            const unsigned short *sz = group ? (const unsigned short *)scale + 2 * o * groups : NULL;
             for (long row = 0; row < m; row += TILE) {
                 long rows = m - row < TILE ? m - row : TILE;
                 float part[TILE];
                 if (group)
-                    int4_dots((const unsigned char *)wo, table, shift, n, x + row * n, rows, part);
+                    int4_dots((const unsigned char *)wo, sz, shift, n, x + row * n, rows, part);
                 else
                     dense_dots(wo, row_scale != NULL, n, x + row * n, rows, part);
                 for (long r = 0; r < rows; r++) {

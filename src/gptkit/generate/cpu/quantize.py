@@ -27,8 +27,8 @@ per group of INT4_GROUP inputs (`gptkit.generate.cpu.int4`), and the same kernel
 up in registers, again with fp32 activations. The group size, measured (quality:
 `bench/quantize_quality.py` on the tests' trained model; time: the best of 60 decoding steps of
 GPT-2 124M on 1 thread): 32 inputs cost 0.625 bytes a weight, +0.28% perplexity, 96.0% of greedy
-tokens equal to fp32's, and 15% more time than 64; 64: 0.5625 bytes, +0.85%, 95.1%; 128: 0.53
-bytes, +1.09%, 92.1%, 3% less time than 64. 64 it is: nearly 128's speed, nearly 32's agreement.
+tokens equal to fp32's, and 12% more time than 64; 64: 0.5625 bytes, +0.85%, 95.1%; 128: 0.53
+bytes, +1.09%, 92.1%, 1% less time than 64. 64 it is: nearly 128's speed, nearly 32's agreement.
 """
 
 from __future__ import annotations
