@@ -162,7 +162,8 @@ static inline __attribute__((always_inline)) void dense_dots(const void *w, int 
  * bits); a row padded to whole blocks. gptkit/generate/cpu/int4.py packs them (a test reads this). */
 #define INT4_BLOCK 32
 /* Bytes ahead that the int4 products ask the memory for: the hardware prefetchers alone left a core
- * waiting for int4 rows (GPT-2 124M, 1 thread: 25% faster with 256 or 1024). */
+ * waiting for int4 rows (GPT-2 124M's matrices one after the other, 1 thread: 23% less time with 256
+ * or 1024). */
 #define INT4_AHEAD 256
 _Static_assert(INT4_BLOCK == 2 * LANES, "one int4 block is two vectors");
 
@@ -172,7 +173,7 @@ _Static_assert(INT4_BLOCK == 2 * LANES, "one int4 block is two vectors");
  * read as one 32-bit word in every lane and each half moved to the top (a bf16 is an fp32's top
  * half): x86 broadcasts 32 bits from memory as a plain load, where spreading a 16-bit value or a
  * register takes the shuffle unit, which the lookups keep busy. Made in registers for each group as
- * the row is read (a table per row in memory cost a fifth more time). load_int4(p, table, lo, hi)
+ * the row is read (a table per row in memory cost 5-20% more time). load_int4(p, table, lo, hi)
  * gives the 32 weights of the block at p: lo = weights 0..15, hi = 16..31. */
 static inline float from_bf16(unsigned short h) {
     unsigned int u = (unsigned int)h << 16;
