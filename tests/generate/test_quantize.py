@@ -25,7 +25,14 @@ from gptkit.fused_loss import next_token_loss
 from gptkit.generate import Sampler, SampleSettings
 from gptkit.generate.cpu.build import kernel
 from gptkit.generate.cpu.decode import CPUDecoder
-from gptkit.generate.cpu.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize, weight_bytes
+from gptkit.generate.cpu.quantize import (
+    INT4_GROUP,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    quantize,
+    weight_bytes,
+)
 from gptkit.generate.inference import fastest_decoder
 from gptkit.model import GPT
 from gptkit.tokenizer import CharTokenizer
@@ -129,9 +136,8 @@ def test_memory_reduced_as_reported(trained, mode: str) -> None:
         m.scale.numel() * 4 for m in q.modules() if isinstance(m, Int8Embedding)
     )
     c, v, pv = model.config.n_embd, model.config.vocab_size, model.config.padded_vocab_size
-    head_rows = v if mode == "int8" else -(-v // 16) * 16  # the int4 kernel wants rows in 16s
-    linear = model.config.n_layer * 12 * c * c + head_rows * c  # the blocks' weights and the head
-    per_weight = {"int8": 1.0, "int4": 0.5 + 4 / 64}[mode]  # int4: bf16 scale + zero per group of 64
+    linear = model.config.n_layer * 12 * c * c + v * c  # the blocks' weights and the head
+    per_weight = {"int8": 1.0, "int4": 0.5 + 4 / INT4_GROUP}[mode]  # int4: bf16 scale + zero per group
     expected = fp32 + pv * c + linear * per_weight  # + the int8 embedding table
     if mode == "int8":  # + one fp32 scale per output row (9c a block, v for the head)
         expected += 4 * (9 * c * model.config.n_layer + v)
@@ -140,7 +146,7 @@ def test_memory_reduced_as_reported(trained, mode: str) -> None:
     # the quantised layers hold no fp32 copy of their weights
     for m in q.modules():
         if isinstance(m, Int4Linear):
-            assert m.packed.dtype == torch.uint8
+            assert m.codes.dtype == torch.uint8
         if isinstance(m, Int8Linear):
             assert m.qweight.dtype == torch.int8
 

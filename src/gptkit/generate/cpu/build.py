@@ -3,8 +3,9 @@
 Decoding in fp32 is bound by how fast the weights stream from memory, and PyTorch's matrix-vector
 products read them at well under the machine's bandwidth (see `gptkit.generate.cpu.linear`), so
 gptkit carries two small C functions: `gptkit_matvec` (a Linear layer for a few rows) and
-`gptkit_decode` (a whole decoding step, see `gptkit.generate.cpu.decode`), for fp32 weights and for
-int8 weights with row scales (`gptkit.generate.cpu.quantize`). They are built with
+`gptkit_decode` (a whole decoding step, see `gptkit.generate.cpu.decode`), for fp32 weights, int8
+weights with row scales and int4 weights with group scales (`gptkit.generate.cpu.quantize`,
+`gptkit.generate.cpu.int4`). They are built with
 `cc -O3 -march=native -fopenmp` into the cache folder, keyed by the source, the compiler and the
 CPU, and linked against the OpenMP runtime torch has loaded. Without a compiler, or where the built
 library computes wrong products, gptkit says so once and decodes with oneDNN instead.
@@ -27,14 +28,18 @@ from torch import Tensor
 
 from gptkit.console import notice
 from gptkit.files import give_default_modes
+from gptkit.generate.cpu import int4
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _size, _ptr, _int, _float = ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 # The C functions' (argument types, return type), as kernels.c defines them (a test reads them there)
 SIGNATURES = {
-    "gptkit_matvec": ([_ptr] * 5 + [_size] * 3 + [_int], None),
-    "gptkit_decode": ([_ptr, _ptr, _int] + [_size] * 6 + [_ptr] * 5 + [_size, _ptr, _float, _int], _int),
+    "gptkit_matvec": ([_ptr] * 5 + [_size] * 3 + [_int, _int], None),
+    "gptkit_decode": (
+        [_ptr, _ptr, _int, _int] + [_size] * 6 + [_ptr] * 5 + [_size, _ptr, _float, _int],
+        _int,
+    ),
 }
 
 
@@ -69,28 +74,38 @@ def kernel() -> ctypes.CDLL | None:
     path = cache_dir() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     try:
         if not path.exists():
-            _build(cc, source, path)
-        lib = ctypes.CDLL(str(path))
+            compile_library(path, cc=cc)
+        lib = open_library(path)
     except (OSError, subprocess.SubprocessError) as e:
         notice(f"fp32 decoding uses oneDNN, not gptkit's faster kernels: {cc} could not build them ({e})")
         return None
-    for name, (argtypes, restype) in SIGNATURES.items():
-        function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, restype
-    if not _agrees(lib):
+    if not agrees(lib):
         notice(f"fp32 decoding uses oneDNN: gptkit's kernels built by {cc} computed wrong products")
         return None
     return lib
 
 
-def _build(cc: str, source: bytes, path: Path) -> None:
-    """Compile into a temporary file, then move it in place (processes may build at the same time)."""
+def open_library(path: Path) -> ctypes.CDLL:
+    """A built library with its functions' ctypes signatures set."""
+    lib = ctypes.CDLL(str(path))
+    for name, (argtypes, restype) in SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, restype
+    return lib
+
+
+def compile_library(path: Path, flags: list[str] = FLAGS, cc: str = "cc") -> None:
+    """Compile kernels.c into a temporary file, then move it in place (processes may build at the same
+    time). Other `flags` build the portable code paths (the tests compile each)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
     os.close(fd)
     try:
         done = subprocess.run(
-            [cc, *FLAGS, "-x", "c", "-", "-o", tmp, "-lm"], input=source, capture_output=True, timeout=300
+            [cc, *flags, "-x", "c", "-", "-o", tmp, "-lm"],
+            input=SOURCE.read_bytes(),
+            capture_output=True,
+            timeout=300,
         )
         if done.returncode != 0:
             lines = done.stderr.decode(errors="replace").strip().splitlines() or ["no message"]
@@ -102,19 +117,24 @@ def _build(cc: str, source: bytes, path: Path) -> None:
             os.remove(tmp)
 
 
-def _agrees(lib: ctypes.CDLL) -> bool:
+def agrees(lib: ctypes.CDLL) -> bool:
     """The products equal F.linear's to fp32 rounding, on shapes with every kind of remainder, for
-    fp32 weights and for int8 weights with row scales (in fp32 even when called under autocast)."""
+    fp32 weights, int8 weights with row scales and int4 weights in groups (in fp32 even when called
+    under autocast)."""
     g = torch.Generator().manual_seed(0)
     with torch.autocast("cpu", enabled=False), torch.no_grad():
-        for m, n, out in [(1, 768, 2304), (3, 37, 13), (8, 64, 9)]:
+        for m, n, out, group in [(1, 768, 2304, 64), (3, 37, 13, 32), (8, 64, 9, 32), (5, 200, 17, 128)]:
             x, w, b = (torch.randn(*s, generator=g) for s in ((m, n), (out, n), (out,)))
             q = torch.randint(-127, 128, (out, n), generator=g, dtype=torch.int8)
             scale = torch.rand(out, generator=g)
-            if not torch.allclose(matvec(lib, x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4):
-                return False
-            int8 = F.linear(x, q.float() * scale[:, None], b)
-            if not torch.allclose(matvec(lib, x, q, b, scale), int8, rtol=1e-4, atol=1e-3):
+            codes, scales = int4.pack(w, group)
+            w4 = int4.dequantize(codes, scales, n, group)
+            expected = [
+                (matvec(lib, x, w, b), F.linear(x, w, b)),
+                (matvec(lib, x, q, b, scale), F.linear(x, q.float() * scale[:, None], b)),
+                (matvec(lib, x, codes, b, scales, group), F.linear(x, w4, b)),
+            ]
+            if not all(torch.allclose(got, want, rtol=1e-4, atol=1e-3) for got, want in expected):
                 return False
     return True
 
@@ -129,13 +149,19 @@ def pointer(t: Tensor | None) -> int | None:
 
 
 def matvec(
-    lib: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor | None = None
+    lib: ctypes.CDLL,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    scale: Tensor | None = None,
+    group: int = 0,
 ) -> Tensor:
-    """x (m, n) @ weight.T + bias, contiguous CPU tensors: fp32 x and bias; weight fp32, or int8
-    (out, n) whose row o is worth `scale[o]` times its values (fp32 `scale` given)."""
+    """x (m, n) @ weight.T + bias, contiguous CPU tensors: fp32 x and bias; weight fp32, int8 (out, n)
+    whose row o is worth `scale[o]` times its values (fp32 `scale` given), or int4 codes in groups of
+    `group` inputs with their bf16 (scale, zero) pairs in `scale` (`gptkit.generate.cpu.int4`)."""
     m, n = x.shape
     out = weight.size(0)
     y = torch.empty(m, out)
-    args = (pointer(x), pointer(weight), pointer(scale), pointer(bias), y.data_ptr(), m, n, out)
+    args = (pointer(x), pointer(weight), pointer(scale), pointer(bias), y.data_ptr(), m, n, out, group)
     lib.gptkit_matvec(*args, torch.get_num_threads())
     return y

@@ -9,9 +9,10 @@ little more than streaming the weights. `GPT.forward` stays the reference: the t
 to fp32 rounding, with left padding, several sequences, and models without biases.
 
 `CPUDecoder.of` serves models that `gptkit.generate.cpu.linear.use_cpu_linear` prepared (what
-`gptkit.load` does for fp32 models on the CPU) and int8-quantised ones (`Int8Linear`: int8 weights
-with row scales, fp32 activations) when the kernel is built; everything else (int4, GPUs, bf16,
-LoRA layers not merged) decodes through `GPT.forward` (`gptkit.generate.inference` chooses).
+`gptkit.load` does for fp32 models on the CPU) and quantised ones (`Int8Linear`: int8 weights with
+row scales; `Int4Linear`: 4-bit weights with group scales; fp32 activations for both) when the
+kernel is built; everything else (GPUs, bf16, LoRA layers not merged) decodes through
+`GPT.forward` (`gptkit.generate.inference` chooses).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from gptkit.generate.cpu.quantize import Int4Linear, Int8Linear
 from gptkit.model import GPT, LAYER_NORM_EPS, KVCache
 
 # The pointers gptkit_decode reads per layer, in order: (C name prefix, submodule, its tensors), where
-# W is a weight, B a bias and S an int8 matrix's row scales (NULL for fp32); the layer's cached keys
-# and values follow. kernels.c's enum names the same pointers; a test holds the two equal.
+# W is a weight, B a bias and S an int8 matrix's row scales or an int4 one's group (scale, zero)
+# pairs (NULL for fp32); the layer's cached keys and values follow. kernels.c's enum names the same
+# pointers; a test holds the two equal.
 NORM, LINEAR = ("W", "B"), ("W", "S", "B")
 LAYER_POINTERS = (
     ("LN1", "ln_1", NORM),
@@ -48,11 +50,14 @@ def layer_pointer_names() -> list[str]:
 
 
 def _tensors(module: nn.Module, fields: tuple[str, ...]) -> list[Tensor | None]:
-    """The module's tensors named by `fields` (W, S, B): a LayerNorm, an Int8Linear or a CPULinear."""
+    """The module's tensors named by `fields` (W, S, B): a LayerNorm, an Int8Linear, an Int4Linear or a
+    CPULinear."""
     if isinstance(module, nn.LayerNorm):
         named = {"W": module.weight, "B": module.bias}
     elif isinstance(module, Int8Linear):
         named = {"W": module.qweight, "S": module.scale, "B": module.bias}
+    elif isinstance(module, Int4Linear):
+        named = {"W": module.codes, "S": module.scales, "B": module.bias}
     else:  # a CPULinear
         named = {"W": module.matrix, "S": None, "B": module.bias}
     return [named[f] for f in fields]
@@ -70,23 +75,28 @@ class CPUDecoder:
         ]
         self.final = _tensors(model.transformer.ln_f, NORM) + _tensors(model.lm_head, ("W", "S"))
         self.hidden = _tensors(model.transformer.h[0].mlp.c_fc, ("W",))[0].size(0)  # the MLP's width
+        self.group = getattr(model.lm_head, "group", 0)  # int4's, the same for every matrix; else 0
         self._pointers: ctypes.Array | None = None
         self._cache: KVCache | None = None
 
     @classmethod
     def of(cls, model: GPT, batch_size: int = 1) -> CPUDecoder | None:
         """A decoder for `model` if it is a CPU model prepared by `use_cpu_linear` (fp32) or quantised
-        to int8 (`gptkit.generate.cpu.quantize`), and gptkit's kernels are built. Not for more than
-        KERNEL_MAX_ROWS sequences: there oneDNN's matrix products through GPT.forward are faster
-        (GPT-2 124M, 16 sequences: 51 ms a step against 57)."""
+        (`gptkit.generate.cpu.quantize`), and gptkit's kernels are built. Not for more than
+        KERNEL_MAX_ROWS sequences: there the products through GPT.forward are faster, although the
+        kernel reads each weight once for all rows (GPT-2 124M, 2 threads, best step of 45 on a
+        shared machine; 16 sequences: fp32 65 ms through oneDNN against 94, int8 30 ms through
+        `torch._int_mm` against 66; 8 sequences: the kernel's 46 against 49 and 26 against 27)."""
         linears = [m for m in model.modules() if isinstance(m, LINEAR_LAYERS)]
         kinds = {type(m) for m in linears}
+        groups = {getattr(m, "group", 0) for m in linears}
         usable = (
             batch_size <= KERNEL_MAX_ROWS
             and model.device.type == "cpu"
             and model.dtype == torch.float32
             and len(linears) == sum(f == LINEAR for *_, f in LAYER_POINTERS) * model.config.n_layer + 1
-            and kinds in ({Int8Linear}, {CPULinear})
+            and kinds in ({Int8Linear}, {Int4Linear}, {CPULinear})
+            and len(groups) == 1  # the kernel takes one int4 group size for all matrices
             and all(m.kernel is not None for m in linears)  # built when the layers were made
         )
         return cls(model, linears[0].kernel) if usable else None
@@ -119,6 +129,7 @@ class CPUDecoder:
             x.data_ptr(),
             self._layer_pointers(cache),
             c.n_layer,
+            self.group,
             B,
             c.n_embd,
             self.hidden,

@@ -1,6 +1,7 @@
 /* gptkit's CPU kernels for decoding: matrix-vector products at memory speed, and a whole GPT-2
- * decoding step (one new token per sequence) in one call; weights in fp32, or int8 with one scale
- * per output row (gptkit/generate/cpu/quantize.py's Int8Linear).
+ * decoding step (one new token per sequence) in one call; weights in fp32, int8 with one scale
+ * per output row (gptkit/generate/cpu/quantize.py's Int8Linear), or int4 in groups with a bf16
+ * scale and zero each (Int4Linear; the layout: gptkit/generate/cpu/int4.py).
  *
  * gptkit/generate/cpu/build.py compiles this file on first use (cc -O3 -march=native -fopenmp) and
  * calls it through ctypes. Decoding reads every weight once per token, so its speed is the speed at
@@ -10,11 +11,14 @@
  * tested to agree) with one parallel region per step.
  *
  * Products: W (out x n, row-major) is read once, in blocks of BLOCK_ROWS rows shared out between the
- * threads; a block is multiplied with every row of x while it is in the core's cache. Each output
- * adds up 4 x LANES partial sums kept in vectors (GCC/Clang vector extensions become AVX-512, AVX2
- * or NEON code, whatever the machine has). int8 weights are widened to fp32 in registers and the
- * row's scale is applied to its sum: the activations stay fp32. One thread computes each output, so
- * the results do not depend on the number of threads.
+ * threads, one row after the other (one sequential read, which the hardware prefetchers follow
+ * best); each weight vector, once in a register, is multiplied with up to TILE rows of x, and a row
+ * stays in the core's cache for the next TILE rows of x. Each output adds up partial sums kept in
+ * vectors of LANES (GCC/Clang vector extensions become AVX-512, AVX2 or NEON code, whatever the
+ * machine has). int8 weights are widened to fp32 in registers and the row's scale is applied to
+ * its sum; int4 weights are looked up in a table of their group's 16 values (a vector permute on
+ * AVX-512): the activations stay fp32. One thread computes each output, in an order that depends on
+ * neither the number of threads nor the number of rows of x.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -23,7 +27,7 @@
 /* Weight rows read as one block. Not the number of rows of x (sequences), which is any: up to how
  * many the kernel is used is measured in Python (KERNEL_MAX_ROWS in gptkit/generate/cpu/linear.py). */
 #define BLOCK_ROWS 8
-#define LANES 16
+#define LANES 16 /* total() adds up 16 */
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 
 static inline vec load(const float *p) {
@@ -32,12 +36,21 @@ static inline vec load(const float *p) {
     return v;
 }
 
-static inline float total(vec v) { /* pairwise: log2(LANES) vector additions */
-    float t[LANES];
-    memcpy(t, &v, sizeof t);
-    for (int width = LANES / 2; width > 0; width /= 2)
-        for (int l = 0; l < width; l++) t[l] += t[l + width];
-    return t[0];
+typedef float vec8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float vec4 __attribute__((vector_size(4 * sizeof(float))));
+
+/* The sum of v's lanes, pairwise: lane l plus lane l + 8, then l + 4, l + 2, l + 1 (whole halves at
+ * a time, so that compilers do not go through memory) */
+static inline float total(vec v) {
+    vec8 a, b;
+    memcpy(&a, &v, sizeof a);
+    memcpy(&b, (char *)&v + sizeof a, sizeof b);
+    a += b;
+    vec4 c, d;
+    memcpy(&c, &a, sizeof c);
+    memcpy(&d, (char *)&a + sizeof c, sizeof d);
+    c += d;
+    return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
 /* LANES int8 weights widened to fp32. Compilers scalarise the portable version (a conversion loop
@@ -74,44 +87,219 @@ static inline float weight(const void *w, int int8, long i) {
     return int8 ? ((const signed char *)w)[i] : ((const float *)w)[i];
 }
 
-/* y[r] = w[r] . x for the BLOCK_ROWS rows starting at w (int8 rows without their scales), one row after
- * the other: the block is one sequential read, which the hardware prefetchers follow best (reading
- * the rows side by side instead halves the speed of int8 rows of 768 bytes). Four partial sums per
- * row keep the multiply-adds independent. */
-static inline void dot_rows(const void *w, int int8, long n, const float *x, float *y) {
-    for (int r = 0; r < BLOCK_ROWS; r++) {
-        long row = r * n, i = 0;
-        vec acc[4] = {0};
-        for (; i + 4 * LANES <= n; i += 4 * LANES)
-            for (int a = 0; a < 4; a++) {
-                long at = i + a * LANES;
-                acc[a] += load_w(w, int8, row + at) * load(x + at);
-            }
-        for (; i + LANES <= n; i += LANES) acc[0] += load_w(w, int8, row + i) * load(x + i);
-        float s = total(acc[0] + acc[1] + acc[2] + acc[3]);
-        for (; i < n; i++) s += weight(w, int8, row + i) * x[i];
-        y[r] = s;
-    }
-}
-
 static float dot(const float *w, const float *x, long n) {
     float s = 0;
     for (long i = 0; i < n; i++) s += w[i] * x[i];
     return s;
 }
 
-/* part[r] = w[o + r] . x for the `rows` rows from row o */
-static inline void block(const void *w, int int8, long o, long rows, long n, const float *x, float *part) {
-    long size = int8 ? 1 : sizeof(float);
-    if (rows == BLOCK_ROWS) {
-        dot_rows((const char *)w + o * n * size, int8, n, x, part);
-        return;
+/* Rows of x multiplied by each weight vector while it is in registers, and int4 blocks read per
+ * loop turn (independent sums for one row of x). AVX-512 has the 32 registers for more of both. */
+#if defined(__AVX512F__)
+#define TILE 4
+#define UNROLL 2
+#else
+#define TILE 2
+#define UNROLL 1
+#endif
+
+/* y[r] = w . x[r] for the T (a constant where inlined) rows of x (n apart) and one weight row w (int8
+ * without its scale). Four partial sums per row keep the multiply-adds independent; each row of x
+ * is summed in the same order whatever T is. */
+static inline __attribute__((always_inline)) void dense_tile(const void *w, int int8, long n, const float *x,
+                                                             int T, float *y) {
+    vec acc[TILE][4];
+    for (int r = 0; r < TILE; r++)
+        for (int a = 0; a < 4; a++) acc[r][a] = (vec){0};
+    long i = 0;
+    for (; i + 4 * LANES <= n; i += 4 * LANES)
+        for (int a = 0; a < 4; a++) {
+            vec v = load_w(w, int8, i + a * LANES);
+            for (int r = 0; r < T; r++) acc[r][a] += v * load(x + r * n + i + a * LANES);
+        }
+    for (; i + LANES <= n; i += LANES) {
+        vec v = load_w(w, int8, i);
+        for (int r = 0; r < T; r++) acc[r][0] += v * load(x + r * n + i);
     }
-    for (long r = 0; r < rows; r++) {
-        float s = 0;
-        for (long i = 0; i < n; i++) s += weight(w, int8, (o + r) * n + i) * x[i];
-        part[r] = s;
+    for (int r = 0; r < T; r++) {
+        float s = total(acc[r][0] + acc[r][1] + acc[r][2] + acc[r][3]);
+        for (long j = i; j < n; j++) s += weight(w, int8, j) * x[r * n + j];
+        y[r] = s;
     }
+}
+
+/* call(T) for T rows of x (1 <= T <= TILE), as a constant: each T is compiled on its own */
+#if TILE == 4
+#define BY_TILE(T, call) \
+    switch (T) { \
+    case 1: call(1); break; \
+    case 2: call(2); break; \
+    case 3: call(3); break; \
+    default: call(4); break; \
+    }
+#else
+#define BY_TILE(T, call) \
+    switch (T) { \
+    case 1: call(1); break; \
+    default: call(2); break; \
+    }
+#endif
+
+static inline __attribute__((always_inline)) void dense_dots(const void *w, int int8, long n, const float *x,
+                                                             long T, float *y) {
+#define FP32(t) dense_tile(w, 0, n, x, t, y)
+#define INT8(t) dense_tile(w, 1, n, x, t, y)
+    if (int8) {
+        BY_TILE(T, INT8)
+    } else {
+        BY_TILE(T, FP32)
+    }
+#undef FP32
+#undef INT8
+}
+
+/* int4: INT4_BLOCK weights in 16 bytes, byte j holding weight j (low 4 bits) and j + 16 (high 4
+ * bits); a row padded to whole blocks. gptkit/generate/cpu/int4.py packs them (a test reads this). */
+#define INT4_BLOCK 32
+/* Bytes ahead that the int4 products ask the memory for: the hardware prefetchers alone left a core
+ * waiting for int4 rows (GPT-2 124M's matrices one after the other, 1 thread: 23% less time with 256
+ * or 1024). */
+#define INT4_AHEAD 256
+_Static_assert(INT4_BLOCK == 2 * LANES, "one int4 block is two vectors");
+
+
+/* A group's table: its 16 values q * scale + zero, from its bf16 (scale, zero) pair. q * scale is
+ * exact (4 bits times 8), so the sum is the one rounding, as in int4.py's dequantize. The pair is
+ * read as one 32-bit word in every lane and each half moved to the top (a bf16 is an fp32's top
+ * half): x86 broadcasts 32 bits from memory as a plain load, where spreading a 16-bit value or a
+ * register takes the shuffle unit, which the lookups keep busy. Made in registers for each group as
+ * the row is read (a table per row in memory cost 5-20% more time). load_int4(p, table, lo, hi)
+ * gives the 32 weights of the block at p: lo = weights 0..15, hi = 16..31. */
+static inline float from_bf16(unsigned short h) {
+    unsigned int u = (unsigned int)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+#if defined(__AVX512F__)
+typedef __m512 table_t;
+static inline table_t int4_table(const unsigned short *pair) {
+    float word; /* as a float, so that the compiler broadcasts it from memory */
+    memcpy(&word, pair, sizeof word);
+    __m512i both = _mm512_castps_si512(_mm512_set1_ps(word));
+    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(both, 16));
+    __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(both, _mm512_set1_epi32((int)0xffff0000u)));
+    return _mm512_add_ps(_mm512_mul_ps(codes, scale), zero);
+}
+static inline void load_int4(const unsigned char *p, table_t table, vec *lo, vec *hi) {
+    __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); /* the permute reads bits 0-3 */
+    *lo = (vec)_mm512_permutexvar_ps(e, table);
+    *hi = (vec)_mm512_permutexvar_ps(_mm512_srli_epi32(e, 4), table);
+}
+#elif defined(__AVX2__)
+typedef struct {
+    __m256 low, high; /* codes 0-7 and 8-15 */
+} table_t;
+static inline table_t int4_table(const unsigned short *pair) {
+    float word;
+    memcpy(&word, pair, sizeof word);
+    __m256i both = _mm256_castps_si256(_mm256_set1_ps(word));
+    __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(both, 16));
+    __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(both, _mm256_set1_epi32((int)0xffff0000u)));
+    table_t t = {_mm256_add_ps(_mm256_mul_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), scale), zero),
+                 _mm256_add_ps(_mm256_mul_ps(_mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15), scale), zero)};
+    return t;
+}
+static inline __m256 lookup8(__m256i e, table_t t) {
+    __m256 a = _mm256_permutevar8x32_ps(t.low, e), b = _mm256_permutevar8x32_ps(t.high, e);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(e, 28))); /* by bit 3 */
+}
+static inline void load_int4(const unsigned char *p, table_t t, vec *lo, vec *hi) {
+    __m256 v[4];
+    for (int h = 0; h < 2; h++) {
+        __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * h)));
+        v[h] = lookup8(e, t);
+        v[2 + h] = lookup8(_mm256_srli_epi32(e, 4), t);
+    }
+    memcpy(lo, v, sizeof *lo);
+    memcpy(hi, v + 2, sizeof *hi);
+}
+#else
+typedef struct {
+    float v[16];
+} table_t;
+static inline table_t int4_table(const unsigned short *pair) {
+    table_t t;
+    float scale = from_bf16(pair[0]), zero = from_bf16(pair[1]);
+    for (int q = 0; q < 16; q++) t.v[q] = q * scale + zero;
+    return t;
+}
+static inline void load_int4(const unsigned char *p, table_t t, vec *lo, vec *hi) {
+    float a[LANES], b[LANES];
+    for (int l = 0; l < LANES; l++) {
+        a[l] = t.v[p[l] & 15];
+        b[l] = t.v[p[l] >> 4];
+    }
+    *lo = load(a);
+    *hi = load(b);
+}
+#endif
+
+/* y[r] = w . x[r] for the T (a constant where inlined) rows of x (n apart) and one int4 weight row w
+ * whose groups' (scale, zero) pairs are sz; groups of INT4_BLOCK << shift weights. */
+static inline __attribute__((always_inline)) void int4_tile(const unsigned char *w, const unsigned short *sz,
+                                                            int shift, long n, const float *x, int T,
+                                                            float *y) {
+    vec acc[TILE][2 * UNROLL];
+    for (int r = 0; r < TILE; r++)
+        for (int a = 0; a < 2 * UNROLL; a++) acc[r][a] = (vec){0};
+    long full = n / INT4_BLOCK, k = 0;
+    for (; k + UNROLL <= full; k += UNROLL) {
+        table_t first = int4_table(sz + 2 * (k >> shift));
+        for (int u = 0; u < UNROLL; u++) {
+            vec lo, hi;
+            long at = (k + u) * INT4_BLOCK;
+            if (u == 0) __builtin_prefetch(w + at / 2 + INT4_AHEAD);
+            int same = ((k + u) >> shift) == (k >> shift);
+            load_int4(w + at / 2, same ? first : int4_table(sz + 2 * ((k + u) >> shift)), &lo, &hi);
+            for (int r = 0; r < T; r++) {
+                acc[r][2 * u] += lo * load(x + r * n + at);
+                acc[r][2 * u + 1] += hi * load(x + r * n + at + LANES);
+            }
+        }
+    }
+    for (; k < full; k++) {
+        vec lo, hi;
+        long at = k * INT4_BLOCK;
+        load_int4(w + at / 2, int4_table(sz + 2 * (k >> shift)), &lo, &hi);
+        for (int r = 0; r < T; r++) {
+            acc[r][0] += lo * load(x + r * n + at);
+            acc[r][1] += hi * load(x + r * n + at + LANES);
+        }
+    }
+    const unsigned short *last = sz + 2 * (full >> shift); /* the group of the last, partial block */
+    float scale = from_bf16(last[0]), zero = from_bf16(last[1]);
+    for (int r = 0; r < T; r++) {
+        vec sum = acc[r][0];
+        for (int a = 1; a < 2 * UNROLL; a++) sum += acc[r][a];
+        float s = total(sum);
+        for (long i = full * INT4_BLOCK; i < n; i++) {
+            long j = i - full * INT4_BLOCK;
+            unsigned char byte = w[full * INT4_BLOCK / 2 + j % 16];
+            s += ((j < 16 ? byte & 15 : byte >> 4) * scale + zero) * x[r * n + i];
+        }
+        y[r] = s;
+    }
+}
+
+static inline __attribute__((always_inline)) void int4_dots(const unsigned char *w, const unsigned short *sz,
+                                                            int shift, long n, const float *x, long T,
+                                                            float *y) {
+#define INT4(t) int4_tile(w, sz, shift, n, x, t, y)
+    BY_TILE(T, INT4)
+#undef INT4
 }
 
 static inline float gelu(float x) { /* the tanh approximation GPT-2 was trained with */
@@ -120,35 +308,48 @@ static inline float gelu(float x) { /* the tanh approximation GPT-2 was trained 
 
 enum { SET = 0, ADD = 1, GELU = 2 }; /* y = xW^T + b; y += xW^T + b; y = gelu(xW^T + b) */
 
-/* y (m x out) from x (m x n), w (out x n: fp32, or int8 when `scale` holds its out row scales) and
- * b (out values or NULL); called inside a parallel region */
-static void products(const float *x, const void *w, const float *scale, const float *b, float *y, long m,
-                     long n, long out, int mode) {
-    long blocks = (out + BLOCK_ROWS - 1) / BLOCK_ROWS;
-#pragma omp for schedule(static)
-    for (long k = 0; k < blocks; k++) {
-        long o = k * BLOCK_ROWS, rows = out - o < BLOCK_ROWS ? out - o : BLOCK_ROWS;
-        float part[BLOCK_ROWS];
-        for (long row = 0; row < m; row++) {
-            float *yr = y + row * out + o;
-            const float *xr = x + row * n;
-            if (scale)
-                block(w, 1, o, rows, n, xr, part);
-            else
-                block(w, 0, o, rows, n, xr, part);
-            for (long r = 0; r < rows; r++) {
-                float v = part[r] * (scale ? scale[o + r] : 1.0f) + (b ? b[o + r] : 0.0f);
-                yr[r] = mode == ADD ? yr[r] + v : mode == GELU ? gelu(v) : v;
-            }
-        }
-    }
+static inline void put(float *y, float v, int mode) {
+    *y = mode == ADD ? *y + v : mode == GELU ? gelu(v) : v;
 }
 
-/* x (m x n) @ w^T (* scale) + b -> y (m x out), all contiguous: a Linear layer for a few rows */
-void gptkit_matvec(const float *x, const void *w, const float *scale, const float *b, float *y, long m,
-                   long n, long out, int threads) {
+/* y (m x out) from x (m x n), w (out x n) and b (out values or NULL); called inside a parallel region.
+ * w is fp32 (scale NULL, group 0), int8 with `scale` holding its out row scales (group 0), or int4
+ * codes (out rows of ceil(n / INT4_BLOCK) blocks) in groups of `group` inputs with `scale` holding
+ * their bf16 (scale, zero) pairs (out x groups). Each weight row is read once for all rows of x, in
+ * blocks of BLOCK_ROWS rows shared out between the threads. */
+static void products(const float *x, const void *w, const void *scale, long group, const float *b, float *y,
+                     long m, long n, long out, int mode) {
+    const float *row_scale = group ? NULL : scale;
+    long groups = group ? (n + group - 1) / group : 0, blocks = (out + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    long stride = group ? (n + INT4_BLOCK - 1) / INT4_BLOCK * (INT4_BLOCK / 2) : row_scale ? n : n * 4;
+    int shift = 0;
+    while ((INT4_BLOCK << shift) < group) shift++;
+#pragma omp for schedule(static)
+    for (long k = 0; k < blocks; k++)
+        for (long o = k * BLOCK_ROWS; o < out && o < (k + 1) * BLOCK_ROWS; o++) {
+            const char *wo = (const char *)w + o * stride;
+            const unsigned short *sz = group ? (const unsigned short *)scale + 2 * o * groups : NULL;
+            for (long row = 0; row < m; row += TILE) {
+                long rows = m - row < TILE ? m - row : TILE;
+                float part[TILE];
+                if (group)
+                    int4_dots((const unsigned char *)wo, sz, shift, n, x + row * n, rows, part);
+                else
+                    dense_dots(wo, row_scale != NULL, n, x + row * n, rows, part);
+                for (long r = 0; r < rows; r++) {
+                    float v = part[r] * (row_scale ? row_scale[o] : 1.0f) + (b ? b[o] : 0.0f);
+                    put(y + (row + r) * out + o, v, mode);
+                }
+            }
+        }
+}
+
+/* x (m x n) @ w^T + b -> y (m x out), all contiguous: a Linear layer for a few rows; w and scale as
+ * products() takes them (fp32, int8 or int4 by `scale` and `group`) */
+void gptkit_matvec(const float *x, const void *w, const void *scale, const float *b, float *y, long m, long n,
+                   long out, int group, int threads) {
 #pragma omp parallel num_threads(threads)
-    products(x, w, scale, b, y, m, n, out, SET);
+    products(x, w, scale, group, b, y, m, n, out, SET);
 }
 
 static void layer_norm(const float *x, const float *w, const float *b, float *y, long m, long n, float eps) {
@@ -195,18 +396,20 @@ static void attend(const float *qkv, float *kc, float *vc, float *y, float *scor
 }
 
 /* Per layer, the 18 pointers LAYER_POINTERS in gptkit/generate/cpu/decode.py lays out (a test holds
- * this list equal to it): LayerNorms as (weight, bias), matrices as (weight, row scales or NULL for
+ * this list equal to it): LayerNorms as (weight, bias), matrices as (weight, its scales or NULL for
  * fp32, bias), then the cached keys and values. */
 enum { LN1_W, LN1_B, ATTN_W, ATTN_S, ATTN_B, ATTN_PROJ_W, ATTN_PROJ_S, ATTN_PROJ_B, LN2_W, LN2_B, FC_W,
        FC_S, FC_B, MLP_PROJ_W, MLP_PROJ_S, MLP_PROJ_B, K_CACHE, V_CACHE, LAYER_FIELDS };
 
 /* One decoding step for B sequences: x (B x C) holds the new tokens' embeddings (token + position)
  * and is overwritten; their keys and values go to position `pos` of every layer's cache (L
- * positions); logits (B x vocab) come out. F: the MLP's width; pad: B left-padding lengths, or
- * NULL; eps: the LayerNorms' epsilon. Returns 0, or -1 if scratch memory could not be had. */
-int gptkit_decode(float *x, void *const *layers, int n_layer, long B, long C, long F, long H, long L,
-                  long pos, const long long *pad, const float *lnf_w, const float *lnf_b, const void *head,
-                  const float *head_scale, long vocab, float *logits, float eps, int threads) {
+ * positions); logits (B x vocab) come out. group: the int4 group size of every matrix, 0 for fp32
+ * and int8; F: the MLP's width; pad: B left-padding lengths, or NULL; eps: the LayerNorms'
+ * epsilon. Returns 0, or -1 if scratch memory could not be had. */
+int gptkit_decode(float *x, void *const *layers, int n_layer, int group, long B, long C, long F, long H,
+                  long L, long pos, const long long *pad, const float *lnf_w, const float *lnf_b,
+                  const void *head, const void *head_scale, long vocab, float *logits, float eps,
+                  int threads) {
     float *h = malloc(sizeof(float) * B * C), *qkv = malloc(sizeof(float) * B * 3 * C),
           *wide = malloc(sizeof(float) * B * F), *scores = malloc(sizeof(float) * B * H * L);
     int ok = h && qkv && wide && scores;
@@ -215,15 +418,15 @@ int gptkit_decode(float *x, void *const *layers, int n_layer, long B, long C, lo
         for (int i = 0; i < n_layer; i++) {
             void *const *p = layers + i * LAYER_FIELDS;
             layer_norm(x, p[LN1_W], p[LN1_B], h, B, C, eps);
-            products(h, p[ATTN_W], p[ATTN_S], p[ATTN_B], qkv, B, C, 3 * C, SET);
+            products(h, p[ATTN_W], p[ATTN_S], group, p[ATTN_B], qkv, B, C, 3 * C, SET);
             attend(qkv, p[K_CACHE], p[V_CACHE], h, scores, B, C, H, L, pos, pad);
-            products(h, p[ATTN_PROJ_W], p[ATTN_PROJ_S], p[ATTN_PROJ_B], x, B, C, C, ADD);
+            products(h, p[ATTN_PROJ_W], p[ATTN_PROJ_S], group, p[ATTN_PROJ_B], x, B, C, C, ADD);
             layer_norm(x, p[LN2_W], p[LN2_B], h, B, C, eps);
-            products(h, p[FC_W], p[FC_S], p[FC_B], wide, B, C, F, GELU);
-            products(wide, p[MLP_PROJ_W], p[MLP_PROJ_S], p[MLP_PROJ_B], x, B, F, C, ADD);
+            products(h, p[FC_W], p[FC_S], group, p[FC_B], wide, B, C, F, GELU);
+            products(wide, p[MLP_PROJ_W], p[MLP_PROJ_S], group, p[MLP_PROJ_B], x, B, F, C, ADD);
             if (i == n_layer - 1) {
                 layer_norm(x, lnf_w, lnf_b, h, B, C, eps);
-                products(h, head, head_scale, NULL, logits, B, C, vocab, SET);
+                products(h, head, head_scale, group, NULL, logits, B, C, vocab, SET);
             }
         }
     }

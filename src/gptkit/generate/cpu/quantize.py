@@ -14,18 +14,21 @@ per call for a 2304x768 / 768x3072 / 50257x768 weight, weights out of cache; one
     int8 x int8 torch._int_mm, per-row       77 / 88 / 1565          256 / 339 / 5649 at 32
     dynamic int8 (fbgemm, per tensor)        72 / 90 / 1587          219 / 282 / 4788 at 32
 
-and on the Xeon (AVX-512 + AMX) of earlier sessions, for the int4 choice:
-
-    _weight_int8pack_mm, bf16 input          129 / 122 / 4355        5041 / 1681 / 41649 at 32
-    _weight_int4pack_mm_for_cpu, bf16        109 / 115 / 2300        1219 / 1516 / 32175 at 32
-    _weight_int4pack_mm_for_cpu, fp32        6940 / 4361 / 68622     (unusable: no vectorised path)
+On the Xeon (AVX-512 + AMX) of earlier sessions, torch's int4 kernel wanted bf16 activations and its
+own packing (`_weight_int4pack_mm_for_cpu`: 109 / 115 / 2300 with bf16, 6940 / 4361 / 68622 with
+fp32); run that way here, int4 decoded GPT-2 124M slower than int8 (120 against 152 tokens/s).
 
 So int8 keeps its weights as plain int8 rows with one scale each: decoding multiplies them in
 gptkit's CPU kernel with fp32 activations (`gptkit.generate.cpu.build`; `gptkit.generate.cpu.decode`
 runs a whole step of them in one call), and prompts quantise their activations per row for `torch._int_mm`
 (fbgemm's packed weights were 10-20% faster at 32 rows but cannot be read by the kernel, and a
-second copy would double the memory). int4 uses `_weight_int4pack_mm_for_cpu` with bf16
-activations and group-wise asymmetric scales.
+second copy would double the memory). int4 packs two 4-bit codes a byte with a bf16 scale and zero
+per group of INT4_GROUP inputs (`gptkit.generate.cpu.int4`), and the same kernel looks the weights
+up in registers, again with fp32 activations. The group size, measured (quality:
+`bench/quantize_quality.py` on the tests' trained model; time: the best of 60 decoding steps of
+GPT-2 124M on 1 thread): 32 inputs cost 0.625 bytes a weight, +0.28% perplexity, 96.0% of greedy
+tokens equal to fp32's, and 12% more time than 64; 64: 0.5625 bytes, +0.85%, 95.1%; 128: 0.53
+bytes, +1.09%, 92.1%, 1% less time than 64. 64 it is: nearly 128's speed, nearly 32's agreement.
 """
 
 from __future__ import annotations
@@ -38,12 +41,16 @@ from torch import Tensor, nn
 
 from gptkit.config import QUANTIZE_MODES, QuantizeMode
 from gptkit.errors import GptkitError
+from gptkit.generate.cpu import int4
 from gptkit.generate.cpu.build import kernel, matvec
 from gptkit.generate.cpu.linear import KERNEL_MAX_ROWS
 from gptkit.model import GPT
 
 Mode = QuantizeMode
-INT4_GROUP = 64  # weights sharing one scale and zero point; 32 costs 12% more bytes for little gain
+INT4_GROUP = 64  # inputs sharing one scale and zero point (the choice: see above)
+# rows of x up to which gptkit's kernel beats unpacking the weights for F.linear (measured, GPT-2's
+# block matrices, 2 threads: 2.5 / 3.2 ms against 3.4 / 12.2 at 64 rows, 5.0 / 7.9 against 8.2 / 14.2 at 128)
+INT4_KERNEL_ROWS = 128
 
 
 @dataclass
@@ -115,52 +122,42 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """4-bit weights in groups of `group` inputs, each group with a bf16 scale and zero point.
+    """4-bit weights in groups of `group` inputs, each group with a bf16 scale and zero point
+    (`gptkit.generate.cpu.int4`).
 
-    Runs `torch.ops.aten._weight_int4pack_mm_for_cpu`, which needs bf16 activations (with fp32 ones
-    it takes 30-60x longer) and a multiple of 16 output rows: the rows are padded and cut off again.
+    Up to INT4_KERNEL_ROWS rows of x (decoding, short prompts) go through gptkit's CPU kernel, which
+    looks the weights up in registers and multiplies them with fp32 activations (and
+    `gptkit.generate.cpu.decode` runs a whole step of such layers in one call). More rows, or no
+    kernel: the weights are unpacked to fp32 for this call and multiplied by F.linear.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, group: int = INT4_GROUP) -> None:
         super().__init__()
-        out_features, in_features = weight.shape
-        if in_features % group:
-            raise GptkitError(f"int4: {in_features} inputs are not a multiple of the group size {group}")
-        self.in_features, self.out_features, self.group = in_features, out_features, group
-        rows = -(-out_features // 16) * 16
-        w = F.pad(weight.detach().float(), (0, 0, 0, rows - out_features)).view(rows, -1, group)
-        low, high = w.amin(-1), w.amax(-1)
-        scale = ((high - low) / 15).clamp(min=1e-8)
-        q = ((w - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
-        zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(rows, -1), 1)
-        self.register_buffer("packed", packed)
-        scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
-        self.register_buffer("scales_zeros", scales_zeros.to(torch.bfloat16))  # (in / group, rows, 2)
+        self.out_features, self.in_features = weight.shape
+        self.group = group
+        codes, scales = int4.pack(weight, group)
+        self.register_buffer("codes", codes)  # uint8 (out, 16 * ceil(in / 32))
+        self.register_buffer("scales", scales)  # bf16 (out, ceil(in / group), 2): scale, zero
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.kernel = kernel()
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed, self.group, self.scales_zeros
-        )
-        y = y[:, : self.out_features].float()
-        if self.bias is not None:
-            y = y + self.bias
+        x = x.reshape(-1, self.in_features).float()
+        if self.kernel is not None and x.size(0) <= INT4_KERNEL_ROWS:
+            y = matvec(self.kernel, x.contiguous(), self.codes, self.bias, self.scales, self.group)
+        else:
+            y = F.linear(x, self.dequantized_weight(), self.bias)
         return y.view(*lead, self.out_features)
 
     def dequantized_weight(self) -> Tensor:
-        """The weights the kernel multiplies by, as fp32 (out, in): the product with the identity."""
-        eye = torch.eye(self.in_features)
-        bias, self.bias = self.bias, None
-        try:
-            return self(eye).T.contiguous()
-        finally:
-            self.bias = bias
+        """The weights the kernel multiplies by, as fp32 (out, in), bit for bit."""
+        return int4.dequantize(self.codes, self.scales, self.in_features, self.group)
 
     def nbytes(self) -> int:
+        """4-bit codes, bf16 scales and zeros, and the fp32 bias."""
         bias = 0 if self.bias is None else 4 * self.bias.numel()
-        return self.packed.numel() * self.packed.element_size() + 2 * self.scales_zeros.numel() + bias
+        return self.codes.numel() + 2 * self.scales.numel() + bias
 
 
 class Int8Embedding(nn.Module):
@@ -197,19 +194,24 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def quantize(model: GPT, mode: Mode) -> QuantizeReport:
+def quantize(model: GPT, mode: Mode, *, group: int = INT4_GROUP) -> QuantizeReport:
     """Quantise `model` in place for CPU inference (`mode` "int8" or "int4"); returns the report.
 
     After this the model generates with the `Sampler` and computes logits (`model(idx)`),
     but cannot be trained or saved as a checkpoint: quantise after loading, not before saving.
+    `group`: int4's group size (the benchmark compares them).
     """
     if mode not in QUANTIZE_MODES:
         raise GptkitError(f"unknown quantisation {mode!r}; choose int8 or int4")
     if model.device.type != "cpu":
         raise GptkitError(f"quantised inference runs on the CPU; the model is on {model.device}")
+    int4.check_group(group)
     model.float()  # a bf16 model is quantised from its fp32 values (no-op for fp32)
     before = weight_bytes(model)
-    make = Int8Linear if mode == "int8" else Int4Linear
+
+    def make(weight: Tensor, bias: Tensor | None) -> nn.Module:
+        return Int8Linear(weight, bias) if mode == "int8" else Int4Linear(weight, bias, group)
+
     layers = []
     with torch.no_grad():
         for name, module in list(model.named_modules()):
