@@ -147,12 +147,13 @@ def serve(
     `/v1/chat/completions`, `/v1/models`, `/health`, `/metrics` and the chat page at `/`.
 
     `model` is what `load` takes (loaded with `quantize` and `adapters`) or a loaded model. Up to
-    `max_batch` sequences decode together, up to `max_queue` requests wait (then 429). `api_key`
+    `max_batch` sequences decode together, up to `max_queue` requests wait (then 429). `port` 0
+    picks a free port (the address is printed). `api_key`
     (default: the GPTKIT_API_KEY environment variable) is required as `Authorization: Bearer KEY` on
     every route but /health and the page. Needs the `serve` extra (FastAPI, uvicorn, prometheus_client).
     """
     try:
-        from gptkit.serve.server import run
+        from gptkit.serve.server import listen, run
     except ImportError as e:
         from gptkit.errors import GptkitError
 
@@ -161,11 +162,11 @@ def serve(
         ) from None
     from gptkit.generate.textmodel import TextModel
 
+    sock = listen(host, port)  # before loading: a port in use fails at once
     if not isinstance(model, TextModel):
         model = load(model, device=device, quantize=quantize, adapters=adapters)
     key = api_key if api_key is not None else os.environ.get("GPTKIT_API_KEY") or None
-    run(model, host=host, port=port, api_key=key, max_batch=max_batch, max_queue=max_queue,
-        cors_origin=cors_origin)  # fmt: skip
+    run(model, sock, api_key=key, max_batch=max_batch, max_queue=max_queue, cors_origin=cors_origin)
 
 
 def export_model(

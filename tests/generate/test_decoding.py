@@ -130,6 +130,22 @@ def test_a_cancelled_row_leaves_at_the_next_step(setup, char) -> None:
     assert len(a.tokens) == 1 and len(b.tokens) == 2
 
 
+def test_a_prompt_cancelled_while_its_prefill_runs_stops_it(setup, char) -> None:
+    """A long prompt prefills a chunk per step beside a running row; cancelled midway, it ends at the
+    next step without running the rest."""
+    model, decoder_for = setup
+    decoding = Decoding(model, char, decoder_for, rows=2, chunk=4)
+    (running,) = decoding.add(char.encode("the"), sampled(40), [1])
+    decoding.step()
+    (late,) = decoding.add(char.encode("the quick brown fox"), sampled(40), [2])
+    decoding.step()
+    assert decoding.prefill is not None and decoding.prefill.remaining > 0
+    late.cancel()
+    steps = decoding.step()
+    assert [s.finish_reason for s in steps if s.sequence is late] == ["cancelled"]
+    assert decoding.prefill is None and decoding.slots.owners == [running]
+
+
 def test_two_samples_of_one_prompt_share_its_prefill_and_differ(setup, char) -> None:
     model, decoder_for = setup
     decoding = Decoding(model, char, decoder_for, rows=2)

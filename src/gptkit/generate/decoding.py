@@ -153,7 +153,8 @@ class Decoding:
         return steps
 
     def _drop_cancelled_waiting(self) -> list[Step]:
-        """Sequences cancelled before they joined end without a slot (and prompts without any leave)."""
+        """Sequences cancelled before they joined end without a slot (and prompts without any leave; a
+        prefill whose sequences are all cancelled stops)."""
         steps = []
         for _, sequences in self.waiting:
             for s in sequences:
@@ -163,6 +164,12 @@ class Decoding:
         kept = [(p, seqs) for p, seqs in self.waiting if any(s.finish_reason is None for s in seqs)]
         if len(kept) < len(self.waiting):
             self.waiting = deque(kept)
+        staged = [s for sequences in self.staged for s in sequences]
+        if staged and all(s.cancelled.is_set() for s in staged):  # nobody waits for this prefill
+            for s in staged:
+                s.finish_reason = "cancelled"
+                steps.append(Step(s, None, finish_reason="cancelled"))
+            self.prefill, self.staged = None, []
         return steps
 
     def _feed(self) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import uvicorn
 
 from gptkit.console import notice
+from gptkit.errors import GptkitError
 from gptkit.generate.textmodel import TextModel
 from gptkit.serve.app import create_app
 
@@ -19,17 +21,36 @@ def exposed(host: str) -> bool:
         return host in ("", "*")
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to `host`:`port` (0: a free port), bound before the model loads so that a port
+    in use is a one-line error at once and the address printed is the real one."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as e:
+        raise GptkitError(f"cannot listen on {host!r}: {e}; give --host an address of this machine") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise GptkitError(
+            f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port (0 picks a free one)"
+        ) from None
+    return sock
+
+
 def run(
     model: TextModel,
+    sock: socket.socket,
     *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
     api_key: str | None = None,
     max_batch: int = 8,
     max_queue: int = 64,
     cors_origin: str | None = None,
 ) -> None:
-    """Serve `model` until interrupted (Ctrl-C)."""
+    """Serve `model` on the bound socket `sock` until interrupted (Ctrl-C)."""
+    host, port = sock.getsockname()[:2]
     if exposed(host) and not api_key:
         notice(
             f"warning: serving on {host} (every interface) without an API key: anyone who can reach this "
@@ -38,5 +59,7 @@ def run(
     app = create_app(
         model, api_key=api_key, max_batch=max_batch, max_queue=max_queue, cors_origin=cors_origin
     )
-    notice(f"serving {model.source or 'the model'} at http://{host}:{port} (OpenAI API under /v1)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    shown = f"[{host}]" if ":" in host else host
+    notice(f"serving {model.source or 'the model'} at http://{shown}:{port} (OpenAI API under /v1)")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server.run(sockets=[sock])
