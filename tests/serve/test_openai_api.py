@@ -132,6 +132,13 @@ def test_logprobs_are_the_models_log_softmax(server: Server) -> None:
         assert list(top.values()) == pytest.approx(best.values.tolist(), abs=1e-3)
         assert next_id == int(best.indices[0]) and lp.text_offset[i] == len(PROMPT) + i
         ids.append(next_id)
+    streamed = list(server.client().completions.create(
+        model=server.model_id, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3, stream=True
+    ))  # fmt: skip
+    pieces = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [t for piece in pieces for t in piece.tokens] == lp.tokens
+    assert [o for piece in pieces for o in piece.text_offset] == lp.text_offset
+    assert [v for piece in pieces for v in piece.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-5)
     chat = server.client().chat.completions.create(
         model=server.model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
         logprobs=True, top_logprobs=2,

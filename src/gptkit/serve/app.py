@@ -375,6 +375,7 @@ class Choice:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     finish_reason: str | None = None
+    offset: int | None = None  # a stream's next text_offset (completions' logprobs)
 
 
 class Run:
@@ -517,12 +518,11 @@ class Run:
             )
         else:
             prompt = self.prompts[e.index // self.body.n]
-            choice = p.CompletionChoice(
-                index=e.index,
-                text=e.text,
-                finish_reason=finish,
-                logprobs=self._completion_logprobs(lp, prompt),
-            )
+            streamed = self.choices[e.index]
+            logprobs = self._completion_logprobs(lp, prompt, streamed.offset)
+            if logprobs is not None and logprobs.tokens:
+                streamed.offset = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+            choice = p.CompletionChoice(index=e.index, text=e.text, finish_reason=finish, logprobs=logprobs)
         return self._chunk([choice])
 
     def _chunk(self, choices: list[Any], usage: p.Usage | None = None) -> str:
@@ -557,12 +557,18 @@ class Run:
         return p.ChatLogprobs(content=content)
 
     def _completion_logprobs(
-        self, items: list[tuple[int, float, list[tuple[int, float]]]], prompt: list[int]
+        self,
+        items: list[tuple[int, float, list[tuple[int, float]]]],
+        prompt: list[int],
+        offset: int | None = None,
     ) -> p.CompletionLogprobs | None:
+        """`offset`: the first token's text_offset (a stream's later chunks), else the prompt's length:
+        offsets count characters from the prompt's start, as OpenAI's do."""
         if self.settings.logprobs is None:
             return None
-        # offsets count characters from the prompt's start, as OpenAI's do
-        tokens, offsets, offset = [], [], len(self.served.model.tokenizer.decode(prompt))
+        if offset is None:
+            offset = len(self.served.model.tokenizer.decode(prompt))
+        tokens, offsets = [], []
         for token, _, _ in items:
             text = self._token(token)[0]
             tokens.append(text)
