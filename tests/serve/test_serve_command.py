@@ -12,6 +12,8 @@ from pathlib import Path
 import httpx
 from serve.servers import char_checkpoint
 
+from gptkit.serve.server import listen
+
 
 def gptkit_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -67,3 +69,14 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path: Path) -> Non
         out = gptkit_cli("serve", str(tmp_path / "missing.pt"), "--port", str(port))
     assert out.returncode == 2 and f"127.0.0.1:{port}" in out.stderr and "--port" in out.stderr, out.stderr
     assert out.stderr.count("\n") == 1, out.stderr
+
+
+def test_the_socket_takes_connections_as_soon_as_the_address_is_printed() -> None:
+    """The address is printed before uvicorn starts: a client that connects then is queued, not refused
+    (it was refused on a loaded machine while the socket was bound but not yet listening)."""
+    sock = listen("127.0.0.1", 0)
+    try:
+        with socket.create_connection(sock.getsockname()[:2], timeout=5):
+            pass
+    finally:
+        sock.close()

@@ -22,8 +22,10 @@ def exposed(host: str) -> bool:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A socket bound to `host`:`port` (0: a free port), bound before the model loads so that a port
-    in use is a one-line error at once and the address printed is the real one."""
+    """A socket listening on `host`:`port` (0: a free port), made before the model loads so that a port
+    in use is a one-line error at once and the address printed is the real one. It listens at once:
+    a client that connects as soon as the address is printed waits in the backlog until the server
+    accepts, instead of being refused while uvicorn starts."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
@@ -32,6 +34,7 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(2048)  # uvicorn's default backlog
     except OSError as e:
         sock.close()
         raise GptkitError(
