@@ -1,4 +1,6 @@
-"""HuggingFace GPT-2 folders, both ways: export (`GPT2LMHeadModel` + tokenizer) and import.
+"""HuggingFace folders, both ways: export (`GPT2LMHeadModel` or `LlamaForCausalLM`, + tokenizer) and
+import. A model with GPT-2's switches is a `GPT2LMHeadModel`, one with Llama's a `LlamaForCausalLM`
+(whose mapping is `gptkit.interop.llama`'s); what follows is about GPT-2.
 
 The weight mapping lives here once. gptkit's module names equal HF's (`transformer.h.0.attn.c_attn`, ...);
 what differs:
@@ -31,6 +33,14 @@ from gptkit.config import ModelConfig, RunConfig, validate
 from gptkit.console import notice
 from gptkit.errors import GptkitError
 from gptkit.interop import check_plain, require, save_weights, staged_output
+from gptkit.interop.llama import (
+    LLAMA_ARCHITECTURES,
+    from_llama_state,
+    is_llama,
+    llama_config,
+    llama_fields,
+    to_llama_state,
+)
 from gptkit.model import GPT, LAYER_NORM_EPS
 from gptkit.tokenizer import (
     EOT,
@@ -47,6 +57,7 @@ from gptkit.tokenizer import (
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 IGNORED = (".attn.bias", ".attn.masked_bias")  # HF's causal-mask buffers in older files
 GPT2_ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
+SUPPORTED = (*GPT2_ARCHITECTURES, *LLAMA_ARCHITECTURES)  # what `gptkit import hf` reads
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # tanh-approximate GELU, as ours
 MERGES_HEADER = "#version: 0.2\n"
 
@@ -132,9 +143,26 @@ def _load_weights(folder: Path) -> dict[str, Tensor]:
 # ------------------------------------------------------------------------------------------- config
 
 
+def gpt2_misfits(config: ModelConfig) -> list[str]:
+    """The switches of `config` that HF's GPT-2 cannot express (empty: it is a GPT-2)."""
+    gpt2 = ModelConfig(n_layer=1, n_head=config.n_head, n_embd=config.n_embd)
+    keys = ("norm", "norm_eps", "mlp", "hidden", "position", "kv_heads", "tie_embeddings")
+    return [f"{k} {getattr(config, k)}" for k in keys if getattr(config, k) != getattr(gpt2, k)]
+
+
 def hf_config(model: GPT, tokenizer: Tokenizer) -> dict[str, Any]:
-    """config.json of the equivalent `GPT2LMHeadModel`."""
+    """config.json of the equivalent `LlamaForCausalLM` or `GPT2LMHeadModel`."""
     c = model.config
+    if is_llama(c):
+        ids = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
+        head = {"architectures": list(LLAMA_ARCHITECTURES), "model_type": "llama", "torch_dtype": "float32"}
+        return {**head, **llama_config(c), **ids, "use_cache": True}
+    misfits = gpt2_misfits(c)
+    if misfits:
+        raise GptkitError(
+            f"HuggingFace export writes GPT-2 or Llama models; this one is neither ({', '.join(misfits)} "
+            "differ from GPT-2; Llama needs norm rmsnorm, mlp swiglu and position rope)"
+        )
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -162,7 +190,8 @@ def hf_config(model: GPT, tokenizer: Tokenizer) -> dict[str, Any]:
 
 
 def read_hf_config(folder: Path) -> dict[str, Any]:
-    """config.json of a GPT-2 folder; anything else (or a GPT-2 our model cannot express) is an error."""
+    """config.json of a GPT-2 or Llama folder; anything else (or a GPT-2 our model cannot express) is an
+    error (a Llama's limits are checked by `llama_fields`)."""
     if not folder.is_dir():
         raise GptkitError(
             f"{str(folder)!r} is not a folder; pass a HuggingFace model folder (with config.json)"
@@ -176,11 +205,13 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
         raise GptkitError(f"{path} is not valid JSON ({e}); repair or re-download it") from None
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
+    if model_type == "llama" and (not archs or set(archs) & set(LLAMA_ARCHITECTURES)):
+        return cfg
     if model_type != "gpt2" or (archs and not set(archs) & set(GPT2_ARCHITECTURES)):
         found = ", ".join(archs) or "no architecture listed"
         raise GptkitError(
-            f"{str(folder)!r} holds a {model_type!r} model ({found}), not a GPT-2 language model; gptkit "
-            f"imports {' or '.join(GPT2_ARCHITECTURES)} checkpoints only"
+            f"{str(folder)!r} holds a {model_type!r} model ({found}), which gptkit does not support; "
+            f"gptkit imports {', '.join(SUPPORTED)} checkpoints"
         )
     n_embd = cfg.get("n_embd", 768)
     checks = [
@@ -370,12 +401,15 @@ def _char_tokenizer(vocab: dict[str, int], folder: Path) -> CharTokenizer:
 
 
 def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, force: bool = False) -> Path:
-    """Write a folder that transformers' `from_pretrained` loads as a `GPT2LMHeadModel` and tokenizer."""
+    """Write a folder that transformers' `from_pretrained` loads as a `GPT2LMHeadModel` (or, for a model
+    with Llama's switches, a `LlamaForCausalLM`) and tokenizer."""
     check_plain(model, "HuggingFace")
     st = require("safetensors.torch", "HuggingFace export")
+    config = hf_config(model, tokenizer)  # first: a model HF cannot express is refused before writing
+    state = to_llama_state(model.state_dict(), model.config) if is_llama(model.config) else to_hf_state(model)
     with staged_output(out, force, folder=True) as tmp:
-        st.save_file(to_hf_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(tmp / "config.json", hf_config(model, tokenizer))
+        st.save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(tmp / "config.json", config)
         generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
         _write_json(tmp / "generation_config.json", generation)
         write_tokenizer(tokenizer, tmp, model.config.block_size)
@@ -383,7 +417,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, force: bool 
 
 
 def load_hf(folder: str | Path) -> tuple[GPT, Tokenizer, RunConfig]:
-    """A HF GPT-2 folder as a gptkit model (CPU, eval mode), tokenizer and run config."""
+    """A HF GPT-2 or Llama folder as a gptkit model (CPU, eval mode), tokenizer and run config."""
     folder = Path(folder)
     cfg = read_hf_config(folder)
     vocab_size = int(cfg.get("vocab_size", GPT2_EOT_ID + 1))
@@ -393,22 +427,29 @@ def load_hf(folder: str | Path) -> tuple[GPT, Tokenizer, RunConfig]:
             f"{folder}/config.json says vocab_size {vocab_size} but its tokenizer has {tokenizer.vocab_size} "
             "ids; gptkit needs the two to agree"
         )
-    model_fields = dict(
-        n_layer=cfg.get("n_layer", 12),
-        n_head=cfg.get("n_head", 12),
-        n_embd=cfg.get("n_embd", 768),
-        block_size=cfg.get("n_positions", cfg.get("n_ctx", 1024)),
-        vocab_size=vocab_size,
-        dropout=cfg.get("resid_pdrop", 0.1),
-        bias=True,
-    )
-    config = validate(RunConfig, {"name": folder.name, "model": model_fields}, f"{folder}/config.json")
-    state = from_hf_state(_load_weights(folder), config.model, repr(str(folder)))
+    llama = cfg.get("model_type") == "llama"
+    where = f"{folder}/config.json"
+    if llama:
+        model_fields = llama_fields(cfg, where) | {"vocab_size": vocab_size}
+    else:
+        model_fields = dict(
+            n_layer=cfg.get("n_layer", 12),
+            n_head=cfg.get("n_head", 12),
+            n_embd=cfg.get("n_embd", 768),
+            block_size=cfg.get("n_positions", cfg.get("n_ctx", 1024)),
+            vocab_size=vocab_size,
+            dropout=cfg.get("resid_pdrop", 0.1),
+            bias=True,
+        )
+    config = validate(RunConfig, {"name": folder.name, "model": model_fields}, where)
+    read = from_llama_state if llama else from_hf_state
+    state = read(_load_weights(folder), config.model, repr(str(folder)))
     model = GPT(config.model)
     missing, unexpected = _key_mismatch(model, state)
     if missing or unexpected:
+        family = "Llama" if llama else "GPT-2"
         raise GptkitError(
-            f"the weights in {str(folder)!r} do not fit the GPT-2 its config.json describes (missing: "
+            f"the weights in {str(folder)!r} do not fit the {family} its config.json describes (missing: "
             f"{', '.join(missing[:3]) or 'none'}; unexpected: {', '.join(unexpected[:3]) or 'none'})"
         )
     try:
@@ -425,7 +466,7 @@ def _key_mismatch(model: GPT, state: dict[str, Tensor]) -> tuple[list[str], list
 
 
 def import_hf(folder: str | Path, out: str | Path, *, force: bool = False) -> Path:
-    """A HF GPT-2 folder -> a gptkit checkpoint (`.pt`, or weights-only `.safetensors`) at step 0."""
+    """A HF GPT-2 or Llama folder -> a gptkit checkpoint (`.pt`, or weights-only `.safetensors`) at step 0."""
     model, tokenizer, config = load_hf(folder)
     progress = {"step": 0, "tokens": 0, "imported_from": str(Path(folder).resolve())}
     return save_weights(model, tokenizer, config, out, force=force, progress=progress)
