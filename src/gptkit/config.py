@@ -217,7 +217,8 @@ class LoRAConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
     targets: list[str] = Field(
         default_factory=lambda: ["c_attn", "attn.c_proj"],
-        description="layers: c_attn, attn.c_proj, c_fc, mlp.c_proj, or globs over layer names",
+        description="layers: c_attn, attn.c_proj, c_fc, mlp.c_proj; Llama's q_proj, k_proj, v_proj, o_proj, "
+        "gate_proj, up_proj, down_proj; or globs over layer names",
     )
     train_biases: bool = Field(False, description="also train the model's biases")
     train_layernorms: bool = Field(False, description="also train LayerNorm weights and biases")
