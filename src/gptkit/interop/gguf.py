@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from gptkit.errors import GptkitError
-from gptkit.interop import check_plain, require, staged_output
+from gptkit.interop import check_gpt2, check_plain, require, staged_output
 from gptkit.interop.hf import _merge_pairs, gpt2_vocab_merges, hf_tokenizer
 from gptkit.model import GPT, LAYER_NORM_EPS
 from gptkit.tokenizer import EOT, BPETokenizer, GPT2Tokenizer, Tokenizer
@@ -91,6 +91,7 @@ def export_gguf(
 ) -> Path:
     """Write a GGUF file llama.cpp loads as a `gpt2` model; `type` is f32, f16 or q8_0."""
     check_plain(model, "GGUF")
+    check_gpt2(model, "GGUF")
     gguf = require("gguf", "GGUF export")
     if type not in TYPES:
         raise GptkitError(f"GGUF type must be one of {', '.join(TYPES)}, not {type!r}")

@@ -32,7 +32,7 @@ from torch import Tensor
 from gptkit.config import ModelConfig, RunConfig, validate
 from gptkit.console import notice
 from gptkit.errors import GptkitError
-from gptkit.interop import check_plain, require, save_weights, staged_output
+from gptkit.interop import check_plain, gpt2_misfits, require, save_weights, staged_output
 from gptkit.interop.llama import (
     LLAMA_ARCHITECTURES,
     from_llama_state,
@@ -141,13 +141,6 @@ def _load_weights(folder: Path) -> dict[str, Tensor]:
 
 
 # ------------------------------------------------------------------------------------------- config
-
-
-def gpt2_misfits(config: ModelConfig) -> list[str]:
-    """The switches of `config` that HF's GPT-2 cannot express (empty: it is a GPT-2)."""
-    gpt2 = ModelConfig(n_layer=1, n_head=config.n_head, n_embd=config.n_embd)
-    keys = ("norm", "norm_eps", "mlp", "hidden", "position", "kv_heads", "tie_embeddings")
-    return [f"{k} {getattr(config, k)}" for k in keys if getattr(config, k) != getattr(gpt2, k)]
 
 
 def hf_config(model: GPT, tokenizer: Tokenizer) -> dict[str, Any]:

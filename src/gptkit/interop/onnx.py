@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptkit.errors import GptkitError
-from gptkit.interop import check_plain, require, staged_output
+from gptkit.interop import check_gpt2, check_plain, require, staged_output
 from gptkit.model import GPT
 
 OPSET = 18
@@ -96,6 +96,7 @@ def with_past_path(out: str | Path) -> Path:
 def export_onnx(model: GPT, out: str | Path, *, force: bool = False) -> tuple[Path, Path]:
     """Write the prefill graph to `out` and the decoding graph beside it; returns both paths."""
     check_plain(model, "ONNX")
+    check_gpt2(model, "ONNX")
     require("onnx", "ONNX export")
     require("onnxscript", "ONNX export")
     out = Path(out)
