@@ -4,6 +4,10 @@ LlamaConfig, nothing downloaded): logits, greedy generation, both config layouts
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,3 +179,36 @@ def test_onnx_and_gguf_refuse_variants_by_name(tmp_path: Path, target: str) -> N
         else:
             export_gguf(model, TOKENIZER, tmp_path / "m.gguf")
     assert not list(tmp_path.iterdir())
+
+
+def hub_cache(cache: Path, name: str, folder: Path) -> None:
+    """`folder` laid out as huggingface_hub caches a download of `name` (refs/main -> a snapshot)."""
+    repo = cache / f"models--{name.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+
+
+def test_a_hub_name_is_read_from_the_local_cache_offline(tmp_path: Path) -> None:
+    """Offline (HF_HUB_OFFLINE=1), `gptkit import hf owner/name` reads huggingface_hub's cache; a
+    name that is not cached is one line. Nothing is downloaded."""
+    source = random_llama(tmp_path / "hf", *SHAPES["gqa-untied"])
+    hub_cache(tmp_path / "cache", "someone/tiny-llama", source)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
+    run = subprocess.run(
+        [sys.executable, "-m", "gptkit", "import", "hf", "someone/tiny-llama", str(tmp_path / "m.pt")],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    model, _, _ = load_model(load_checkpoint(tmp_path / "m.pt"))
+    with torch.no_grad():
+        assert (model(IDS) - hf_llama(source)(IDS).logits).abs().max().item() < 1e-4
+    missing = subprocess.run(
+        [sys.executable, "-m", "gptkit", "import", "hf", "someone/other", str(tmp_path / "x.pt")],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert missing.returncode == 2
+    assert missing.stderr.count("\n") == 1 and "nor in the HuggingFace cache" in missing.stderr
+    assert not (tmp_path / "x.pt").exists()

@@ -20,6 +20,7 @@ import base64
 import functools
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -458,8 +459,40 @@ def _key_mismatch(model: GPT, state: dict[str, Tensor]) -> tuple[list[str], list
     return sorted(expected - state.keys()), sorted(state.keys() - expected)
 
 
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+HUB_FILES = ["*.json", "*.safetensors", "merges.txt"]  # config, weights, tokenizer: nothing else
+
+
+def hub_folder(source: str | Path) -> Path:
+    """A local folder as it is; a hub name (`owner/name`) that is not a local path resolved through
+    huggingface_hub: downloaded when online, read from the local cache when offline (HF_HUB_OFFLINE=1)."""
+    path = Path(source)
+    if path.exists() or not HUB_NAME.fullmatch(str(source)):
+        return path
+    hub = require("huggingface_hub", "importing a model from the HuggingFace hub")
+    errors = require("huggingface_hub.errors", "importing a model from the HuggingFace hub")
+    try:
+        folder = Path(hub.snapshot_download(str(source), allow_patterns=HUB_FILES))
+        if not any(folder.glob("*.safetensors")):  # older repositories: pickled weights only
+            folder = Path(hub.snapshot_download(str(source), allow_patterns=["pytorch_model.bin"]))
+    except errors.LocalEntryNotFoundError:
+        raise GptkitError(
+            f"{source!r} is neither a local folder nor in the HuggingFace cache, and the hub cannot be "
+            "reached (offline); download it once online, or pass a local folder"
+        ) from None
+    except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
+        first = str(e).splitlines()[0]
+        raise GptkitError(f"the hub has no model {source!r} you can read ({first})") from None
+    except (errors.HfHubHTTPError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GptkitError(f"downloading {source!r} from the hub failed ({first}); try again") from None
+    return folder
+
+
 def import_hf(folder: str | Path, out: str | Path, *, force: bool = False) -> Path:
-    """A HF GPT-2 or Llama folder -> a gptkit checkpoint (`.pt`, or weights-only `.safetensors`) at step 0."""
+    """A HF GPT-2 or Llama folder (or hub name) -> a gptkit checkpoint (`.pt`, or weights-only
+    `.safetensors`) at step 0."""
+    folder = hub_folder(folder)
     model, tokenizer, config = load_hf(folder)
     progress = {"step": 0, "tokens": 0, "imported_from": str(Path(folder).resolve())}
     return save_weights(model, tokenizer, config, out, force=force, progress=progress)
