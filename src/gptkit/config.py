@@ -274,6 +274,9 @@ class TrainConfig(Section):
         "auto", description="auto: bf16 autocast where the device multiplies bf16 natively, else fp32"
     )
     compile: bool = Field(False, description="torch.compile the model")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block in the backward pass: less memory, about 1/3 more compute"
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     seed: int = 1337
     max_bad_steps: int = Field(5, ge=1, description="stop after this many NaN/inf steps in a row")
