@@ -168,11 +168,11 @@ def test_a_model_neither_gpt2_nor_llama_is_not_exported(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("target", ["onnx", "gguf"])
 def test_onnx_and_gguf_refuse_variants_by_name(tmp_path: Path, target: str) -> None:
-    """They write GPT-2's architecture only (for now): a Llama-style model is one clear error."""
+    """ONNX writes GPT-2's architecture only (for now), GGUF GPT-2's or Llama's: others are one error."""
     from gptkit.interop.gguf import export_gguf
     from gptkit.interop.onnx import export_onnx
 
-    model = tiny_gpt(TOKENIZER.vocab_size, norm="rmsnorm", mlp="swiglu", position="rope")
+    model = tiny_gpt(TOKENIZER.vocab_size, norm="rmsnorm", position="rope")  # neither GPT-2 nor Llama
     with pytest.raises(GptkitError, match=f"{target.upper()} export writes GPT-2's .*norm rmsnorm"):
         if target == "onnx":
             export_onnx(model, tmp_path / "m.onnx")
