@@ -166,18 +166,12 @@ def test_a_model_neither_gpt2_nor_llama_is_not_exported(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("target", ["onnx", "gguf"])
-def test_onnx_and_gguf_refuse_variants_by_name(tmp_path: Path, target: str) -> None:
-    """ONNX writes GPT-2's architecture only (for now), GGUF GPT-2's or Llama's: others are one error."""
+def test_gguf_refuses_a_model_neither_gpt2_nor_llama_by_name(tmp_path: Path) -> None:
     from gptkit.interop.gguf import export_gguf
-    from gptkit.interop.onnx import export_onnx
 
     model = tiny_gpt(TOKENIZER.vocab_size, norm="rmsnorm", position="rope")  # neither GPT-2 nor Llama
-    with pytest.raises(GptkitError, match=f"{target.upper()} export writes GPT-2's .*norm rmsnorm"):
-        if target == "onnx":
-            export_onnx(model, tmp_path / "m.onnx")
-        else:
-            export_gguf(model, TOKENIZER, tmp_path / "m.gguf")
+    with pytest.raises(GptkitError, match="GGUF export writes GPT-2's .*norm rmsnorm"):
+        export_gguf(model, TOKENIZER, tmp_path / "m.gguf")
     assert not list(tmp_path.iterdir())
 
 
