@@ -50,6 +50,7 @@ from gptkit.tokenizer import (
     BPETokenizer,
     CharTokenizer,
     GPT2Tokenizer,
+    SentencePieceTokenizer,
     Tokenizer,
     _unicode_to_byte,
     gpt2_tokenizer,
@@ -289,7 +290,7 @@ def hf_tokenizer(tokenizer: Tokenizer) -> tokenizers.Tokenizer:
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.post_processor = processors.ByteLevel(trim_offsets=False)
         hf.decoder = decoders.ByteLevel()
-    elif isinstance(tokenizer, BPETokenizer):
+    elif isinstance(tokenizer, BPETokenizer | SentencePieceTokenizer):
         return tokenizers.Tokenizer.from_str(tokenizer.describe()["hf_json"])
     elif isinstance(tokenizer, CharTokenizer):
         chars = tokenizer.describe()["chars"]
@@ -310,7 +311,8 @@ def write_tokenizer(tokenizer: Tokenizer, folder: Path, max_length: int) -> None
         vocab, merges = gpt2_files()
         (folder / "vocab.json").write_text(vocab, encoding="utf-8")
         (folder / "merges.txt").write_text(merges, encoding="utf-8")
-    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+    eos = tokenizer.describe()["eos"] if isinstance(tokenizer, SentencePieceTokenizer) else EOT
+    special = {"bos_token": eos, "eos_token": eos, "unk_token": eos}
     config = {
         "tokenizer_class": "GPT2Tokenizer"
         if isinstance(tokenizer, GPT2Tokenizer)
@@ -326,7 +328,8 @@ def write_tokenizer(tokenizer: Tokenizer, folder: Path, max_length: int) -> None
 
 
 def read_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
-    """The gptkit tokenizer equal to a HF folder's: GPT-2's, a byte-level BPE, or a character vocabulary."""
+    """The gptkit tokenizer equal to a HF folder's: GPT-2's, a byte-level BPE, a SentencePiece-style BPE
+    (byte fallback, as Llama's), or a character vocabulary."""
     vocab_file, merges_file, json_file = (folder / n for n in ("vocab.json", "merges.txt", "tokenizer.json"))
     gpt2_vocab, gpt2_merges = gpt2_vocab_merges()
     try:
@@ -344,10 +347,13 @@ def read_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
                 return gpt2_tokenizer()
             if kind == "WordLevel":
                 return _char_tokenizer(model.get("vocab") or {}, folder)
+            if kind == "BPE" and model.get("byte_fallback"):  # SentencePiece-style (Llama's)
+                return SentencePieceTokenizer(tokenizers.Tokenizer.from_str(text), _eos_token(folder))
             if kind == "BPE":
                 return BPETokenizer(tokenizers.Tokenizer.from_str(text))
             raise GptkitError(
-                f"{str(folder)!r} has a {kind} tokenizer; gptkit uses GPT-2's, byte-level BPE or characters"
+                f"{str(folder)!r} has a {kind} tokenizer; gptkit uses GPT-2's, byte-level BPE, "
+                "SentencePiece-style BPE (byte fallback) or characters"
             )
     except (ValueError, UnicodeDecodeError) as e:
         raise GptkitError(
@@ -360,6 +366,15 @@ def read_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
         f"{str(folder)!r} has no tokenizer gptkit can use (tokenizer.json, or vocab.json + merges.txt); "
         "add the tokenizer files the model was trained with"
     )
+
+
+def _eos_token(folder: Path) -> str:
+    """The end-of-sequence token tokenizer_config.json names (a string or {"content": ...}); "</s>"."""
+    path = folder / "tokenizer_config.json"
+    eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token") if path.is_file() else None
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and eos else "</s>"
 
 
 def _without_eot(vocab: dict[str, int]) -> dict[str, int]:
