@@ -58,6 +58,28 @@ TINY_RUN = [
 
 
 TINY_SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64}  # the small model's shape
+# Llama's switches on the small shape: RMSNorm, SwiGLU, RoPE (theta not 10000), one key/value head for
+# two query heads, no biases, an output layer of its own.
+TINY_LLAMA = {
+    "norm": "rmsnorm",
+    "mlp": "swiglu",
+    "position": "rope",
+    "rope_theta": 500000.0,
+    "n_kv_head": 1,
+    "bias": False,
+    "tie_embeddings": False,
+}
+# Each switch alone, then all together: what the KV cache, the sampler and the adapters are tested on.
+SWITCHES: dict[str, dict[str, Any]] = {
+    "gpt2": {},
+    "rmsnorm": {"norm": "rmsnorm"},
+    "swiglu": {"mlp": "swiglu"},
+    "rope": {"position": "rope"},
+    "gqa": {"n_head": 4, "n_kv_head": 2},
+    "mqa": {"n_kv_head": 1},
+    "untied": {"tie_embeddings": False},
+    "llama": TINY_LLAMA,
+}
 
 
 def tiny_gpt(

@@ -212,7 +212,7 @@ def export_model(
 
 
 def import_model(source: str | Path, out: str | Path, *, force: bool = False) -> Path:
-    """A HuggingFace GPT-2 folder -> a gptkit checkpoint (`.pt`, or weights-only `.safetensors`)."""
+    """A HuggingFace GPT-2 or Llama folder, or hub name -> a gptkit checkpoint (`.pt`, or `.safetensors`)."""
     from gptkit.interop.hf import import_hf
 
     return import_hf(source, out, force=force)

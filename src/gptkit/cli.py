@@ -423,7 +423,12 @@ def run_export(args: argparse.Namespace) -> int:
 
 def add_import(p: argparse.ArgumentParser) -> None:
     p.add_argument("source_format", choices=["hf"], metavar="hf", help="the format to import: hf")
-    p.add_argument("source", metavar="DIR", help="a HuggingFace GPT-2 folder (config.json and weights)")
+    p.add_argument(
+        "source",
+        metavar="DIR|NAME",
+        help="a HuggingFace GPT-2 or Llama folder (config.json and weights), or a hub name such as "
+        "owner/model (downloaded, or read from the local cache offline)",
+    )
     p.add_argument("out", metavar="OUT", help="the gptkit checkpoint to write (.pt, or .safetensors)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
@@ -542,7 +547,7 @@ COMMANDS: dict[
     "chat": ("talk to an instruction-tuned model in the terminal", add_chat, run_chat),
     "serve": ("serve a model over OpenAI's HTTP API, with a chat page", add_serve, run_serve),
     "export": ("export a model to HuggingFace, ONNX, GGUF or safetensors", add_export, run_export),
-    "import": ("import a HuggingFace GPT-2 folder as a gptkit checkpoint", add_import, run_import),
+    "import": ("import a HuggingFace GPT-2 or Llama model as a gptkit checkpoint", add_import, run_import),
     "eval": ("perplexity and zero-shot benchmarks (hellaswag, lambada, piqa)", add_eval, run_eval),
 }
 

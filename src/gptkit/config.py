@@ -32,7 +32,7 @@ class Section(BaseModel):
 
 
 # GPT-2's published shapes, and small shapes that train in minutes on a laptop CPU.
-MODEL_PRESETS: dict[str, dict[str, int]] = {
+GPT2_PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),
@@ -40,20 +40,75 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
 }
+# The switches every Llama-architecture model sets (RMSNorm, SwiGLU, rotary positions, no biases).
+LLAMA = dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False)
+# A Llama-style model as small as `tiny`, and the shapes of published Llama-architecture models
+# (their config.json), so that `gptkit info` shows what they hold; vocab_size is the model's own.
+LLAMA_PRESETS: dict[str, dict[str, Any]] = {
+    "llama-tiny": dict(LLAMA, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=128, mlp_hidden=352),
+    "smollm-135m": dict(
+        LLAMA,
+        n_layer=30,
+        n_head=9,
+        n_kv_head=3,
+        n_embd=576,
+        mlp_hidden=1536,
+        block_size=2048,
+        vocab_size=49152,
+        tie_embeddings=True,
+        rope_theta=10000.0,
+    ),
+    "tinyllama-1.1b": dict(
+        LLAMA,
+        n_layer=22,
+        n_head=32,
+        n_kv_head=4,
+        n_embd=2048,
+        mlp_hidden=5632,
+        block_size=2048,
+        vocab_size=32000,
+        tie_embeddings=False,
+        rope_theta=10000.0,
+    ),
+}
+MODEL_PRESETS: dict[str, dict[str, Any]] = {**GPT2_PRESETS, **LLAMA_PRESETS}
 GPT2_VOCAB_SIZE = 50257
 
 
 class ModelConfig(Section):
-    """Shape of the GPT; `preset` fills in the shape fields that are not given explicitly."""
+    """Shape and switches of the model; `preset` fills in the fields that are not given explicitly.
+
+    The defaults are GPT-2's architecture; the switches give the pieces current open models use
+    (Llama's: rmsnorm, swiglu, rope, n_kv_head < n_head, bias false, untied embeddings).
+    """
 
     preset: str | None = Field(None, description="one of " + ", ".join(MODEL_PRESETS))
     n_layer: int = Field(6, ge=1, le=256)
     n_head: int = Field(6, ge=1, le=256)
+    n_kv_head: int | None = Field(
+        None, ge=1, le=256, description="key/value heads: fewer than n_head is GQA, 1 is MQA; None: n_head"
+    )
     n_embd: int = Field(384, ge=1, le=65536)
     block_size: int = Field(256, ge=1, le=1_048_576, description="context length in tokens")
     vocab_size: int | None = Field(None, ge=1, description="None: taken from the data's tokenizer")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = Field(True, description="biases in Linear and LayerNorm layers, as in GPT-2")
+    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="normalisation before sublayers")
+    norm_eps: float = Field(1e-5, gt=0, lt=1, description="added to the variance in every norm")
+    mlp: Literal["gelu", "swiglu"] = Field("gelu", description="GPT-2's GELU MLP or Llama's gated SwiGLU")
+    mlp_hidden: int | None = Field(
+        None, ge=1, description="MLP width; None: 4 n_embd (gelu), Llama's 8/3 n_embd up to x256 (swiglu)"
+    )
+    position: Literal["learned", "rope"] = Field("learned", description="learned embeddings or rotary (RoPE)")
+    rope_theta: float = Field(10000.0, gt=1, description="rope: base of the rotation frequencies")
+    rope_scaling: Literal["none", "linear"] = Field(
+        "none", description="rope: linear divides positions by rope_factor (a longer context than trained)"
+    )
+    rope_factor: float = Field(1.0, ge=1, description="rope_scaling linear: how much longer")
+    rope_original_block_size: int | None = Field(
+        None, ge=1, description="rope_scaling linear: the context the model was trained with"
+    )
+    tie_embeddings: bool = Field(True, description="the output layer reuses the token embedding")
     pad_vocab_multiple: int = Field(64, ge=1, description="embedding rows padded for fast matmuls")
 
     @model_validator(mode="before")
@@ -67,19 +122,64 @@ class ModelConfig(Section):
         return data
 
     @model_validator(mode="after")
-    def _check_heads(self) -> ModelConfig:
+    def _check_switches(self) -> ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.kv_heads:
+            raise ValueError(
+                f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads}); each key/value "
+                "head serves an equal group of query heads"
+            )
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope rotates pairs of dimensions: head_dim ({self.head_dim}) must be even")
+        if self.rope_scaling == "none" and (self.rope_factor != 1 or self.rope_original_block_size):
+            raise ValueError("rope_factor and rope_original_block_size need rope_scaling=linear")
+        if self.rope_scaling == "linear":
+            if self.position != "rope":
+                raise ValueError("rope_scaling=linear needs position=rope")
+            if self.rope_original_block_size is None:
+                raise ValueError("rope_scaling=linear needs rope_original_block_size (the trained context)")
+            reach = int(self.rope_original_block_size * self.rope_factor)
+            if self.block_size > reach:
+                raise ValueError(
+                    f"block_size ({self.block_size}) is past what rope scaling covers "
+                    f"(rope_original_block_size {self.rope_original_block_size} x rope_factor "
+                    f"{self.rope_factor:g} = {reach}); raise rope_factor or lower block_size"
+                )
         return self
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        """The MLP's width: mlp_hidden, else GPT-2's 4 n_embd, or Llama's rule for SwiGLU (2/3 of
+        4 n_embd, so that its three matrices hold what GELU's two do, rounded up to a multiple of 256)."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return -(-int(2 * 4 * self.n_embd / 3) // 256) * 256
+
     def num_params(self, include_position: bool = True) -> int:
-        """GPT.num_params from the shape alone (tied head, padding rows not counted), so that
-        `gptkit info` of a preset or config needs no torch; tests hold it equal to the model's."""
-        d, b = self.n_embd, int(self.bias)
-        layer_norm = d + d * b
-        block = 2 * layer_norm + 12 * d * d + 9 * d * b  # attention 4d² and MLP 8d² weights, their biases
-        n = self.n_layer * block + layer_norm + (self.vocab_size or 0) * d
-        return n + self.block_size * d if include_position else n
+        """GPT.num_params from the shape alone (padding rows not counted, a tied head once), so that
+        `gptkit info` of a preset or config needs no torch; tests hold it equal to the model's and
+        to transformers' for the Llama presets."""
+        d, b, h = self.n_embd, int(self.bias), self.hidden
+        qkv = d + 2 * self.kv_heads * self.head_dim
+        norm = d + d * b if self.norm == "layernorm" else d
+        attn = d * qkv + qkv * b + d * d + d * b
+        gates = 2 if self.mlp == "swiglu" else 1
+        mlp = d * gates * h + gates * h * b + h * d + d * b
+        heads = 1 if self.tie_embeddings else 2
+        n = self.n_layer * (2 * norm + attn + mlp) + norm + heads * (self.vocab_size or 0) * d
+        learned = self.position == "learned"
+        return n + self.block_size * d if include_position and learned else n
 
     @property
     def padded_vocab_size(self) -> int:
@@ -117,7 +217,8 @@ class LoRAConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
     targets: list[str] = Field(
         default_factory=lambda: ["c_attn", "attn.c_proj"],
-        description="layers: c_attn, attn.c_proj, c_fc, mlp.c_proj, or globs over layer names",
+        description="layers: c_attn, attn.c_proj, c_fc, mlp.c_proj; Llama's q_proj, k_proj, v_proj, o_proj, "
+        "gate_proj, up_proj, down_proj; or globs over layer names",
     )
     train_biases: bool = Field(False, description="also train the model's biases")
     train_layernorms: bool = Field(False, description="also train LayerNorm weights and biases")
@@ -173,6 +274,9 @@ class TrainConfig(Section):
         "auto", description="auto: bf16 autocast where the device multiplies bf16 natively, else fp32"
     )
     compile: bool = Field(False, description="torch.compile the model")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block in the backward pass: less memory, about 1/3 more compute"
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     seed: int = 1337
     max_bad_steps: int = Field(5, ge=1, description="stop after this many NaN/inf steps in a row")

@@ -33,8 +33,10 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 def describe(target: str, verify: bool = False) -> dict[str, Any]:
     path = Path(target)
     if target in MODEL_PRESETS and not path.exists():
-        config = ModelConfig(preset=target, vocab_size=GPT2_VOCAB_SIZE)
-        return {"kind": "preset", "name": target, **_model_info(config), "tokenizer": {"type": "gpt2"}}
+        own_vocab = MODEL_PRESETS[target].get("vocab_size")  # a published model's own tokenizer
+        config = ModelConfig(preset=target, vocab_size=own_vocab or GPT2_VOCAB_SIZE)
+        tokenizer = {"type": "the model's own (gptkit import hf)" if own_vocab else "gpt2"}
+        return {"kind": "preset", "name": target, **_model_info(config), "tokenizer": tokenizer}
     if path.is_file() and path.suffix in (".yaml", ".yml"):
         return _config_info(path)
     if path.is_file():
@@ -56,6 +58,27 @@ def describe(target: str, verify: bool = False) -> dict[str, Any]:
     raise GptkitError(
         f"{target!r} not found{hint}; pass a preset ({presets}), a run, a checkpoint or a config"
     )
+
+
+def _family(m: dict[str, Any]) -> str:
+    """ "GPT-2", or the switches that differ from it: "Llama-style (rmsnorm, swiglu 352, rope theta
+    10000, 2 kv heads, untied)". Older checkpoints' configs have no switches: GPT-2."""
+    parts = []
+    if m.get("norm", "layernorm") != "layernorm":
+        parts.append(m["norm"])
+    if m.get("mlp", "gelu") != "gelu":
+        parts.append(f"{m['mlp']} {m.get('mlp_hidden') or 'auto'}")
+    if m.get("position", "learned") != "learned":
+        scaled = f" x{m['rope_factor']:g} linear" if m.get("rope_scaling") == "linear" else ""
+        parts.append(f"rope theta {m['rope_theta']:g}{scaled}")
+    if m.get("n_kv_head") not in (None, m["n_head"]):
+        parts.append(f"{m['n_kv_head']} kv heads")
+    if not m.get("tie_embeddings", True):
+        parts.append("untied")
+    if not parts:
+        return "GPT-2"
+    llama = {m.get("norm"), m.get("mlp"), m.get("position")} == {"rmsnorm", "swiglu", "rope"}
+    return f"{'Llama-style' if llama else 'GPT-2 with'} ({', '.join(parts)})"
 
 
 def _model_info(config: ModelConfig) -> dict[str, Any]:
@@ -266,7 +289,7 @@ def format_info(info: dict[str, Any]) -> str:
     if "model" in info:
         m = info["model"]
         lines.append(
-            f"architecture: GPT-2, {m['n_layer']} layers, {m['n_head']} heads, width {m['n_embd']}, "
+            f"architecture: {_family(m)}, {m['n_layer']} layers, {m['n_head']} heads, width {m['n_embd']}, "
             f"context {m['block_size']}, vocab {m['vocab_size']:,} (padded to {m['padded_vocab_size']:,}), "
             f"dropout {m['dropout']}, bias {m['bias']}"
         )

@@ -1,11 +1,16 @@
-"""GPT-2 in PyTorch, readable top to bottom.
+"""GPT-2 in PyTorch, readable top to bottom, with the switches of Llama-style models.
 
-The architecture is the one of "Language Models are Unsupervised Multitask Learners" (Radford et al.,
-2019) as implemented by OpenAI's release and by nanoGPT:
+The default architecture is the one of "Language Models are Unsupervised Multitask Learners" (Radford
+et al., 2019) as implemented by OpenAI's release and by nanoGPT:
 
     token embedding + learned position embedding
     -> n_layer x Block: x + attn(ln_1(x)), then x + mlp(ln_2(x))     (pre-LayerNorm residual blocks)
     -> final LayerNorm -> lm_head (shares its weight with the token embedding)
+
+The config's switches swap pieces without changing this shape or the module names (`gptkit.variants`
+holds the new pieces): `norm` rmsnorm, `mlp` swiglu, `position` rope (no `wpe`; queries and keys
+rotated inside attention), `n_kv_head` < n_head (grouped-query attention: `c_attn` makes n_head query
+heads and n_kv_head key/value heads, and the cache stores only the latter), `bias`, `tie_embeddings`.
 
 Module names match HuggingFace's GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...) so that weights can
 be exported and imported by renaming nothing. HF's Conv1D stores its weights transposed compared with
@@ -32,6 +37,7 @@ from torch import Tensor, nn
 
 from gptkit.config import ModelConfig, validate
 from gptkit.errors import GptkitError
+from gptkit.variants import Rotary, SwiGLU, rotate
 
 LAYER_NORM_EPS = 1e-5  # GPT-2's value
 
@@ -39,7 +45,7 @@ LAYER_NORM_EPS = 1e-5  # GPT-2's value
 class KVCache:
     """Keys and values of past positions, for incremental decoding.
 
-    Preallocated once: layer i's keys live in `k[i]` of shape (B, n_head, max_len, head_dim), and the
+    Preallocated once: layer i's keys live in `k[i]` of shape (B, n_kv_head, max_len, head_dim), and the
     first `pos` positions along dim 2 are filled. A forward pass with T new tokens writes positions
     [pos, pos + T) in every layer, then `advance(T)` moves the counter (done by `GPT.forward`).
 
@@ -77,7 +83,7 @@ class KVCache:
         return self.k[0].size(2)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store new keys/values (B, n_head, T, head_dim) of `layer`; return all keys/values so far."""
+        """Store new keys/values (B, n_kv_head, T, head_dim) of `layer`; return all keys/values so far."""
         end = self.pos + k.size(2)
         self.k[layer][:, :, self.pos : end] = k
         self.v[layer][:, :, self.pos : end] = v
@@ -169,69 +175,107 @@ def _attend_in_fp32(q: Tensor, k: Tensor) -> bool:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention where each position sees only itself and earlier positions."""
+    """Multi-head self-attention where each position sees only itself and earlier positions.
+
+    With n_kv_head < n_head (grouped-query attention), each key/value head serves n_head / n_kv_head
+    consecutive query heads (transformers' `repeat_kv` order); n_kv_head == n_head is plain multi-head.
+    """
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         self.dropout = config.dropout
         self.layer_idx = layer_idx  # which slot of a KVCache belongs to this layer
-        # one matmul computes queries, keys and values together ("fused qkv")
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # one matmul computes queries, keys and values together ("fused qkv"): rows [q; k; v]
+        kv_width = self.n_kv_head * self.head_dim
+        self.split = (config.n_embd, kv_width, kv_width)
+        self.c_attn = nn.Linear(config.n_embd, sum(self.split), bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
-        """`mask` comes from `attention_layout` (made once per forward pass, not once per layer)."""
+    def forward(
+        self,
+        x: Tensor,
+        cache: KVCache | None = None,
+        mask: Tensor | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """`mask` comes from `attention_layout`, `rotary` (RoPE's cos and sin) from `Rotary`: both made
+        once per forward pass, not once per layer."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim): heads become a batch dimension
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.c_attn(x).split(self.split, dim=2)
+        # (B, T, heads * head_dim) -> (B, heads, T, head_dim): heads become a batch dimension
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if rotary is not None:
+            q, k = rotate(q, rotary), rotate(k, rotary)
 
         is_causal = mask is None and (cache is None or cache.pos == 0)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
 
         dropout = self.dropout if self.training else 0.0
+        gqa = self.n_kv_head != self.n_head
         if _attend_in_fp32(q, k):
             with torch.autocast("cpu", enabled=False):
                 y = F.scaled_dot_product_attention(
-                    q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal, dropout_p=dropout
+                    q.float(),
+                    k.float(),
+                    v.float(),
+                    attn_mask=mask,
+                    is_causal=is_causal,
+                    dropout_p=dropout,
+                    enable_gqa=gqa,
                 )
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout
+                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout, enable_gqa=gqa
             )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward network: widen 4x, GELU, project back."""
+    """Position-wise feed-forward network: widen (4x), GELU, project back."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.hidden, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # the approximation GPT-2 was trained with
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+def norm(config: ModelConfig) -> nn.Module:
+    """The normalisation `config.norm` names: GPT-2's LayerNorm or Llama's RMSNorm (no mean, no bias)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+MLPS: dict[str, type[nn.Module]] = {"gelu": MLP, "swiglu": SwiGLU}  # by config.mlp
+
+
 class Block(nn.Module):
-    """Transformer block with LayerNorm before each sublayer (pre-LN), which trains stably when deep."""
+    """Transformer block with a norm before each sublayer (pre-LN), which trains stably when deep."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
+        self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_2 = norm(config)
+        self.mlp = MLPS[config.mlp](config)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, mask)
+    def forward(
+        self,
+        x: Tensor,
+        cache: KVCache | None = None,
+        mask: Tensor | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, mask, rotary)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -254,7 +298,7 @@ class LMHead(nn.Linear):
 
 
 class GPT(nn.Module):
-    """GPT-2 language model: token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+    """GPT-2 (or Llama-style) language model: token ids (B, T) -> next-token logits (B, T, vocab_size)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -264,18 +308,17 @@ class GPT(nn.Module):
         # The embedding table is padded to a multiple of pad_vocab_multiple rows because matmuls with
         # such shapes run faster; the extra rows are never looked up and their logits are cut off.
         vocab = config.padded_vocab_size
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(vocab, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias),
-            )
-        )
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(vocab, config.n_embd)))
+        if config.position == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer.drop = nn.Dropout(config.dropout)
+        self.transformer.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.transformer.ln_f = norm(config)
+        # RoPE's frequencies (no weights); None: positions are learned embeddings (wpe)
+        self.rotary = Rotary(config) if config.position == "rope" else None
         self.lm_head: nn.Module = LMHead(config.n_embd, vocab, config.vocab_size)
-        # Weight tying: the output projection reuses the token embedding (one tensor, two roles).
-        self.lm_head.weight = self.transformer.wte.weight
+        if config.tie_embeddings:  # the output projection reuses the token embedding (one tensor, two roles)
+            self.lm_head.weight = self.transformer.wte.weight
         self._init_weights()
 
     @classmethod
@@ -302,24 +345,26 @@ class GPT(nn.Module):
         # Padding rows are unused; zero keeps them inert (they get no gradient, so they stay zero).
         with torch.no_grad():
             self.transformer.wte.weight[self.config.vocab_size :].zero_()
+            self.lm_head.weight[self.config.vocab_size :].zero_()
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.wpe.weight.device  # wpe: never quantised (wte may be)
+        return self.transformer.ln_f.weight.device  # ln_f: never quantised (wte may be)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.wpe.weight.dtype
+        return self.transformer.ln_f.weight.dtype
 
     def num_params(self, include_position: bool = True, trainable: bool = False) -> int:
         """Number of parameters as HF counts them: tied weights once, padding rows not at all.
         `trainable`: only those that require gradients, counted the same way, so never more than all."""
-        wte, wpe = self.transformer.wte.weight, self.transformer.wpe.weight
+        padding = (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
         # parameters() yields a shared tensor once
         n = sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable)
-        if not trainable or wte.requires_grad:
-            n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
-        if not include_position and (not trainable or wpe.requires_grad):
+        embeddings = {id(t): t for t in (self.transformer.wte.weight, self.lm_head.weight)}.values()
+        n -= sum(padding for t in embeddings if not trainable or t.requires_grad)
+        wpe = self.transformer.wpe.weight if "wpe" in self.transformer else None
+        if not include_position and wpe is not None and (not trainable or wpe.requires_grad):
             n -= wpe.numel()
         return n
 
@@ -329,8 +374,7 @@ class GPT(nn.Module):
         max_len = c.block_size if max_len is None else max_len
         if not 1 <= max_len <= c.block_size:
             raise GptkitError(f"cache max_len {max_len} must be between 1 and block_size ({c.block_size})")
-        head_dim = c.n_embd // c.n_head
-        return KVCache(c.n_layer, batch_size, c.n_head, head_dim, max_len, self.device, self.dtype)
+        return KVCache(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len, self.device, self.dtype)
 
     n_prefix = 0  # positions an input prefix takes before the tokens (prompt tuning's vectors)
 
@@ -363,9 +407,12 @@ class GPT(nn.Module):
         B, T = x.shape[:2]
         self.check_length(B, T, cache)
         mask, positions = layout or attention_layout(T, x.device, cache)
-        x = self.transformer.drop(x + self.transformer.wpe(positions))
+        rotary = None if self.rotary is None else self.rotary(positions)
+        if rotary is None:
+            x = x + self.transformer.wpe(positions)
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, cache, mask)
+            x = block(x, cache, mask, rotary)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.advance(T)  # every layer has written its keys/values for these T positions

@@ -10,6 +10,7 @@ import base64
 import functools
 import hashlib
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
@@ -303,6 +304,76 @@ class BPETokenizer(Tokenizer):
         return cls(hf)
 
 
+class SentencePieceTokenizer(Tokenizer):
+    """A HuggingFace `tokenizers` BPE in SentencePiece's style, as Llama, Mistral and TinyLlama ship it:
+    spaces spelled "▁", characters outside the vocabulary as byte pieces <0xNN> (byte fallback), and
+    the model's end-of-sequence token (e.g. "</s>") as end-of-text.
+
+    Encoding is HF's own (its normalizer puts "▁" before the text, as SentencePiece does). Decoding
+    joins each id's bytes ("▁" -> space, <0xNN> -> that byte, special tokens -> their text), so that
+    a stream may stop inside a character; a decoded text therefore starts with the space that
+    encoding added, where HF's decoder strips it.
+    """
+
+    kind = "sentencepiece"
+
+    def __init__(self, hf: tokenizers.Tokenizer, eos: str) -> None:
+        self._json, self._eos = hf.to_str(), eos
+        self._hf = hf
+        hf.encode_special_tokens = True  # "</s>" in text is text
+        eot = hf.token_to_id(eos)
+        if eot is None:
+            raise GptkitError(f"the sentencepiece tokenizer has no end-of-sequence token {eos!r}")
+        self._eot_id: int = eot
+        added = hf.get_added_tokens_decoder()
+        pieces = []
+        for i in range(hf.get_vocab_size(with_added_tokens=True)):
+            token = hf.id_to_token(i)
+            if token is None:
+                raise GptkitError(f"the sentencepiece tokenizer's ids are not 0..n-1 (id {i} is missing)")
+            byte = BYTE_PIECE.fullmatch(token)
+            if byte:
+                pieces.append(bytes([int(byte.group(1), 16)]))
+            elif i in added:
+                pieces.append(added[i].content.encode("utf-8"))
+            else:
+                pieces.append(token.replace("\u2581", " ").encode("utf-8"))
+        self._pieces = pieces
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._pieces)
+
+    @property
+    def eot_id(self) -> int:
+        return self._eot_id
+
+    def encode(self, text: str) -> list[int]:
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+
+    def _decode_bytes(self, ids: list[int]) -> bytes:
+        return b"".join(map(self._pieces.__getitem__, ids))
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "sentencepiece", "hf_json": self._json, "eos": self._eos}
+
+    @classmethod
+    def _from_description(cls, d: Mapping[str, Any]) -> SentencePieceTokenizer:
+        try:
+            hf = tokenizers.Tokenizer.from_str(_field(d, "hf_json", str))
+        except Exception as e:  # tokenizers raises plain Exception subclasses with multi-line text
+            raise GptkitError(
+                "sentencepiece tokenizer description has an invalid 'hf_json'; recreate it with describe()"
+            ) from e
+        return cls(hf, _field(d, "eos", str))
+
+
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback pieces
+
+
 @functools.cache
 def _unicode_to_byte() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: byte-level vocabularies spell each byte as a printable char."""
@@ -353,6 +424,7 @@ _FROM_DESCRIPTION: dict[str, Callable[[Mapping[str, Any]], Tokenizer]] = {
     "gpt2": GPT2Tokenizer._from_description,
     "char": CharTokenizer._from_description,
     "bpe": BPETokenizer._from_description,
+    "sentencepiece": SentencePieceTokenizer._from_description,
 }
 
 

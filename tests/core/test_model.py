@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import TINY_SHAPE, tiny_gpt
 
 from gptkit import fused_loss
-from gptkit.config import MODEL_PRESETS, ModelConfig
+from gptkit.config import GPT2_PRESETS, ModelConfig
 from gptkit.errors import GptkitError
 from gptkit.model import GPT, KVCache, attention_layout
 
@@ -64,7 +64,7 @@ def test_gpt2_parameter_counts_match_huggingface(preset: str, count: int) -> Non
     assert model.num_params() == count
 
 
-@pytest.mark.parametrize("preset", list(MODEL_PRESETS))
+@pytest.mark.parametrize("preset", list(GPT2_PRESETS))
 @pytest.mark.parametrize("bias", [True, False])
 def test_every_preset_matches_formula(preset: str, bias: bool) -> None:
     config = ModelConfig(preset=preset, vocab_size=50257, bias=bias)

@@ -34,6 +34,9 @@ CLAIMS: dict[tuple[str, str], tuple[str, str]] = {
     ("README.md", "17,670,400"): ("bench-base.yaml", "clone"),  # the table's full fine-tune trains them all
     ("gpt2.yaml", "124M"): ("configs/gpt2.yaml", "clone"),
     ("small.yaml", "30M"): ("configs/small.yaml", "clone"),
+    ("README.md", "7,171,328"): ("llama-tiny", "clone"),
+    ("README.md", "134,515,008"): ("smollm-135m", "clone"),
+    ("README.md", "1,100,048,384"): ("tinyllama-1.1b", "clone"),
 }
 
 

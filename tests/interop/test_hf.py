@@ -261,13 +261,13 @@ def test_safetensors_checkpoint_keeps_weights_config_and_tokenizer(tmp_path: Pat
 
 
 def test_bad_input_is_one_clear_error(tmp_path: Path) -> None:
-    llama = tmp_path / "llama"
-    llama.mkdir()
-    (llama / "config.json").write_text(
-        json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    mistral = tmp_path / "mistral"
+    mistral.mkdir()
+    (mistral / "config.json").write_text(
+        json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"]})
     )
-    with pytest.raises(GptkitError, match="'llama' model \\(LlamaForCausalLM\\), not a GPT-2"):
-        import_hf(llama, tmp_path / "x.pt")
+    with pytest.raises(GptkitError, match="'mistral' model \\(MistralForCausalLM\\), which gptkit does not"):
+        import_hf(mistral, tmp_path / "x.pt")
     relu = tmp_path / "relu"
     relu.mkdir()
     (relu / "config.json").write_text(json.dumps({"model_type": "gpt2", "activation_function": "relu"}))

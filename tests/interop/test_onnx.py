@@ -106,3 +106,22 @@ def test_existing_output_is_not_overwritten(tmp_path: Path) -> None:
     assert not (tmp_path / "m.onnx").exists() and (tmp_path / "m_with_past.onnx").read_text() == "precious"
     with pytest.raises(GptkitError, match="should end in .onnx"):
         export_onnx(model, tmp_path / "m.bin")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_llama_style_model_exports_too(tmp_path: Path, tied: bool) -> None:
+    """RMSNorm, SwiGLU, RoPE (theta 5e5), GQA 4:2, no bias: onnxruntime's prefill logits and its
+    decoding graph's, continued over the presents (2 kv heads), equal ours."""
+    switches = dict(norm="rmsnorm", mlp="swiglu", position="rope", rope_theta=5e5, n_kv_head=2, bias=False)
+    model = tiny_gpt(VOCAB, n_head=4, n_embd=64, random_vectors=True, tie_embeddings=tied, **switches)
+    prefill, decode = export_onnx(model, tmp_path / "llama.onnx")
+    prefill, decode = ort.InferenceSession(str(prefill)), ort.InferenceSession(str(decode))
+    ids, more = torch.randint(0, VOCAB, (2, 11)), torch.randint(0, VOCAB, (2, 3))
+    with torch.no_grad():
+        full = model(torch.cat([ids, more], dim=1)).numpy()
+    logits, *present = prefill.run(None, {"input_ids": ids.numpy()})
+    assert np.abs(logits - full[:, :11]).max() < 1e-4
+    assert present[0].shape == (2, 2, 11, 16)
+    names = [i.name for i in decode.get_inputs()[1:]]
+    logits2 = decode.run(None, {"input_ids": more.numpy(), **dict(zip(names, present, strict=True))})[0]
+    assert np.abs(logits2 - full[:, 11:]).max() < 1e-4

@@ -29,7 +29,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
         "leaves",
         ("version", "errors", "console", "files", "layout", "locks", "config", "tokenizer", "templates"),
     ),
-    ("core", ("model", "fused_loss", "device", "runtime")),
+    ("core", ("variants", "model", "fused_loss", "device", "runtime")),
     ("data", ("data",)),
     ("state", ("checkpoint",)),
     ("adapters", ("finetuning",)),

@@ -28,6 +28,9 @@ MULTI = "several processes (tests/training/test_distributed.py runs torchrun wit
 SERVER = "a server that runs until stopped (tests/serve/ run servers and this section's examples)"
 NOT_RUN = {
     "gptkit serve runs/tiny": SERVER,
+    "gptkit import hf HuggingFaceTB/SmolLM-135M checkpoints/smollm.pt": (
+        "downloads from the hub (tests/interop/test_llama.py reads a hub name from a local cache offline)"
+    ),
     'gptkit serve runs/sft --quantize int8 --max-batch 8 --api-key "$(cat key.txt)"': SERVER,
     "torchrun --nproc_per_node=4 -m gptkit train configs/small.yaml": MULTI,
     "torchrun --nproc_per_node=4 -m gptkit train configs/small.yaml train.distributed=fsdp": MULTI,

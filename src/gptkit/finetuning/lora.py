@@ -11,6 +11,12 @@ Several adapters can sit on one layer, each with a weight, at inference (their c
 `base_model.model.<module>.lora_A.weight`), which peft loads onto the HF-exported model: our
 `nn.Linear` computes x @ W.T, HF's GPT-2 `Conv1D` x @ W, and peft's `fan_in_fan_out` takes care
 of that, so A and B are the same tensors on both sides.
+
+Llama's projection names are targets too. `o_proj` and `down_proj` are whole layers (`attn.c_proj`,
+`mlp.c_proj`); `q_proj`, `k_proj`, `v_proj` are rows of the fused `attn.c_attn`, `gate_proj` and `up_proj`
+rows of `mlp.c_fc`: each gets an adapter pair of its own that changes only its rows, as peft's LoRA
+on the separate HF layers would. Such an adapter part is named `adapter:start:stop` (its rows) inside
+the layer, and saved under `<layer>:start:stop` (gptkit loads it back; peft does not).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptkit.config import LoRAConfig, did_you_mean
@@ -34,6 +41,16 @@ TARGETS = {
     "attn.c_proj": "attn.c_proj",  # attention output
     "c_fc": "mlp.c_fc",  # MLP up-projection
     "mlp.c_proj": "mlp.c_proj",  # MLP down-projection
+}
+# Llama's names: (layer, part of its rows: the index among the fused projections)
+LLAMA_TARGETS = {
+    "q_proj": ("attn.c_attn", 0),
+    "k_proj": ("attn.c_attn", 1),
+    "v_proj": ("attn.c_attn", 2),
+    "o_proj": ("attn.c_proj", None),
+    "gate_proj": ("mlp.c_fc", 0),
+    "up_proj": ("mlp.c_fc", 1),
+    "down_proj": ("mlp.c_proj", None),
 }
 ADAPTER_DIR = "adapter"  # inside a LoRA run's folder: the adapter alone, in peft's layout
 GPTKIT_META = "gptkit_adapter.json"  # beside peft's files: what base the adapter was trained on
@@ -59,14 +76,17 @@ class LoRALinear(nn.Module):
     def bias(self) -> Tensor | None:
         return self.base.bias
 
-    def add(self, name: str, config: LoRAConfig) -> None:
+    def add(self, name: str, config: LoRAConfig, rows: tuple[int, int] | None = None) -> None:
+        """Adapter `name` on the whole layer, or on output `rows` [start, stop) only (one projection
+        of a fused layer), then kept as `name:start:stop`."""
         base = self.base
+        if rows is not None:
+            name = f"{name}:{rows[0]}:{rows[1]}"
+        out = base.out_features if rows is None else rows[1] - rows[0]
         a = torch.empty(config.r, base.in_features, device=base.weight.device, dtype=base.weight.dtype)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear and peft initialise A
         self.lora_A[name] = nn.Parameter(a)
-        self.lora_B[name] = nn.Parameter(
-            torch.zeros(base.out_features, config.r, device=a.device, dtype=a.dtype)
-        )
+        self.lora_B[name] = nn.Parameter(torch.zeros(out, config.r, device=a.device, dtype=a.dtype))
         self.scales[name] = config.scale
         self.weights[name] = 1.0
         self.dropouts[name] = nn.Dropout(config.dropout)
@@ -79,27 +99,59 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         for name in self.lora_A:
             h = self.dropouts[name](x) @ self.lora_A[name].T
-            out = out + (h @ self.lora_B[name].T) * (self.scales[name] * self.weights[name])
+            change = (h @ self.lora_B[name].T) * (self.scales[name] * self.weights[name])
+            start, stop = self.rows(name)
+            out = out + F.pad(change, (start, self.base.out_features - stop))
         return out
 
+    def rows(self, name: str) -> tuple[int, int]:
+        """The output rows adapter part `name` changes: all, or those its name ends with."""
+        _, *bounds = name.split(":")
+        return (int(bounds[0]), int(bounds[1])) if bounds else (0, self.base.out_features)
 
-def _target_names(model: nn.Module, targets: list[str]) -> list[str]:
-    """Names of the Linear layers the targets pick; an error lists the available ones."""
+
+def parts_of(layer: LoRALinear, name: str) -> list[str]:
+    """The keys of adapter `name` in a layer: `name` itself and its row parts `name:start:stop`."""
+    return [k for k in layer.lora_A if k.split(":")[0] == name]
+
+
+def _fused_rows(model: nn.Module, layer: str, part: int) -> tuple[int, int]:
+    """Rows [start, stop) of projection `part` in a fused layer: [q; k; v] or [gate; up]."""
+    c = model.config  # type: ignore[attr-defined]
+    kv = c.kv_heads * c.head_dim
+    sizes = [c.n_embd, kv, kv] if layer.endswith("attn.c_attn") else [c.hidden, c.hidden]
+    if layer.endswith("mlp.c_fc") and c.mlp != "swiglu":
+        raise GptkitError("LoRA targets gate_proj and up_proj need a SwiGLU MLP (model.mlp=swiglu); use c_fc")
+    return sum(sizes[:part]), sum(sizes[: part + 1])
+
+
+def _target_names(model: nn.Module, targets: list[str]) -> list[tuple[str, tuple[int, int] | None]]:
+    """(layer name, rows or None for all) of what the targets pick; an error lists the available ones.
+    A target is a GPT-2 or Llama layer name, a glob over layer names, or `layer:start:stop`."""
     linears = [
         n for n, m in model.named_modules() if isinstance(m, nn.Linear | LoRALinear) and n != "lm_head"
     ]
     linears = [n for n in linears if not n.endswith(".base")]
-    chosen: list[str] = []
+    chosen: list[tuple[str, tuple[int, int] | None]] = []
     for target in targets:
-        pattern = TARGETS.get(target, target)
+        glob, *bounds = target.split(":")
+        part = None
+        if glob in LLAMA_TARGETS:
+            glob, part = LLAMA_TARGETS[glob]
+        pattern = TARGETS.get(glob, glob)
         hits = [n for n in linears if n.endswith("." + pattern) or fnmatch.fnmatch(n, pattern)]
         if not hits:
-            kinds = sorted(TARGETS)
+            kinds = sorted(TARGETS) + sorted(LLAMA_TARGETS)
             raise GptkitError(
                 f"LoRA target {target!r} matches no layer{did_you_mean(target, kinds)}; use "
                 f"{', '.join(kinds)} or a glob over layer names such as {linears[0]!r}"
             )
-        chosen += [h for h in hits if h not in chosen]
+        for hit in hits:
+            rows = (int(bounds[0]), int(bounds[1])) if bounds else None
+            if part is not None:
+                rows = _fused_rows(model, hit, part)
+            if (hit, rows) not in chosen:
+                chosen.append((hit, rows))
     return chosen
 
 
@@ -109,24 +161,25 @@ def add_lora(model: nn.Module, config: LoRAConfig, name: str = "default") -> lis
     chosen = _target_names(model, config.targets)
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer_name in chosen:
+    for layer_name, rows in chosen:
         parent_name, _, child = layer_name.rpartition(".")
         parent = model.get_submodule(parent_name)
         layer = getattr(parent, child)
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer)
             setattr(parent, child, layer)
-        if name in layer.lora_A:
+        key = name if rows is None else f"{name}:{rows[0]}:{rows[1]}"
+        if key in layer.lora_A:
             raise GptkitError(f"layer {layer_name} already has an adapter named {name!r}; pick another name")
-        layer.add(name, config)
+        layer.add(name, config, rows)
     for module in model.modules():
-        if config.train_layernorms and isinstance(module, nn.LayerNorm):
+        if config.train_layernorms and isinstance(module, nn.LayerNorm | nn.RMSNorm):
             module.requires_grad_(True)
         if config.train_biases and not isinstance(module, LoRALinear):
             bias = getattr(module, "bias", None)
             if isinstance(bias, nn.Parameter):
                 bias.requires_grad_(True)
-    return chosen
+    return list(dict.fromkeys(n for n, _ in chosen))
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -135,11 +188,11 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def set_adapter_weight(model: nn.Module, name: str, weight: float) -> None:
     """How much of adapter `name` to apply (stacking several at inference)."""
-    layers = [m for m in lora_layers(model).values() if name in m.lora_A]
-    if not layers:
+    parts = [(m, k) for m in lora_layers(model).values() for k in parts_of(m, name)]
+    if not parts:
         raise GptkitError(f"no adapter named {name!r} is loaded")
-    for layer in layers:
-        layer.weights[name] = weight
+    for layer, key in parts:
+        layer.weights[key] = weight
 
 
 def merge(model: nn.Module) -> None:
@@ -147,7 +200,8 @@ def merge(model: nn.Module) -> None:
     for layer_name, layer in lora_layers(model).items():
         with torch.no_grad():
             for name in layer.lora_A:
-                layer.base.weight += layer.delta(name).to(layer.base.weight.dtype)
+                start, stop = layer.rows(name)
+                layer.base.weight[start:stop] += layer.delta(name).to(layer.base.weight.dtype)
         parent_name, _, child = layer_name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.base)
 
@@ -176,11 +230,12 @@ def save_adapter(
     tensors: dict[str, Tensor] = {}
     modules: list[str] = []
     for layer_name, layer in lora_layers(model).items():
-        if name in layer.lora_A:
-            key = f"base_model.model.{layer_name}"
-            tensors[f"{key}.lora_A.weight"] = layer.lora_A[name].detach().cpu().contiguous()
-            tensors[f"{key}.lora_B.weight"] = layer.lora_B[name].detach().cpu().contiguous()
-            modules.append(layer_name.rsplit(".", 1)[-1])
+        for part in parts_of(layer, name):
+            rows = part.removeprefix(name)  # "" or ":start:stop"
+            key = f"base_model.model.{layer_name}{rows}"
+            tensors[f"{key}.lora_A.weight"] = layer.lora_A[part].detach().cpu().contiguous()
+            tensors[f"{key}.lora_B.weight"] = layer.lora_B[part].detach().cpu().contiguous()
+            modules.append(layer_name.rsplit(".", 1)[-1] + rows)
     if not tensors:
         raise GptkitError(f"the model has no adapter named {name!r} to save")
     peft_config = {
@@ -240,16 +295,19 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, we
         layers.setdefault(module, {})[part.split(".")[0]] = tensor
     r = int(peft["r"])
     config = LoRAConfig(r=r, alpha=float(peft["lora_alpha"]), dropout=0.0, targets=sorted(layers))
-    name = name or f"adapter{len({n for m in lora_layers(model).values() for n in m.lora_A})}"
+    loaded = {n.split(":")[0] for m in lora_layers(model).values() for n in m.lora_A}
+    name = name or f"adapter{len(loaded)}"
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     add_lora(model, config, name)
     for n, p in model.named_parameters():  # loading for inference must not change what trains
         p.requires_grad_(n in trainable)
     for module, parts in layers.items():
-        layer = model.get_submodule(module)
+        layer_name, *bounds = module.split(":")
+        layer = model.get_submodule(layer_name)
         assert isinstance(layer, LoRALinear)
+        key = ":".join([name, *bounds])
         for part in ("A", "B"):
-            target = getattr(layer, f"lora_{part}")[name]
+            target = getattr(layer, f"lora_{part}")[key]
             if parts[part].shape != target.shape:
                 raise GptkitError(
                     f"adapter {str(path)!r}: {module}.lora_{part} has shape {tuple(parts[part].shape)}, the "

@@ -25,6 +25,7 @@ class PromptTunedGPT(GPT):
         nn.Module.__init__(self)  # the base's modules as they are: nothing new to initialise
         self.config = base.config
         self.transformer = base.transformer
+        self.rotary = base.rotary
         self.lm_head = base.lm_head
         self.soft_prompt = nn.Parameter(prompt)
         self.train(base.training)

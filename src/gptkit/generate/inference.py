@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 
 from gptkit.config import QUANTIZE_MODES
+from gptkit.console import notice
 from gptkit.errors import GptkitError
-from gptkit.generate.cpu.decode import CPUDecoder
+from gptkit.generate.cpu.decode import CPUDecoder, kernel_misfits
 from gptkit.generate.cpu.linear import use_cpu_linear
 from gptkit.generate.cpu.quantize import quantize as quantize_model
 from gptkit.generate.decoder import Decoder, ForwardDecoder
@@ -27,6 +28,12 @@ def prepare(model: GPT, device: torch.device, quantize: str | None = None) -> GP
     gptkit's CPU layers for fp32 on the CPU (`gptkit.generate.cpu.linear`); elsewhere as it is."""
     check_quantize(quantize)
     model = model.to(device).eval()
+    misfits = kernel_misfits(model.config)
+    if device.type == "cpu" and misfits:
+        notice(
+            f"gptkit's CPU decoding kernel computes GPT-2's layers, not {', '.join(misfits)}: "
+            "this model decodes through PyTorch (GPT.forward), the same logits, slower per token"
+        )
     if quantize is not None:
         quantize_model(model, quantize)
     else:

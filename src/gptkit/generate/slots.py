@@ -56,8 +56,7 @@ class Slots(Generic[T]):
 
     def __init__(self, model: GPT, rows: int, max_len: int) -> None:
         c = model.config
-        head_dim = c.n_embd // c.n_head
-        self.cache = KVCache(c.n_layer, rows, c.n_head, head_dim, max_len, model.device, model.dtype)
+        self.cache = KVCache(c.n_layer, rows, c.kv_heads, c.head_dim, max_len, model.device, model.dtype)
         self.pos = 0
         self.pad = torch.zeros(rows, dtype=torch.long)  # where each slot's sequence starts
         self.owners: list[T] = []

@@ -21,7 +21,7 @@ from types import ModuleType
 import torch
 
 from gptkit.checkpoint import save_checkpoint, save_safetensors_checkpoint
-from gptkit.config import RunConfig
+from gptkit.config import ModelConfig, RunConfig
 from gptkit.console import notice
 from gptkit.errors import GptkitError
 from gptkit.files import give_default_modes, remove_dead_partials
@@ -52,6 +52,23 @@ def check_plain(model: GPT, target: str) -> None:
         raise GptkitError(
             f"{target} export cannot express {', '.join(extra[:3])}{more}: GPT-2's layout has no place "
             "for them (a prompt-tuned model's soft prompt); export a full or LoRA fine-tune instead"
+        )
+
+
+def gpt2_misfits(config: ModelConfig) -> list[str]:
+    """The switches of `config` that GPT-2's layout cannot express ("norm rmsnorm", ...); empty: a GPT-2."""
+    gpt2 = ModelConfig(n_layer=1, n_head=config.n_head, n_embd=config.n_embd)
+    keys = ("norm", "norm_eps", "mlp", "hidden", "position", "kv_heads", "tie_embeddings")
+    return [f"{k} {getattr(config, k)}" for k in keys if getattr(config, k) != getattr(gpt2, k)]
+
+
+def check_gpt2(model: GPT, target: str) -> None:
+    """Refuse a model with switches GPT-2 has not, for a target that writes GPT-2 only (ONNX, GGUF)."""
+    misfits = gpt2_misfits(model.config)
+    if misfits:
+        raise GptkitError(
+            f"{target} export writes GPT-2's architecture; this model has {', '.join(misfits)} "
+            "(export it with gptkit export hf, which writes Llama-style models as LlamaForCausalLM)"
         )
 
 

@@ -1,4 +1,6 @@
-"""HuggingFace GPT-2 folders, both ways: export (`GPT2LMHeadModel` + tokenizer) and import.
+"""HuggingFace folders, both ways: export (`GPT2LMHeadModel` or `LlamaForCausalLM`, + tokenizer) and
+import. A model with GPT-2's switches is a `GPT2LMHeadModel`, one with Llama's a `LlamaForCausalLM`
+(whose mapping is `gptkit.interop.llama`'s); what follows is about GPT-2.
 
 The weight mapping lives here once. gptkit's module names equal HF's (`transformer.h.0.attn.c_attn`, ...);
 what differs:
@@ -18,6 +20,7 @@ import base64
 import functools
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,15 @@ from torch import Tensor
 from gptkit.config import ModelConfig, RunConfig, validate
 from gptkit.console import notice
 from gptkit.errors import GptkitError
-from gptkit.interop import check_plain, require, save_weights, staged_output
+from gptkit.interop import check_plain, gpt2_misfits, require, save_weights, staged_output
+from gptkit.interop.llama import (
+    LLAMA_ARCHITECTURES,
+    from_llama_state,
+    is_llama,
+    llama_config,
+    llama_fields,
+    to_llama_state,
+)
 from gptkit.model import GPT, LAYER_NORM_EPS
 from gptkit.tokenizer import (
     EOT,
@@ -39,6 +50,7 @@ from gptkit.tokenizer import (
     BPETokenizer,
     CharTokenizer,
     GPT2Tokenizer,
+    SentencePieceTokenizer,
     Tokenizer,
     _unicode_to_byte,
     gpt2_tokenizer,
@@ -47,6 +59,7 @@ from gptkit.tokenizer import (
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 IGNORED = (".attn.bias", ".attn.masked_bias")  # HF's causal-mask buffers in older files
 GPT2_ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
+SUPPORTED = (*GPT2_ARCHITECTURES, *LLAMA_ARCHITECTURES)  # what `gptkit import hf` reads
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # tanh-approximate GELU, as ours
 MERGES_HEADER = "#version: 0.2\n"
 
@@ -133,8 +146,18 @@ def _load_weights(folder: Path) -> dict[str, Tensor]:
 
 
 def hf_config(model: GPT, tokenizer: Tokenizer) -> dict[str, Any]:
-    """config.json of the equivalent `GPT2LMHeadModel`."""
+    """config.json of the equivalent `LlamaForCausalLM` or `GPT2LMHeadModel`."""
     c = model.config
+    if is_llama(c):
+        ids = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
+        head = {"architectures": list(LLAMA_ARCHITECTURES), "model_type": "llama", "torch_dtype": "float32"}
+        return {**head, **llama_config(c), **ids, "use_cache": True}
+    misfits = gpt2_misfits(c)
+    if misfits:
+        raise GptkitError(
+            f"HuggingFace export writes GPT-2 or Llama models; this one is neither ({', '.join(misfits)} "
+            "differ from GPT-2; Llama needs norm rmsnorm, mlp swiglu and position rope)"
+        )
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -162,7 +185,8 @@ def hf_config(model: GPT, tokenizer: Tokenizer) -> dict[str, Any]:
 
 
 def read_hf_config(folder: Path) -> dict[str, Any]:
-    """config.json of a GPT-2 folder; anything else (or a GPT-2 our model cannot express) is an error."""
+    """config.json of a GPT-2 or Llama folder; anything else (or a GPT-2 our model cannot express) is an
+    error (a Llama's limits are checked by `llama_fields`)."""
     if not folder.is_dir():
         raise GptkitError(
             f"{str(folder)!r} is not a folder; pass a HuggingFace model folder (with config.json)"
@@ -176,11 +200,13 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
         raise GptkitError(f"{path} is not valid JSON ({e}); repair or re-download it") from None
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
+    if model_type == "llama" and (not archs or set(archs) & set(LLAMA_ARCHITECTURES)):
+        return cfg
     if model_type != "gpt2" or (archs and not set(archs) & set(GPT2_ARCHITECTURES)):
         found = ", ".join(archs) or "no architecture listed"
         raise GptkitError(
-            f"{str(folder)!r} holds a {model_type!r} model ({found}), not a GPT-2 language model; gptkit "
-            f"imports {' or '.join(GPT2_ARCHITECTURES)} checkpoints only"
+            f"{str(folder)!r} holds a {model_type!r} model ({found}), which gptkit does not support; "
+            f"gptkit imports {', '.join(SUPPORTED)} checkpoints"
         )
     n_embd = cfg.get("n_embd", 768)
     checks = [
@@ -264,7 +290,7 @@ def hf_tokenizer(tokenizer: Tokenizer) -> tokenizers.Tokenizer:
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.post_processor = processors.ByteLevel(trim_offsets=False)
         hf.decoder = decoders.ByteLevel()
-    elif isinstance(tokenizer, BPETokenizer):
+    elif isinstance(tokenizer, BPETokenizer | SentencePieceTokenizer):
         return tokenizers.Tokenizer.from_str(tokenizer.describe()["hf_json"])
     elif isinstance(tokenizer, CharTokenizer):
         chars = tokenizer.describe()["chars"]
@@ -285,7 +311,8 @@ def write_tokenizer(tokenizer: Tokenizer, folder: Path, max_length: int) -> None
         vocab, merges = gpt2_files()
         (folder / "vocab.json").write_text(vocab, encoding="utf-8")
         (folder / "merges.txt").write_text(merges, encoding="utf-8")
-    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+    eos = tokenizer.describe()["eos"] if isinstance(tokenizer, SentencePieceTokenizer) else EOT
+    special = {"bos_token": eos, "eos_token": eos, "unk_token": eos}
     config = {
         "tokenizer_class": "GPT2Tokenizer"
         if isinstance(tokenizer, GPT2Tokenizer)
@@ -301,7 +328,8 @@ def write_tokenizer(tokenizer: Tokenizer, folder: Path, max_length: int) -> None
 
 
 def read_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
-    """The gptkit tokenizer equal to a HF folder's: GPT-2's, a byte-level BPE, or a character vocabulary."""
+    """The gptkit tokenizer equal to a HF folder's: GPT-2's, a byte-level BPE, a SentencePiece-style BPE
+    (byte fallback, as Llama's), or a character vocabulary."""
     vocab_file, merges_file, json_file = (folder / n for n in ("vocab.json", "merges.txt", "tokenizer.json"))
     gpt2_vocab, gpt2_merges = gpt2_vocab_merges()
     try:
@@ -319,10 +347,13 @@ def read_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
                 return gpt2_tokenizer()
             if kind == "WordLevel":
                 return _char_tokenizer(model.get("vocab") or {}, folder)
+            if kind == "BPE" and model.get("byte_fallback"):  # SentencePiece-style (Llama's)
+                return SentencePieceTokenizer(tokenizers.Tokenizer.from_str(text), _eos_token(folder))
             if kind == "BPE":
                 return BPETokenizer(tokenizers.Tokenizer.from_str(text))
             raise GptkitError(
-                f"{str(folder)!r} has a {kind} tokenizer; gptkit uses GPT-2's, byte-level BPE or characters"
+                f"{str(folder)!r} has a {kind} tokenizer; gptkit uses GPT-2's, byte-level BPE, "
+                "SentencePiece-style BPE (byte fallback) or characters"
             )
     except (ValueError, UnicodeDecodeError) as e:
         raise GptkitError(
@@ -335,6 +366,15 @@ def read_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
         f"{str(folder)!r} has no tokenizer gptkit can use (tokenizer.json, or vocab.json + merges.txt); "
         "add the tokenizer files the model was trained with"
     )
+
+
+def _eos_token(folder: Path) -> str:
+    """The end-of-sequence token tokenizer_config.json names (a string or {"content": ...}); "</s>"."""
+    path = folder / "tokenizer_config.json"
+    eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token") if path.is_file() else None
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and eos else "</s>"
 
 
 def _without_eot(vocab: dict[str, int]) -> dict[str, int]:
@@ -370,12 +410,15 @@ def _char_tokenizer(vocab: dict[str, int], folder: Path) -> CharTokenizer:
 
 
 def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, force: bool = False) -> Path:
-    """Write a folder that transformers' `from_pretrained` loads as a `GPT2LMHeadModel` and tokenizer."""
+    """Write a folder that transformers' `from_pretrained` loads as a `GPT2LMHeadModel` (or, for a model
+    with Llama's switches, a `LlamaForCausalLM`) and tokenizer."""
     check_plain(model, "HuggingFace")
     st = require("safetensors.torch", "HuggingFace export")
+    config = hf_config(model, tokenizer)  # first: a model HF cannot express is refused before writing
+    state = to_llama_state(model.state_dict(), model.config) if is_llama(model.config) else to_hf_state(model)
     with staged_output(out, force, folder=True) as tmp:
-        st.save_file(to_hf_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(tmp / "config.json", hf_config(model, tokenizer))
+        st.save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(tmp / "config.json", config)
         generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
         _write_json(tmp / "generation_config.json", generation)
         write_tokenizer(tokenizer, tmp, model.config.block_size)
@@ -383,7 +426,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, force: bool 
 
 
 def load_hf(folder: str | Path) -> tuple[GPT, Tokenizer, RunConfig]:
-    """A HF GPT-2 folder as a gptkit model (CPU, eval mode), tokenizer and run config."""
+    """A HF GPT-2 or Llama folder as a gptkit model (CPU, eval mode), tokenizer and run config."""
     folder = Path(folder)
     cfg = read_hf_config(folder)
     vocab_size = int(cfg.get("vocab_size", GPT2_EOT_ID + 1))
@@ -393,22 +436,29 @@ def load_hf(folder: str | Path) -> tuple[GPT, Tokenizer, RunConfig]:
             f"{folder}/config.json says vocab_size {vocab_size} but its tokenizer has {tokenizer.vocab_size} "
             "ids; gptkit needs the two to agree"
         )
-    model_fields = dict(
-        n_layer=cfg.get("n_layer", 12),
-        n_head=cfg.get("n_head", 12),
-        n_embd=cfg.get("n_embd", 768),
-        block_size=cfg.get("n_positions", cfg.get("n_ctx", 1024)),
-        vocab_size=vocab_size,
-        dropout=cfg.get("resid_pdrop", 0.1),
-        bias=True,
-    )
-    config = validate(RunConfig, {"name": folder.name, "model": model_fields}, f"{folder}/config.json")
-    state = from_hf_state(_load_weights(folder), config.model, repr(str(folder)))
+    llama = cfg.get("model_type") == "llama"
+    where = f"{folder}/config.json"
+    if llama:
+        model_fields = llama_fields(cfg, where) | {"vocab_size": vocab_size}
+    else:
+        model_fields = dict(
+            n_layer=cfg.get("n_layer", 12),
+            n_head=cfg.get("n_head", 12),
+            n_embd=cfg.get("n_embd", 768),
+            block_size=cfg.get("n_positions", cfg.get("n_ctx", 1024)),
+            vocab_size=vocab_size,
+            dropout=cfg.get("resid_pdrop", 0.1),
+            bias=True,
+        )
+    config = validate(RunConfig, {"name": folder.name, "model": model_fields}, where)
+    read = from_llama_state if llama else from_hf_state
+    state = read(_load_weights(folder), config.model, repr(str(folder)))
     model = GPT(config.model)
     missing, unexpected = _key_mismatch(model, state)
     if missing or unexpected:
+        family = "Llama" if llama else "GPT-2"
         raise GptkitError(
-            f"the weights in {str(folder)!r} do not fit the GPT-2 its config.json describes (missing: "
+            f"the weights in {str(folder)!r} do not fit the {family} its config.json describes (missing: "
             f"{', '.join(missing[:3]) or 'none'}; unexpected: {', '.join(unexpected[:3]) or 'none'})"
         )
     try:
@@ -424,8 +474,40 @@ def _key_mismatch(model: GPT, state: dict[str, Tensor]) -> tuple[list[str], list
     return sorted(expected - state.keys()), sorted(state.keys() - expected)
 
 
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+HUB_FILES = ["*.json", "*.safetensors", "merges.txt"]  # config, weights, tokenizer: nothing else
+
+
+def hub_folder(source: str | Path) -> Path:
+    """A local folder as it is; a hub name (`owner/name`) that is not a local path resolved through
+    huggingface_hub: downloaded when online, read from the local cache when offline (HF_HUB_OFFLINE=1)."""
+    path = Path(source)
+    if path.exists() or not HUB_NAME.fullmatch(str(source)):
+        return path
+    hub = require("huggingface_hub", "importing a model from the HuggingFace hub")
+    errors = require("huggingface_hub.errors", "importing a model from the HuggingFace hub")
+    try:
+        folder = Path(hub.snapshot_download(str(source), allow_patterns=HUB_FILES))
+        if not any(folder.glob("*.safetensors")):  # older repositories: pickled weights only
+            folder = Path(hub.snapshot_download(str(source), allow_patterns=["pytorch_model.bin"]))
+    except errors.LocalEntryNotFoundError:
+        raise GptkitError(
+            f"{source!r} is neither a local folder nor in the HuggingFace cache, and the hub cannot be "
+            "reached (offline); download it once online, or pass a local folder"
+        ) from None
+    except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
+        first = str(e).splitlines()[0]
+        raise GptkitError(f"the hub has no model {source!r} you can read ({first})") from None
+    except (errors.HfHubHTTPError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GptkitError(f"downloading {source!r} from the hub failed ({first}); try again") from None
+    return folder
+
+
 def import_hf(folder: str | Path, out: str | Path, *, force: bool = False) -> Path:
-    """A HF GPT-2 folder -> a gptkit checkpoint (`.pt`, or weights-only `.safetensors`) at step 0."""
+    """A HF GPT-2 or Llama folder (or hub name) -> a gptkit checkpoint (`.pt`, or weights-only
+    `.safetensors`) at step 0."""
+    folder = hub_folder(folder)
     model, tokenizer, config = load_hf(folder)
     progress = {"step": 0, "tokens": 0, "imported_from": str(Path(folder).resolve())}
     return save_weights(model, tokenizer, config, out, force=force, progress=progress)

@@ -1,7 +1,7 @@
 """ONNX export: two graphs with dynamic batch and sequence axes, for onnxruntime and friends.
 
 - `OUT.onnx` (prefill): `input_ids` (batch, seq) -> `logits` (batch, seq, vocab) and the keys and
-  values of every layer, `present.N.key` / `present.N.value` (batch, n_head, seq, head_dim).
+  values of every layer, `present.N.key` / `present.N.value` (batch, n_kv_head, seq, head_dim).
 - `OUT_with_past.onnx` (decoding): `input_ids` plus `past_key_values.N.key` / `.value` (batch,
   n_head, past, head_dim) -> `logits` and `present.N.*` of past + seq positions. Feed each step's
   presents back as the next step's past (the names follow HF Optimum's GPT-2 graphs).
@@ -9,6 +9,8 @@
 The graphs come from `_Graph`, a re-statement of `GPT.forward` over explicit key/value tensors (our
 `KVCache` is a Python object with in-place writes, which an exported graph cannot hold). Positions
 count from the past length; there is no padding input, so a batch holds prompts of equal length.
+Every switch is expressed: the model's own norms and MLP modules, RoPE (`gptkit.variants`), and
+grouped-query attention, whose key/value heads are stored once and repeated for their query heads.
 The logits cover the real vocabulary only (padding rows cut), as `GPT.forward` returns them.
 """
 
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 from gptkit.errors import GptkitError
 from gptkit.interop import check_plain, require, staged_output
 from gptkit.model import GPT
+from gptkit.variants import rotate
 
 OPSET = 18
 PROTOBUF_LIMIT = 2**31 - 2**26  # bytes of weights a single .onnx file can hold, with room for the graph
@@ -44,22 +47,28 @@ class _Graph(nn.Module):
     def forward(self, idx: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
         m, c = self.model, self.model.config
         B, T = idx.shape
-        C, n_head = c.n_embd, c.n_head
+        C, head_dim, group = c.n_embd, c.head_dim, c.n_head // c.kv_heads
         past_len = past[0].shape[2] if self.with_past else 0
         positions = torch.arange(T, device=idx.device) + past_len
-        x = m.transformer.wte(idx) + m.transformer.wpe(positions)
+        rotary = None if m.rotary is None else m.rotary(positions)
+        x = m.transformer.wte(idx)
+        if rotary is None:
+            x = x + m.transformer.wpe(positions)
         # query i (absolute position past_len + i) sees keys 0 .. past_len + i
         keys = torch.arange(T + past_len, device=idx.device)
         mask = keys[None, :] <= positions[:, None]
         presents: list[Tensor] = []
         for i, block in enumerate(m.transformer.h):
-            q, k, v = block.attn.c_attn(block.ln_1(x)).split(C, dim=2)
-            q, k, v = (t.reshape(B, T, n_head, C // n_head).transpose(1, 2) for t in (q, k, v))
+            q, k, v = block.attn.c_attn(block.ln_1(x)).split(block.attn.split, dim=2)
+            q, k, v = (t.reshape(B, T, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+            if rotary is not None:
+                q, k = rotate(q, rotary), rotate(k, rotary)
             if self.with_past:
                 k = torch.cat([past[2 * i], k], dim=2)
                 v = torch.cat([past[2 * i + 1], v], dim=2)
             presents += [k, v]
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(C // n_head))
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # GQA
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(head_dim))
             att = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
             y = (att @ v).transpose(1, 2).reshape(B, T, C)
             x = x + block.attn.c_proj(y)
@@ -108,12 +117,11 @@ def export_onnx(model: GPT, out: str | Path, *, force: bool = False) -> tuple[Pa
             f"ONNX export of {model.num_params():,} fp32 parameters exceeds ONNX's 2 GB single-file limit; "
             "gptkit writes single-file graphs only: export to hf or gguf instead"
         )
-    head_dim = c.n_embd // c.n_head
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1, max=c.block_size)
     past = torch.export.Dim("past", min=1, max=c.block_size)
     idx = torch.zeros(2, 3, dtype=torch.long)
-    kv = [torch.zeros(2, c.n_head, 4, head_dim) for _ in range(2 * c.n_layer)]
+    kv = [torch.zeros(2, c.kv_heads, 4, c.head_dim) for _ in range(2 * c.n_layer)]
     present = _names(c.n_layer, "present")
     second = with_past_path(out)
     for path in (out, second):  # check both before writing either

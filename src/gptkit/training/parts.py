@@ -31,7 +31,12 @@ from gptkit.tokenizer import Tokenizer, from_description
 from gptkit.training.budget import available_memory, memory_estimate
 from gptkit.training.trainer import Trainer, accumulation_steps, seed_everything
 
+# What a checkpoint's weights and numbers depend on: a resume that changes one of them is refused.
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "pad_vocab_multiple")
+SWITCH_KEYS = (
+    "norm", "norm_eps", "mlp", "hidden", "position", "rope_theta", "rope_scaling", "rope_factor",
+    "kv_heads", "tie_embeddings",
+)  # fmt: skip
 
 # (base) -> (model, tokenizer, base config, base path, payload): `gptkit.checkpoint.load_any`'s shape
 BaseLoader = Callable[[str], tuple[GPT, Tokenizer, RunConfig, Path, dict[str, Any]]]
@@ -70,7 +75,7 @@ def check_same_shape(config: RunConfig, payload: dict[str, Any], path: Path) -> 
     saved = validate(RunConfig, payload["config"], f"checkpoint {path}").model
     diffs = [
         f"{k} {getattr(saved, k)} -> {getattr(config.model, k)}"
-        for k in SHAPE_KEYS
+        for k in SHAPE_KEYS + SWITCH_KEYS
         if getattr(saved, k) != getattr(config.model, k)
     ]
     if diffs:

@@ -37,6 +37,7 @@ from gptkit.training.budget import (
     memory_estimate,
 )
 from gptkit.training.optim import learning_rate, make_optimizer, set_learning_rate
+from gptkit.training.recompute import recompute_blocks
 from gptkit.training.report import write_report
 from gptkit.training.runlog import QuietLog, RunLog
 from gptkit.training.signals import StopRequest
@@ -120,6 +121,8 @@ class Trainer:
         self.step_positions = self.tokens_per_step  # what the last step computed (padding: fewer)
         # DDP wraps the model; fully_shard (FSDP) shards self.model in place, before the optimiser
         # is made, so that it holds the shards.
+        if tc.activation_checkpointing:
+            recompute_blocks(self.model)
         self.step_model = distributed.wrap(self.model, procs, self.device)
         self.optimizer = make_optimizer(self.model, tc, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")

@@ -11,8 +11,9 @@ to fp32 rounding, with left padding, several sequences, and models without biase
 `CPUDecoder.of` serves models that `gptkit.generate.cpu.linear.use_cpu_linear` prepared (what
 `gptkit.load` does for fp32 models on the CPU) and quantised ones (`Int8Linear`: int8 weights with
 row scales; `Int4Linear`: 4-bit weights with group scales; fp32 activations for both) when the
-kernel is built; everything else (GPUs, bf16, LoRA layers not merged) decodes through
-`GPT.forward` (`gptkit.generate.inference` chooses).
+kernel is built; everything else (GPUs, bf16, LoRA layers not merged, and models with a switch the
+kernel does not compute: RMSNorm, SwiGLU, RoPE, grouped-query attention, a norm_eps other than
+GPT-2's; see `kernel_misfits`) decodes through `GPT.forward` (`gptkit.generate.inference` chooses).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import ctypes
 import torch
 from torch import Tensor, nn
 
+from gptkit.config import ModelConfig
 from gptkit.generate.cpu.build import pointer
 from gptkit.generate.cpu.linear import KERNEL_MAX_ROWS, CPULinear
 from gptkit.generate.cpu.quantize import Int4Linear, Int8Linear
@@ -42,6 +44,16 @@ LAYER_POINTERS = (
 )
 CACHE_POINTERS = ("K_CACHE", "V_CACHE")
 LINEAR_LAYERS = (nn.Linear, CPULinear, Int8Linear, Int4Linear)  # the kinds a GPT's matrices may be
+
+
+# The architecture the C step computes: GPT-2's (any shape, with or without biases, tied or not).
+KERNEL_ARCHITECTURE = {"norm": "layernorm", "norm_eps": LAYER_NORM_EPS, "mlp": "gelu", "position": "learned"}
+
+
+def kernel_misfits(config: ModelConfig) -> list[str]:
+    """The model's switches the kernel does not compute ("position rope", ...); empty: it serves."""
+    wanted = KERNEL_ARCHITECTURE | {"kv_heads": config.n_head}
+    return [f"{key} {getattr(config, key)}" for key, value in wanted.items() if getattr(config, key) != value]
 
 
 def layer_pointer_names() -> list[str]:
@@ -81,17 +93,19 @@ class CPUDecoder:
 
     @classmethod
     def of(cls, model: GPT, batch_size: int = 1) -> CPUDecoder | None:
-        """A decoder for `model` if it is a CPU model prepared by `use_cpu_linear` (fp32) or quantised
-        (`gptkit.generate.cpu.quantize`), and gptkit's kernels are built. Not for more than
-        KERNEL_MAX_ROWS sequences: there the products through GPT.forward are faster, although the
-        kernel reads each weight once for all rows (GPT-2 124M, 2 threads, best step of 45 on a
-        shared machine; 16 sequences: fp32 65 ms through oneDNN against 94, int8 30 ms through
-        `torch._int_mm` against 66; 8 sequences: the kernel's 46 against 49 and 26 against 27)."""
+        """A decoder for `model` if it is a CPU model of GPT-2's architecture prepared by
+        `use_cpu_linear` (fp32) or quantised (`gptkit.generate.cpu.quantize`), and gptkit's kernels
+        are built. Not for more than KERNEL_MAX_ROWS sequences: there the products through
+        GPT.forward are faster, although the kernel reads each weight once for all rows (GPT-2 124M,
+        2 threads, best step of 45 on a shared machine; 16 sequences: fp32 65 ms through oneDNN
+        against 94, int8 30 ms through `torch._int_mm` against 66; 8 sequences: the kernel's 46
+        against 49 and 26 against 27)."""
         linears = [m for m in model.modules() if isinstance(m, LINEAR_LAYERS)]
         kinds = {type(m) for m in linears}
         groups = {getattr(m, "group", 0) for m in linears}
         usable = (
-            batch_size <= KERNEL_MAX_ROWS
+            not kernel_misfits(model.config)
+            and batch_size <= KERNEL_MAX_ROWS
             and model.device.type == "cpu"
             and model.dtype == torch.float32
             and len(linears) == sum(f == LINEAR for *_, f in LAYER_POINTERS) * model.config.n_layer + 1
