@@ -33,8 +33,13 @@ class Retriever:
     another than the index was built with is refused, since its vectors live in another space."""
 
     def __init__(
-        self, index: str | Path, embedder: str | Embedder | None = None, device: str = "cpu"
+        self,
+        index: str | Path,
+        embedder: str | Embedder | None = None,
+        device: str = "cpu",
+        k: int = DEFAULT_K,
     ) -> None:
+        self.k = check_k(k)  # passages composed into a prompt
         self.index = Path(index)
         self.meta = read_meta(self.index)
         built = self.meta["embedder"]
