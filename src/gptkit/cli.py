@@ -399,6 +399,7 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cors-origin", default=None, metavar="ORIGIN", help="allow browsers on ORIGIN (default: no CORS)"
     )
+    add_rag_option(p)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -417,6 +418,8 @@ def run_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         cors_origin=args.cors_origin,
+        rag=args.rag,
+        rag_k=args.rag_k,
     )
     return 0
 
