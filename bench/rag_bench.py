@@ -146,12 +146,17 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a gptkit run or checkpoint for the model: row")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--parts", default="throughput,latency,recall", help="which parts to run")
     args = parser.parse_args()
     if not SQUAD.exists():
         sys.exit(f"{SQUAD} is absent (the benchmark reads ../shared/data)")
-    throughput(args.rounds)
-    latency(args.queries)
-    recall_table(args.model)
+    parts = set(args.parts.split(","))
+    if "throughput" in parts:
+        throughput(args.rounds)
+    if "latency" in parts:
+        latency(args.queries)
+    if "recall" in parts:
+        recall_table(args.model)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (max RSS of this process): {peak:.0f} MB")
     print(json.dumps({"done": True}))

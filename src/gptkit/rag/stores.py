@@ -69,12 +69,19 @@ def open_store(kind: str, folder: Path) -> Store:
 
 
 class FaissStore:
+    SMALL = 64  # queries searched on one thread: OpenMP's start-up costs more than a small batch
+
     def __init__(self, folder: Path) -> None:
-        faiss = optional("faiss", "faiss-cpu", "to read a faiss index")
-        self.index = faiss.read_index(str(folder / "faiss.index"))
+        self.faiss = optional("faiss", "faiss-cpu", "to read a faiss index")
+        self.index = self.faiss.read_index(str(folder / "faiss.index"))
+        self.threads = self.faiss.omp_get_max_threads()
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        self.faiss.omp_set_num_threads(1 if len(queries) < self.SMALL else self.threads)
+        try:
+            scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        finally:
+            self.faiss.omp_set_num_threads(self.threads)
         return scores, ids
 
     def close(self) -> None:
