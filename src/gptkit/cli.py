@@ -600,7 +600,11 @@ def add_rag(p: argparse.ArgumentParser) -> None:
     query.add_argument("index", metavar="INDEX")
     query.add_argument("question", metavar="QUESTION")
     query.add_argument("-k", type=int, default=5, help="passages to return")
-    query.add_argument("--embedder", default=None, help="(default: the one the index was built with)")
+    query.add_argument(
+        "--embedder",
+        default=None,
+        help="embedder to query through (default: the one the index was built with)",
+    )
     query.add_argument("--json", action="store_true", help="print one JSON object")
     query.set_defaults(run=run_rag_query)
 
