@@ -142,6 +142,8 @@ def serve(
     max_batch: int = 8,
     max_queue: int = 64,
     cors_origin: str | None = None,
+    rag: str | Path | None = None,
+    rag_k: int = 3,
 ) -> None:
     """Serve a model over OpenAI's HTTP API until interrupted: `/v1/completions`,
     `/v1/chat/completions`, `/v1/models`, `/health`, `/metrics` and the chat page at `/`.
@@ -151,6 +153,8 @@ def serve(
     picks a free port (the address is printed). `api_key`
     (default: the GPTKIT_API_KEY environment variable) is required as `Authorization: Bearer KEY` on
     every route but /health and the page. Needs the `serve` extra (FastAPI, uvicorn, prometheus_client).
+    `rag`: an index folder; each chat request's last user message is answered from its `rag_k`
+    passages, listed in the response's `sources` field.
     """
     try:
         from gptkit.serve.server import listen, run
@@ -163,10 +167,23 @@ def serve(
     from gptkit.generate.textmodel import TextModel
 
     sock = listen(host, port)  # before loading: a port in use fails at once
+    retriever = None
+    if rag is not None:
+        from gptkit.rag import Retriever
+
+        retriever = Retriever(rag, k=rag_k)
     if not isinstance(model, TextModel):
         model = load(model, device=device, quantize=quantize, adapters=adapters)
     key = api_key if api_key is not None else os.environ.get("GPTKIT_API_KEY") or None
-    run(model, sock, api_key=key, max_batch=max_batch, max_queue=max_queue, cors_origin=cors_origin)
+    run(
+        model,
+        sock,
+        api_key=key,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        cors_origin=cors_origin,
+        rag=retriever,
+    )
 
 
 def export_model(

@@ -265,7 +265,25 @@ def add_sample(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num-samples", type=int, default=_setting("num_samples"), help="samples per prompt")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    add_rag_option(p)
     add_sampling(p)
+
+
+def add_rag_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--rag",
+        default=None,
+        metavar="INDEX",
+        help="answer from the passages of this index (gptkit rag index), sources listed after the answer "
+        "(default: none)",
+    )
+    p.add_argument("--rag-k", type=int, default=3, metavar="K", help="passages retrieved for each prompt")
+
+
+def open_retriever(index: str, k: int) -> Any:
+    from gptkit.rag import Retriever
+
+    return Retriever(index, k=k)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -300,10 +318,15 @@ def run_sample(args: argparse.Namespace) -> int:
     settings = sampling_settings(args)
     settings["num_samples"] = args.num_samples
     model.settings = model.settings.of(**settings)  # validated before any work starts
+    retriever = open_retriever(args.rag, args.rag_k) if args.rag else None
+    composed = (
+        [retriever.augment(p, model, model.settings.max_new_tokens) for p in prompts] if retriever else None
+    )
+    inputs = [text for text, _ in composed] if composed else prompts
     n = len(prompts) * args.num_samples
-    texts = [] if args.stream else model.generate(prompts, num_samples=args.num_samples)
+    texts = [] if args.stream else model.generate(inputs, num_samples=args.num_samples)
     for i in range(n):
-        prompt = prompts[i // args.num_samples]
+        prompt = inputs[i // args.num_samples]
         if n > 1:
             print(f"--- sample {i + 1} of {n} ---", flush=True)
         print(prompt, end="", flush=True)
@@ -314,7 +337,15 @@ def run_sample(args: argparse.Namespace) -> int:
         else:
             print(texts[i], end="")
         print(flush=True)
+        if composed:
+            print_sources(composed[i // args.num_samples][1])
     return 0
+
+
+def print_sources(sources: list[Any]) -> None:
+    from gptkit.rag.compose import format_sources
+
+    print(format_sources(sources), flush=True)
 
 
 def add_chat(p: argparse.ArgumentParser) -> None:
@@ -332,6 +363,7 @@ def add_chat(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="chat template; auto: the checkpoint's, or plain completion for a base model",
     )
+    add_rag_option(p)
     add_sampling(p)
 
 
@@ -345,7 +377,8 @@ def run_chat(args: argparse.Namespace) -> int:
     settings = SampleSettings.of(**sampling_settings(args))  # validated before any work starts
     template = None if args.template == "auto" else ChatTemplate.named(args.template)
     model = load(args.model, device=args.device, quantize=args.quantize, adapters=adapter_list(args))
-    chat = Chat(model, template=template, system=args.system, settings=settings)
+    retriever = open_retriever(args.rag, args.rag_k) if args.rag else None
+    chat = Chat(model, template=template, system=args.system, settings=settings, rag=retriever)
     return chat_loop(chat, input_lines(sys.stdin.isatty()), sys.stdout, sys.stderr)
 
 
@@ -366,6 +399,7 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cors-origin", default=None, metavar="ORIGIN", help="allow browsers on ORIGIN (default: no CORS)"
     )
+    add_rag_option(p)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -384,6 +418,8 @@ def run_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         cors_origin=args.cors_origin,
+        rag=args.rag,
+        rag_k=args.rag_k,
     )
     return 0
 
@@ -536,8 +572,141 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_rag(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="rag_command", metavar="ACTION", required=True)
+    index = sub.add_parser("index", help="index documents for retrieval", formatter_class=Formatter)
+    index.add_argument(
+        "docs",
+        nargs="+",
+        metavar="DOCS",
+        help="text/markdown files, folders, .jsonl/.parquet files, SQuAD .json files",
+    )
+    index.add_argument("--out", required=True, metavar="INDEX", help="the index folder (made or updated)")
+    index.add_argument(
+        "--embedder", default="minilm", help="minilm, or model:RUN_OR_CKPT (mean-pooled states)"
+    )
+    index.add_argument(
+        "--store", choices=["faiss", "faiss-hnsw", "qdrant"], default="faiss", help="vector store"
+    )
+    index.add_argument(
+        "--chunk-tokens", type=int, default=None, help="tokens per chunk (default: what the embedder reads)"
+    )
+    index.add_argument("--overlap", type=int, default=32, help="tokens shared by consecutive chunks")
+    index.add_argument(
+        "--windows", type=int, default=2, help="sentences per extra vector of a chunk; 0: one vector a chunk"
+    )
+    index.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet rows")
+    index.add_argument("--no-progress", action="store_true", help="no progress bar")
+    index.set_defaults(run=run_rag_index)
+
+    query = sub.add_parser(
+        "query", help="the passages of an index nearest a question", formatter_class=Formatter
+    )
+    query.add_argument("index", metavar="INDEX")
+    query.add_argument("question", metavar="QUESTION")
+    query.add_argument("-k", type=int, default=5, help="passages to return")
+    query.add_argument(
+        "--embedder",
+        default=None,
+        help="embedder to query through (default: the one the index was built with)",
+    )
+    query.add_argument("--json", action="store_true", help="print one JSON object")
+    query.set_defaults(run=run_rag_query)
+
+    ev = sub.add_parser(
+        "eval", help="recall@k and MRR on questions with known gold paragraphs", formatter_class=Formatter
+    )
+    ev.add_argument("index", metavar="INDEX")
+    ev.add_argument("--qa", required=True, metavar="FILE", help="SQuAD JSON questions")
+    ev.add_argument("-k", default="1,5,10", metavar="LIST", help="comma-separated k values")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(run=run_rag_eval)
+
+    ask = sub.add_parser(
+        "ask", help="answer a question from an index, with sources", formatter_class=Formatter
+    )
+    add_model_source(ask)
+    ask.add_argument("index", metavar="INDEX")
+    ask.add_argument("question", metavar="QUESTION")
+    ask.add_argument("-k", type=int, default=3, help="passages put into the prompt")
+    add_sampling(ask)
+    ask.set_defaults(run=run_rag_ask)
+
+
+def run_rag_index(args: argparse.Namespace) -> int:
+    from gptkit.rag import index
+
+    report = index(
+        args.docs,
+        args.out,
+        embedder=args.embedder,
+        store=args.store,
+        chunk_tokens=args.chunk_tokens,
+        overlap=args.overlap,
+        windows=args.windows,
+        text_field=args.text_field,
+        progress=not args.no_progress,
+    )
+    for line in report.skipped:
+        print(f"gptkit: skipped {line}", file=sys.stderr)
+    print(
+        f"{report.index}: {report.chunks} chunks of {report.sources} sources; {report.embedded} embedded "
+        f"({report.chunks_per_second:.1f} chunks/s), {report.reused} reused, {report.removed} removed, "
+        f"{len(report.skipped)} skipped"
+    )
+    return 0
+
+
+def run_rag_query(args: argparse.Namespace) -> int:
+    from gptkit.rag import Retriever
+    from gptkit.rag.retriever import check_k
+
+    check_k(args.k)
+    with Retriever(args.index, embedder=args.embedder) as retriever:
+        hits = retriever.search(args.question, args.k)
+    if args.json:
+        print(json.dumps({"question": args.question, "hits": [h.record() for h in hits]}, ensure_ascii=False))
+        return 0
+    for n, h in enumerate(hits, start=1):
+        print(f"[{n}] {h.score:.4f} {h.doc} characters {h.start}-{h.end}\n{h.text}\n")
+    return 0
+
+
+def run_rag_eval(args: argparse.Namespace) -> int:
+    from gptkit.rag import Retriever
+    from gptkit.rag.evaluate import evaluate, squad_questions
+
+    try:
+        ks = [int(k) for k in args.k.split(",") if k.strip()]
+    except ValueError:
+        raise GptkitError(f"-k takes comma-separated numbers, e.g. 1,5,10, not {args.k!r}") from None
+    if not ks:
+        raise GptkitError("-k names no k; e.g. -k 1,5,10")
+    questions = squad_questions(args.qa)
+    with Retriever(args.index) as retriever:
+        result = evaluate(retriever, questions, ks)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>10}  {value:.4f}" if isinstance(value, float) else f"{key:>10}  {value}")
+    return 0
+
+
+def run_rag_ask(args: argparse.Namespace) -> int:
+    from gptkit.api import load
+
+    model = load(args.model, device=args.device, quantize=args.quantize)
+    model.settings = model.settings.of(**sampling_settings(args))
+    with open_retriever(args.index, args.k) as retriever:
+        answer = model.generate(args.question, rag=retriever)
+    print(str(answer).strip(), flush=True)
+    print_sources(answer.sources)
+    return 0
+
+
 COMMANDS: dict[
-    str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+    str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int] | None]
 ] = {
     "prepare": ("tokenize text into token shards for training", add_prepare, run_prepare),
     "train": ("pre-train a model on prepared data", add_train, run_train),
@@ -549,6 +718,7 @@ COMMANDS: dict[
     "export": ("export a model to HuggingFace, ONNX, GGUF or safetensors", add_export, run_export),
     "import": ("import a HuggingFace GPT-2 or Llama model as a gptkit checkpoint", add_import, run_import),
     "eval": ("perplexity and zero-shot benchmarks (hellaswag, lambada, piqa)", add_eval, run_eval),
+    "rag": ("retrieval: index documents, query and evaluate an index, answer with sources", add_rag, None),
 }
 
 
@@ -565,7 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, add, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=Formatter)
         add(p)
-        p.set_defaults(run=run)
+        if run is not None:  # a command with actions (rag) sets each action's own
+            p.set_defaults(run=run)
     return parser
 
 

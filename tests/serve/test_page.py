@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import shutil
 import socket
 import string
@@ -103,12 +104,29 @@ def get(url: str, key: str | None = KEY) -> tuple[int, str]:
 def served(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`gptkit serve` with an API key on 127.0.0.1 and a free port, one row and one place in the queue
     (so that two held requests fill it); yields its base URL."""
+    yield from serve(checkpoint, tmp_path_factory, ["--max-batch", "1", "--max-queue", "1"])
+
+
+@pytest.fixture(scope="module")
+def served_rag(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`gptkit serve --rag` over two small documents, indexed with the served model as embedder."""
+    from gptkit.rag import index
+
+    folder = tmp_path_factory.mktemp("docs")
+    (folder / "tea.txt").write_text("Green tea is steeped at 80 degrees for two minutes.\n")
+    (folder / "bread.txt").write_text("Bread rises because yeast turns sugar into gas.\n")
+    embedder = f"model:{checkpoint}"
+    index([str(folder)], folder / "index", embedder=embedder, chunk_tokens=64, overlap=0, progress=False)
+    yield from serve(checkpoint, tmp_path_factory, ["--rag", str(folder / "index"), "--rag-k", "2"])
+
+
+def serve(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, extra: list[str]) -> Iterator[str]:
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "gptkit", "serve", str(checkpoint), "--port", str(port), "--api-key", KEY]
-            + ["--max-batch", "1", "--max-queue", "1"],
+            + extra,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -499,3 +517,21 @@ def test_the_page_works_at_phone_width(page: Any, tmp_path: Path) -> None:
     find_all(page, "conversation-title")[0].click()
     wait_for(page, lambda: find(page, "new-chat").location["x"] < 0, "the list closing after a choice", 5)
     assert reply_text(page) == reply
+
+
+def test_the_sources_of_an_answer_from_documents_are_shown(browser: Any, served_rag: str) -> None:
+    browser.set_window_size(1280, 900)
+    browser.get(served_rag + "/")
+    settings = json.dumps({"api_key": KEY, "max_tokens": "5"})
+    browser.execute_script(f"localStorage.clear(); localStorage.setItem('gptkit.settings', '{settings}')")
+    browser.refresh()
+    model = model_id(served_rag)
+    wait_for(browser, lambda: find(browser, "model").text == model, f"the model's name {model!r}")
+    set_field(browser, "max-tokens", "5")
+    send(browser, "How long is green tea steeped?")
+    finished_reply(browser)
+    wait_for(browser, lambda: len(find_all(browser, "source")) == 2, "two sources under the reply")
+    shown = sorted(e.text for e in find_all(browser, "source"))
+    assert [t[:4] for t in shown] == ["[1] ", "[2] "]
+    assert {t.split()[1].rstrip(",").rsplit("/", 1)[-1] for t in shown} == {"tea.txt", "bread.txt"}
+    assert all(re.search(r", characters 0-\d+$", t) for t in shown), shown

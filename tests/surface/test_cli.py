@@ -34,18 +34,22 @@ def test_top_level_help_lists_the_commands() -> None:
 
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_every_option_shows_its_default(name: str) -> None:
-    parser = subparsers()[name]
-    assert parser.formatter_class is Formatter
-    text = parser.format_help()
-    for action in parser._actions:
-        if not action.option_strings or action.required or action.dest == "help":
-            continue
-        formatter = parser._get_formatter()
-        help_text = formatter._expand_help(action) if action.help else ""
-        assert "default: " in help_text, f"{name} {action.option_strings[0]} shows no default"
-        assert help_text.split("(default")[0].strip(), f"{name} {action.option_strings[0]} has no help text"
-    shown = gptkit(name, "--help").stdout
-    assert shown.count("(default: ") == text.count("(default: ") > 0
+    top = subparsers()[name]
+    actions = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)]
+    nested = [([name, sub], p) for a in actions for sub, p in a.choices.items()]  # gptkit rag index ...
+    for argv, parser in nested or [([name], top)]:
+        assert parser.formatter_class is Formatter
+        text = parser.format_help()
+        for action in parser._actions:
+            if not action.option_strings or action.required or action.dest == "help":
+                continue
+            formatter = parser._get_formatter()
+            help_text = formatter._expand_help(action) if action.help else ""
+            option = f"{' '.join(argv)} {action.option_strings[0]}"
+            assert "default: " in help_text, f"{option} shows no default"
+            assert help_text.split("(default")[0].strip(), f"{option} has no help text"
+        shown = gptkit(*argv, "--help").stdout
+        assert shown.count("(default: ") == text.count("(default: ") > 0
 
 
 def test_prepare_then_info_through_the_cli(tmp_path: Path) -> None:

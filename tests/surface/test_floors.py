@@ -37,7 +37,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("loop", ("training", "tracking")),
     ("interop", ("interop",)),
     ("loader", ("loading",)),
-    ("use", ("eval",)),
+    ("use", ("eval", "rag")),
     ("serving", ("serve",)),
     ("surface", ("describe", "api", "cli", "__init__", "__main__")),
 ]

@@ -32,6 +32,7 @@ NOT_RUN = {
         "downloads from the hub (tests/interop/test_llama.py reads a hub name from a local cache offline)"
     ),
     'gptkit serve runs/sft --quantize int8 --max-batch 8 --api-key "$(cat key.txt)"': SERVER,
+    "gptkit serve runs/sft-docs --rag index/docs": SERVER,
     "torchrun --nproc_per_node=4 -m gptkit train configs/small.yaml": MULTI,
     "torchrun --nproc_per_node=4 -m gptkit train configs/small.yaml train.distributed=fsdp": MULTI,
     "torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=node0:29500 "
@@ -103,6 +104,9 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str
     (work / "data" / "alpaca_data.json").write_text(json.dumps(records), encoding="utf-8")
     (work / "prompts.txt").write_text("The list\nA function\n")  # for --prompt-file
     (work / "questions.txt").write_text("Name three colours.\nWhat is a list?\n")  # for eval --prompts
+    (work / "docs").mkdir()  # the documents of the retrieval guide
+    (work / "docs" / "tea.md").write_text("# Tea\n\nGreen tea is steeped at 80 degrees for two minutes.\n")
+    (work / "docs" / "bread.txt").write_text("Bread rises because yeast turns sugar into gas. Bake it hot.\n")
     bin_dir = root / "bin"
     bin_dir.mkdir()
     (bin_dir / "gptkit").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m gptkit "$@"\n')

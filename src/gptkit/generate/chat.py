@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterable, Iterator
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import torch
 
@@ -23,6 +23,13 @@ from gptkit.generate.textmodel import TextModel
 from gptkit.templates import ChatTemplate, Message
 
 CHANGEABLE = ("temperature", "top_k", "top_p", "max_new_tokens", "repetition_penalty", "seed")
+
+
+class Retrieval(Protocol):
+    """What `Chat(rag=...)` takes (a `gptkit.rag.Retriever`): a user message rewritten to carry the
+    passages retrieved for it, within `room` tokens, and the sources it cites."""
+
+    def message(self, question: str, tokenizer: Any, room: int) -> tuple[str, list[Any]]: ...
 
 
 class Chat:
@@ -38,8 +45,11 @@ class Chat:
         template: ChatTemplate | None = None,
         system: str | None = None,
         settings: SampleSettings | None = None,
+        rag: Retrieval | None = None,
     ) -> None:
         self.model = model
+        self.rag = rag  # each user turn retrieves again; the history keeps the plain messages
+        self.sources: list[Any] = []  # what the last reply's citations point at
         self.fallback = template is None and model.chat_template is None  # a base model: plain completion
         if template is None:
             stored = model.chat_template
@@ -127,6 +137,10 @@ class Chat:
         tok, tmpl = self.model.tokenizer, self.template
         budget = self.context - self.reply_room()
         system_ids, generation_prefix = self._fixed_ids()
+        if self.rag is not None:
+            prefix, _, suffix = tmpl.encode_message(tok, {"role": "user", "content": ""})
+            room = budget - len(system_ids) - len(prefix) - len(suffix) - len(generation_prefix)
+            user_text, self.sources = self.rag.message(user_text, tok, room)
         prefix, content, suffix = tmpl.encode_message(tok, {"role": "user", "content": user_text})
         messages = [sum(tmpl.encode_message(tok, m), []) for m in self.messages]  # user, assistant, ...
         turns = [sum(messages[i : i + 2], []) for i in range(0, len(messages), 2)]  # oldest first
@@ -261,6 +275,9 @@ def _loop(chat: Chat, lines: Iterable[str], out: TextIO, err: TextIO) -> int:
                 for piece in chat.reply(text):
                     print(piece, end="", file=out, flush=True)
                 print(file=out, flush=True)
+                if chat.rag is not None:  # the passages this answer was given, for its citations
+                    lines = [source.line() for source in chat.sources] or ["none retrieved"]
+                    print("Sources:", *lines, sep="\n", file=out, flush=True)
         except GptkitError as e:
             print(f"gptkit: error: {e}", file=err, flush=True)
     return 0

@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from gptkit.generate.inference import fastest_decoder
 from gptkit.generate.sampler import Sampler
 from gptkit.generate.settings import SampleSettings
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer
+
+
+class Augmenter(Protocol):
+    """What `rag=` takes (a `gptkit.rag.Retriever`): the prompt that answers `prompt` from retrieved
+    passages, within the model's context less `max_new_tokens`, and the sources it cites."""
+
+    def augment(self, prompt: str, model: TextModel, max_new_tokens: int) -> tuple[str, list[Any]]: ...
+
+
+class Answer(str):
+    """Generated text that was composed from retrieved passages: `sources` maps its citations [1], [2]..."""
+
+    sources: list[Any]
+
+    def __new__(cls, text: str, sources: list[Any]) -> Answer:
+        answer = super().__new__(cls, text)
+        answer.sources = sources
+        return answer
 
 
 class TextModel:
@@ -39,15 +57,24 @@ class TextModel:
     def device(self) -> str:
         return str(self.model.device)
 
-    def generate(self, prompt: str | list[str], **settings: Any) -> str | list[str]:
+    def generate(
+        self, prompt: str | list[str], *, rag: Augmenter | None = None, **settings: Any
+    ) -> str | list[str]:
         """The continuation of `prompt` (the prompt itself not included).
 
         One prompt and one sample give a string; a list of prompts or `num_samples` > 1 give a list,
-        prompt by prompt, each prompt's samples together.
+        prompt by prompt, each prompt's samples together. With `rag` (a `gptkit.rag.Retriever`), each
+        prompt is a question answered from retrieved passages, and each text is an `Answer` whose
+        `sources` its citations point at.
         """
         s = SampleSettings.of(self.settings, **settings)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        texts = [t for samples in self.sampler.generate(prompts, s) for t in samples]
+        composed = [rag.augment(p, self, s.max_new_tokens) for p in prompts] if rag is not None else None
+        if composed is not None:
+            prompts = [text for text, _ in composed]
+        texts: list[str] = [t for samples in self.sampler.generate(prompts, s) for t in samples]
+        if composed is not None:
+            texts = [Answer(t, composed[i // s.num_samples][1]) for i, t in enumerate(texts)]
         return texts[0] if isinstance(prompt, str) and s.num_samples == 1 else texts
 
     def stream(self, prompt: str, **settings: Any) -> Iterator[str]:

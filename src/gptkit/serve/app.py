@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gptkit.errors import GptkitError
+from gptkit.generate.chat import Retrieval
 from gptkit.generate.settings import SampleSettings
 from gptkit.generate.textmodel import TextModel
 from gptkit.layout import CHECKPOINT_FOLDER
@@ -148,6 +149,7 @@ class Served:
     metrics: Metrics
     keepalive: float = KEEPALIVE_SECONDS
     created: int = field(default_factory=lambda: int(time.time()))
+    rag: Retrieval | None = None  # chat requests answer from retrieved passages (serve --rag)
 
     @property
     def context(self) -> int:
@@ -163,13 +165,14 @@ def create_app(
     cors_origin: str | None = None,
     model_id: str | None = None,
     keepalive: float = KEEPALIVE_SECONDS,
+    rag: Retrieval | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app for `model` (see README, "Serving"); the engine runs while it does."""
     if max_batch < 1 or max_queue < 1:
         raise GptkitError(f"max_batch and max_queue must be at least 1, not {max_batch} and {max_queue}")
     metrics = Metrics()
     engine = Engine(model.sampler, max_batch, max_queue, metrics)
-    served = Served(model, model_id or default_model_id(model.source), engine, metrics, keepalive)
+    served = Served(model, model_id or default_model_id(model.source), engine, metrics, keepalive, rag=rag)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -268,11 +271,12 @@ def add_routes(app: FastAPI, served: Served) -> None:
     @app.post("/v1/chat/completions")
     async def chat(body: p.ChatRequest, request: Request) -> Response:
         check_model(served, body.model)
-        template, prompt = chat_prompt(served, body)
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        template, prompt, sources = chat_prompt(served, body, max_tokens)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
         settings = sample_settings(served, body, [prompt], max_tokens, logprobs, template.stop)
         run = Run(served, body, [prompt], settings, chat=True)
+        run.sources = sources
         return await run.answer(request)
 
 
@@ -299,8 +303,11 @@ def encode_prompt(served: Served, text: str) -> list[int]:
     return ids
 
 
-def chat_prompt(served: Served, body: p.ChatRequest) -> tuple[ChatTemplate, list[int]]:
-    """The conversation through the checkpoint's chat template, ready for the assistant's reply."""
+def chat_prompt(
+    served: Served, body: p.ChatRequest, max_tokens: int | None = None
+) -> tuple[ChatTemplate, list[int], list[dict[str, Any]] | None]:
+    """The conversation through the checkpoint's chat template, ready for the assistant's reply; with
+    retrieval, the last user message carries the passages retrieved for it, and their sources."""
     stored = served.model.chat_template
     if stored is None:
         raise ApiError(
@@ -313,8 +320,17 @@ def chat_prompt(served: Served, body: p.ChatRequest) -> tuple[ChatTemplate, list
     messages = [m.model_dump() for m in body.messages]
     if messages[0]["role"] != "system" and template.default_system:
         messages.insert(0, {"role": "system", "content": template.default_system})
+    sources = None
+    tok = served.model.tokenizer
     try:
-        ids = template.encode(served.model.tokenizer, messages, add_generation_prefix=True)[0]
+        if served.rag is not None and messages[-1]["role"] == "user":
+            question = messages[-1]["content"]
+            bare = template.encode(tok, [*messages[:-1], {"role": "user", "content": ""}], True)[0]
+            reply = min(max_tokens or served.context, served.context // 2)
+            content, cited = served.rag.message(question, tok, served.context - reply - len(bare))
+            messages[-1] = {"role": "user", "content": content}
+            sources = [s.record() for s in cited]
+        ids = template.encode(tok, messages, add_generation_prefix=True)[0]
     except GptkitError as e:
         raise ApiError(400, str(e), param="messages") from None
     if len(ids) > served.context:
@@ -324,7 +340,7 @@ def chat_prompt(served: Served, body: p.ChatRequest) -> tuple[ChatTemplate, list
             param="messages",
             code="context_length_exceeded",
         )
-    return template, ids
+    return template, ids, sources
 
 
 def sample_settings(
@@ -388,6 +404,7 @@ class Run:
         self.id = p.new_id("chatcmpl" if chat else "cmpl")
         self.choices = [Choice() for _ in range(len(prompts) * body.n)]
         self.job: Job | None = None
+        self.sources: list[dict[str, Any]] | None = None  # the extension field of serve --rag
 
     async def answer(self, request: Request) -> Response:
         if self.body.n > self.served.engine.max_batch:
@@ -459,9 +476,10 @@ class Run:
                 )
                 for i, c in enumerate(self.choices)
             ]
-            return p.ChatResponse(
+            whole = p.ChatResponse(
                 id=self.id, model=self.served.model_id, choices=choices, usage=self._usage()
             ).model_dump()
+            return whole if self.sources is None else {**whole, "sources": self.sources}
         choices = [
             p.CompletionChoice(
                 index=i,
@@ -531,6 +549,8 @@ class Run:
         data = chunk.model_dump(exclude_none=False)
         if not self.body.include_usage():
             data.pop("usage")
+        if self.sources is not None:
+            data["sources"] = self.sources
         return f"data: {json.dumps(data)}\n\n"
 
     def _usage(self) -> p.Usage:

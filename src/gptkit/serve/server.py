@@ -9,6 +9,7 @@ import uvicorn
 
 from gptkit.console import notice
 from gptkit.errors import GptkitError
+from gptkit.generate.chat import Retrieval
 from gptkit.generate.textmodel import TextModel
 from gptkit.serve.app import create_app
 
@@ -51,6 +52,7 @@ def run(
     max_batch: int = 8,
     max_queue: int = 64,
     cors_origin: str | None = None,
+    rag: Retrieval | None = None,
 ) -> None:
     """Serve `model` on the bound socket `sock` until interrupted (Ctrl-C)."""
     host, port = sock.getsockname()[:2]
@@ -60,7 +62,7 @@ def run(
             "machine can use the model; set --api-key or GPTKIT_API_KEY"
         )
     app = create_app(
-        model, api_key=api_key, max_batch=max_batch, max_queue=max_queue, cors_origin=cors_origin
+        model, api_key=api_key, max_batch=max_batch, max_queue=max_queue, cors_origin=cors_origin, rag=rag
     )
     shown = f"[{host}]" if ":" in host else host
     notice(f"serving {model.source or 'the model'} at http://{shown}:{port} (OpenAI API under /v1)")
