@@ -19,6 +19,7 @@ from gptkit.config import FinetuneConfig, RunConfig, validate
 from gptkit.console import notice
 from gptkit.data.batch import Batch
 from gptkit.data.batches import ShardBatches, TokenSource, fixed_batches
+from gptkit.data.mixing import StreamBatches, StreamTokenizer, stream_tokenizer
 from gptkit.data.shards import PreparedData
 from gptkit.errors import GptkitError
 from gptkit.finetuning import lora
@@ -135,8 +136,9 @@ def pretraining_parts(
     path: Path | None,
     payload: dict[str, Any] | None,
 ) -> Parts:
-    """A fresh model (or the resumed one's shape) on prepared token shards."""
-    data = PreparedData.open(config.data.path)
+    """A fresh model (or the resumed one's shape) on prepared token shards, or streamed sources."""
+    data: PreparedData | StreamTokenizer
+    data = stream_tokenizer(config.data) if config.data.stream else PreparedData.open(config.data.path)
     if payload is not None:  # the tokenizer first: it explains a vocabulary mismatch too
         data.check_tokenizer(from_description(payload["tokenizer"]).fingerprint(), f"checkpoint {path}")
     if config.model.vocab_size is None:
@@ -157,6 +159,18 @@ def pretraining_parts(
         n_params = GPT(config.model).num_params()
     runtime = resolve_runtime(config.train, config.model, procs, device)
     config = resolve_batch(config, n_params, runtime)
+    if isinstance(data, StreamTokenizer):
+        source: TokenSource = StreamBatches(
+            config.data,
+            data.tokenizer(),
+            int(config.train.micro_batch_size),
+            config.model.block_size,
+            config.train.seed,
+            procs.rank,
+            procs.world_size,
+        )
+        notice("streaming: no val loss (the sources have no held-out split; prepare one to measure it)")
+        return Parts(config, GPT(config.model), data.tokenizer(), source, None, runtime)
     source, val = shard_sources(config, data, procs)
     return Parts(config, GPT(config.model), data.tokenizer(), source, val, runtime)
 

@@ -153,6 +153,9 @@ class Trainer:
         """
         model_state, optim_state = distributed.full_state(self.model, self.optimizer, self.procs)
         rng = distributed.gather(rng_state(), self.procs)
+        data = self.train_source.state_dict()
+        if getattr(self.train_source, "state_per_rank", False):  # streamed: each rank has its own part
+            data = {"ranks": distributed.gather(data, self.procs)}
         return {
             **self.parts.checkpoint_extra,
             "model_state": model_state,
@@ -168,7 +171,7 @@ class Trainer:
             "state": {
                 "optimizer": optim_state,
                 "scaler": self.scaler.state_dict(),
-                "data": self.train_source.state_dict(),
+                "data": data,
                 "rng": rng[0],
                 "rng_ranks": rng,
                 "bad_steps": self.bad_steps,
