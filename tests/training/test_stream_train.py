@@ -139,3 +139,39 @@ def test_kill_9_while_saving_then_resume_gives_the_straight_run(
             logged[m["step"]] = m["loss"]
     expected = train_losses(tmp_path / "runs" / "s")
     assert max(abs(logged[i + 1] - expected[i]) for i in range(30)) <= 1e-6
+
+
+def torchrun(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = cli(tmp_path, *extra)
+    env = {**os.environ, "GPTKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, *cmd[1:]], capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_torchrun_resume_is_exact_and_another_process_count_is_refused(
+    tmp_path: Path, char_data: Path, words_jsonl: Path
+) -> None:
+    """Each of 2 ranks streams its own half of every source; 2N straight == N + resume + N, both under
+    torchrun; resuming those ranks' streams in 1 process is a one-line error."""
+    args = [*stream_args(char_data, words_jsonl), "model.dropout=0.1", "eval.every=0", "train.max_steps=12"]
+    args += ["checkpoint.every_steps=0", "data.workers=2"]
+    whole = torchrun(tmp_path, *args, "name=whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = torchrun(tmp_path, *args, "name=split", "--stop-at", "6")
+    assert first.returncode == 0, first.stderr[-3000:]
+    payload = load_checkpoint(step_files(tmp_path / "runs" / "split")[-1][1])
+    ranks = payload["state"]["data"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["rng"] != ranks[1]["rng"]
+    one = subprocess.run(
+        cli(tmp_path, *args, "name=split", "--resume", "latest"), capture_output=True, text=True, timeout=300
+    )
+    assert one.returncode == 2
+    assert "the checkpoint's streamed data state is for 2 process(es)" in one.stderr.strip().splitlines()[-1]
+    second = torchrun(tmp_path, *args, "name=split", "--resume", "latest")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert train_losses(tmp_path / "runs" / "split") == train_losses(tmp_path / "runs" / "whole")
+    a = weights(step_files(tmp_path / "runs" / "whole")[-1][1])
+    b = weights(step_files(tmp_path / "runs" / "split")[-1][1])
+    assert max_diff(a, b) <= 1e-6
