@@ -156,7 +156,7 @@ class Packer:
             targets[at : at + n - 1] = d[1:]
             segments[at : at + n] = k
             at += n
-        segments[at:] = len(docs)
+        segments[at:] = -1  # padding: its own segment
         self.padding += t - at
         self.ready.append((ids, np.stack([targets, segments])))
 

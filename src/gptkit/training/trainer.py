@@ -299,6 +299,7 @@ class Trainer:
                             "tokens_per_sec": tps,
                             "mfu": flops_token * tps / ceiling,
                             "tokens": self.tokens,
+                            **self._data_shares(),
                         },
                     )
                     every = self.config.eval.every
@@ -490,6 +491,11 @@ class Trainer:
         free = format_bytes(available_memory(self.device))
         notice(f"memory estimate: {format_bytes(total)} ({parts}); {free} free")
 
+    def _data_shares(self) -> dict[str, float]:
+        """A streamed mixture's share of the tokens per source so far (rank 0's part), as share/NAME."""
+        shares = getattr(self.train_source, "shares", None)
+        return {f"share/{name}": share for name, share in shares().items()} if shares else {}
+
     def _report(self, stopped: bool) -> None:
         seconds = self.wall_seconds
         write_report(
@@ -513,6 +519,7 @@ class Trainer:
                 "tokens_per_sec": self.tokens / seconds if seconds else None,
                 "best_val_loss": self.best_val_loss,
                 "samples": self.last_samples,
+                "data_shares": self._data_shares() or None,
             },
         )
 
