@@ -181,3 +181,17 @@ def test_torchrun_resume_is_exact_and_another_process_count_is_refused(
     a = weights(step_files(tmp_path / "runs" / "whole")[-1][1])
     b = weights(step_files(tmp_path / "runs" / "split")[-1][1])
     assert max_diff(a, b) <= 1e-6
+
+
+def test_streamed_and_shard_states_are_not_swapped_on_resume(
+    tmp_path: Path, char_data: Path, words_jsonl: Path
+) -> None:
+    common = ["eval.every=0", "train.max_steps=6", "name=x"]
+    train(config(tmp_path, *stream_args(char_data, words_jsonl), *common), stop_at=2)
+    with pytest.raises(GptkitError, match="the checkpoint's data state is for streamed sources"):
+        train(config(tmp_path, f"data.path={char_data}", *common), resume="latest")
+    common = ["eval.every=0", "train.max_steps=6", "name=y"]
+    train(config(tmp_path, f"data.path={char_data}", *common), stop_at=2)
+    changed = [*stream_args(char_data, words_jsonl), *common]
+    with pytest.raises(GptkitError, match="the checkpoint's data state is for prepared shards"):
+        train(config(tmp_path, *changed), resume="latest")

@@ -237,6 +237,11 @@ def finetune_parts(
         )
         val = val_batches(held_out, micro, room, config.data.packing, config.eval.batches)
         extra["chat_template"] = chat_template.to_dict()  # instruction tuning: chat uses it
+    elif config.data.stream:
+        raise GptkitError(
+            "gptkit finetune does not stream (data.stream=true); prepare the sources with gptkit prepare "
+            "and set data.path, or give data.instructions"
+        )
     else:  # continued pre-training on prepared shards
         data = PreparedData.open(config.data.path)
         data.check_tokenizer(tokenizer.fingerprint(), f"base model {base_path}")
