@@ -69,7 +69,14 @@ class DocumentStream:
         if self.prepared is not None:
             return itertools.islice(self._mine(self._prepared_documents()), skip, None)
         texts = itertools.islice(self._mine(self._texts()), skip, None)
-        return self._tokenized(texts)
+        return self._named(self._tokenized(texts))
+
+    def _named(self, items: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """A bad document's error (from a reader, or the tokenizer in a worker) names the source."""
+        try:
+            yield from items
+        except GptkitError as e:
+            raise GptkitError(f"source {self.name!r}: {e}") from None
 
     def _mine(self, items: Iterator) -> Iterator:
         return itertools.islice(items, self.rank, None, self.world_size)
@@ -91,13 +98,9 @@ class DocumentStream:
         """Pieces of text after the filter: (text, ends its document)."""
         lo, hi = self.config.filter.min_chars, self.config.filter.max_chars
         for src in self.sources:
-            try:
-                for piece in src.pieces(self.config.text_field, self.skips):
-                    if len(piece.text) < lo:
-                        continue
+            for piece in src.pieces(self.config.text_field, self.skips):
+                if len(piece.text) >= lo:
                     yield (piece.text if hi is None else piece.text[:hi]), piece.last
-            except GptkitError as e:
-                raise GptkitError(f"source {self.name!r}: {e}") from None
 
     def _tokenized(self, texts: Iterator[tuple[str, bool]]) -> Iterator[np.ndarray]:
         """Token arrays in input order; with workers, a few tasks per worker in flight at most."""

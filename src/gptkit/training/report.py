@@ -194,6 +194,10 @@ def _configuration(s: dict[str, Any], config: dict[str, Any]) -> list[tuple[str,
         rows.append(("fine-tuning", _finetuning(finetune)))
     if data.get("instructions") and finetune.get("base"):
         rows.append(("data", _instructions(data, s)))
+    elif data.get("stream"):
+        n = len(data.get("sources") or []) or 1
+        how = f"{data.get('pack')} packing, shuffle buffer {data.get('shuffle_buffer')}"
+        rows.append(("data", f"streamed from {n} source(s), {how}; tokenizer {s.get('tokenizer', '—')}"))
     elif data or "tokenizer" in s:
         where = markdown_code(str(data.get("path", "—")), block=False)
         rows.append(
