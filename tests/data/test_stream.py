@@ -253,3 +253,35 @@ def test_a_missing_text_field(two_sources: tuple[Path, Path], tmp_path: Path) ->
     pq.write_table(pa.table({"content": ["some text"]}), table)
     message = first_error(stream_config(f"[{{path: '{table}', text_field: body}}]"))
     assert message.startswith(f"source '{table}': {table}: no column 'body' (columns: content)")
+
+
+def test_prepare_mix_writes_the_streamed_documents_as_one_shard_set(
+    tmp_path: Path, two_sources: tuple[Path, Path]
+) -> None:
+    """`gptkit prepare --mix CONFIG`: the documents a streamed run draws, in its order, split by hash;
+    with when_exhausted=stop it ends when the first source runs out, so the shares hold."""
+    from gptkit.api import prepare_mixture
+    from gptkit.data.prepare import is_val
+    from gptkit.data.shards import PreparedData
+
+    a, b = two_sources
+    cfg = tmp_path / "mix.yaml"
+    cfg.write_text(
+        "data:\n  stream: true\n  when_exhausted: stop\n  shuffle_buffer: 32\n"
+        f"  sources: [{{path: '{a}', weight: 0.5}}, {{path: '{b}', weight: 0.5}}]\ntrain: {{seed: 5}}\n"
+    )
+    meta = prepare_mixture(cfg, tmp_path / "out", val_fraction=0.1, workers=1)
+    assert abs(meta["mixture"]["shares"][str(a)] - 0.5) < 0.02
+    data = PreparedData.open(tmp_path / "out")
+    config = load_config(cfg)
+    source = pipeline(config, seed=5)
+    want: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    n = 0
+    while sum(len(d) for d in want["train"] + want["val"]) < data.tokens("train") + data.tokens("val"):
+        doc = source.next_document()[1]
+        want["val" if is_val(f"mix:{n}", 1337, 0.1) else "train"].append(doc)
+        n += 1
+    for split in ("train", "val"):
+        assert (np.concatenate(data.shards(split)) == np.concatenate(want[split])).all()
+    with pytest.raises(GptkitError, match="restart never runs out; give --tokens N"):
+        prepare_mixture(cfg, tmp_path / "other", overrides=["data.when_exhausted=restart"])

@@ -33,6 +33,11 @@ from gptkit.errors import GptkitError
 from gptkit.fused_loss import IGNORE_INDEX
 from gptkit.tokenizer import Tokenizer, from_description, gpt2_tokenizer
 
+
+class SourceExhausted(GptkitError):
+    """The mixture has no more documents: a source ran out under `stop`, or every source is spent."""
+
+
 OPEN_WINDOWS = 16  # best_fit: windows filled at once; the fullest is sent when none has room
 
 
@@ -275,7 +280,7 @@ class StreamBatches:
             s.epochs = s.epoch + max(1, s.stream.config.epochs)
             return
         if self.when_exhausted == "stop":
-            raise GptkitError(
+            raise SourceExhausted(
                 f"source {s.stream.name!r} is exhausted after {s.epoch} epoch(s) (data.when_exhausted=stop); "
                 "raise its epochs, or set data.when_exhausted to renormalise or restart"
             )
@@ -300,7 +305,7 @@ class StreamBatches:
                 self.packer.flush()
                 if (row := self.packer.row()) is not None:
                     return row
-                raise GptkitError(
+                raise SourceExhausted(
                     "every source is exhausted (data.when_exhausted=renormalise); add data or epochs"
                 )
             self.packer.add(drawn[1])
