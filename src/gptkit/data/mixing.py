@@ -66,7 +66,11 @@ class SourceState:
                     return None
                 self.reader = iter(self.stream.epoch(self.pos))
             doc = next(self.reader, None)
+            if doc is not None and not len(doc):  # a piece of text that tokenizes to nothing
+                self.pos += 1
+                continue
             if doc is not None:
+                doc = doc.astype(np.int32)  # held as is in the state (tensors share it: no copy a step)
                 self.pos += 1
                 self.epoch_docs += 1
                 self.docs_in += 1
@@ -119,10 +123,12 @@ class Packer:
         self.carried += len(doc)
         if before // t != (before + len(doc) - 1) // t:  # the carry starts a window: ids of t each
             self.cut += 1
-        while self.carried >= t + 1:
+        if self.carried >= t + 1:
             flat = np.concatenate(self.carry)
-            self.ready.append((flat[: t + 1].astype(np.int64), None))
-            rest = flat[t:]
+            rows = (len(flat) - 1) // t  # windows of t + 1 tokens, t apart
+            for k in range(rows):
+                self.ready.append((flat[k * t : k * t + t + 1].astype(np.int64), None))
+            rest = flat[rows * t :]
             self.carry, self.carried = [rest], len(rest)
 
     def _add_best_fit(self, doc: np.ndarray) -> None:
@@ -343,7 +349,7 @@ class StreamBatches:
                     "epochs": s.epochs,
                     "active": s.active,
                     "counts": [s.docs_in, s.tokens_in, s.tokens_out, s.epoch_docs],
-                    "buffer": _pack_arrays(s.buffer),
+                    "buffer": [torch.from_numpy(d) for d in s.buffer],
                 }
                 for s in self.sources
             ],
@@ -381,7 +387,7 @@ class StreamBatches:
                 saved["active"],
             )
             s.docs_in, s.tokens_in, s.tokens_out, s.epoch_docs = saved["counts"]
-            s.buffer = _unpack_arrays(saved["buffer"])
+            s.buffer = [t.numpy() for t in saved["buffer"]]
         self.packer.load_state_dict(state["packer"])
         self.skips.count = state["skipped"]
 
