@@ -285,3 +285,19 @@ def test_prepare_mix_writes_the_streamed_documents_as_one_shard_set(
         assert (np.concatenate(data.shards(split)) == np.concatenate(want[split])).all()
     with pytest.raises(GptkitError, match="restart never runs out; give --tokens N"):
         prepare_mixture(cfg, tmp_path / "other", overrides=["data.when_exhausted=restart"])
+
+
+def test_tokenizing_workers_do_not_change_the_batches(two_sources: tuple[Path, Path]) -> None:
+    """The worker processes return documents in order: 1 (in process) and 2 workers give equal
+    batches, so a run may resume with another data.workers."""
+    a, b = two_sources
+    sources = f"[{{path: '{a}', weight: 0.6}}, {{path: '{b}', weight: 0.4}}]"
+    runs = []
+    for workers in (1, 2):
+        settings = ["data.shuffle_buffer=8", "data.pack=best_fit", f"data.workers={workers}"]
+        config = stream_config(sources, *settings)
+        source = pipeline(config, batch=2, block=64)
+        runs.append([source.next_batch() for _ in range(30)])
+        source.close()
+    for x, y in zip(*runs, strict=True):
+        assert (x.ids == y.ids).all() and (x.targets == y.targets).all() and (x.segments == y.segments).all()
