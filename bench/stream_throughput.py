@@ -53,7 +53,8 @@ MB = 1_000_000
 LOADER = """
 import sys, time
 from gptkit.config import load_config
-from gptkit.data.mixing import SourceExhausted, StreamBatches, stream_tokenizer
+from gptkit.data.mixing import SourceExhausted, StreamBatches
+from gptkit.data.streams import stream_tokenizer
 config = load_config(None, sys.argv[1:])
 source = StreamBatches(config.data, stream_tokenizer(config.data).tokenizer(), 16, 256)
 tokens, t0 = 0, time.perf_counter()

@@ -12,7 +12,8 @@ import pytest
 
 from gptkit.api import prepare
 from gptkit.config import RunConfig, load_config
-from gptkit.data.mixing import Packer, StreamBatches, stream_tokenizer
+from gptkit.data.mixing import Packer, StreamBatches
+from gptkit.data.streams import stream_tokenizer
 from gptkit.errors import GptkitError
 from gptkit.tokenizer import gpt2_tokenizer
 

@@ -25,7 +25,8 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz ."
 CHILD = """
 import resource, sys
 from gptkit.config import load_config
-from gptkit.data.mixing import StreamBatches, stream_tokenizer
+from gptkit.data.mixing import StreamBatches
+from gptkit.data.streams import stream_tokenizer
 from gptkit.errors import GptkitError
 config = load_config(None, sys.argv[1:])
 source = StreamBatches(config.data, stream_tokenizer(config.data).tokenizer(), 16, 1024)

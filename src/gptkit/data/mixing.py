@@ -26,12 +26,11 @@ import torch
 
 from gptkit.config import DataConfig
 from gptkit.data.batch import Batch
-from gptkit.data.shards import PreparedData
 from gptkit.data.sources import SkipLog
-from gptkit.data.streams import DocumentStream, is_prepared
+from gptkit.data.streams import DocumentStream
 from gptkit.errors import GptkitError
 from gptkit.fused_loss import IGNORE_INDEX
-from gptkit.tokenizer import Tokenizer, from_description, gpt2_tokenizer
+from gptkit.tokenizer import Tokenizer
 
 
 class SourceExhausted(GptkitError):
@@ -394,44 +393,3 @@ class StreamBatches:
     def close(self) -> None:
         for s in self.sources:
             s.close()
-
-
-@dataclass
-class StreamTokenizer:
-    """The one tokenizer of a streamed run: gpt2, or the tokenizer of the prepared sources."""
-
-    kind: str
-    description: dict[str, Any]
-    vocab_size: int
-
-    def tokenizer(self) -> Tokenizer:
-        return from_description(self.description)
-
-    def check_tokenizer(self, fingerprint: str, what: str = "the model") -> None:
-        if self.tokenizer().fingerprint() != fingerprint:
-            raise GptkitError(
-                f"the streamed sources are tokenized with {self.kind}, another tokenizer than {what}'s; "
-                "set data.tokenizer (and the prepared sources) to the checkpoint's tokenizer"
-            )
-
-
-def stream_tokenizer(data: DataConfig) -> StreamTokenizer:
-    """`data.tokenizer` for raw sources; prepared sources must have been made with that tokenizer
-    (char and bpe are built by `gptkit prepare`, so a streamed char/bpe run names a prepared source)."""
-    prepared = [c.path for c in data.stream_sources() if is_prepared(c.path)]
-    if prepared:
-        tok = PreparedData.open(prepared[0]).tokenizer()
-        if tok.kind != data.tokenizer:
-            raise GptkitError(
-                f"source {prepared[0]!r} was prepared with the {tok.kind} tokenizer, but data.tokenizer is "
-                f"{data.tokenizer}; all sources of a run share one tokenizer: set data.tokenizer={tok.kind} "
-                "or prepare the source again"
-            )
-    elif data.tokenizer == "gpt2":
-        tok = gpt2_tokenizer()
-    else:
-        raise GptkitError(
-            f"data.tokenizer={data.tokenizer} is built from text by gptkit prepare; prepare one source "
-            f"with --tokenizer {data.tokenizer} and list it among data.sources, or use data.tokenizer=gpt2"
-        )
-    return StreamTokenizer(tok.kind, tok.describe(), tok.vocab_size)

@@ -19,8 +19,9 @@ from typing import Any
 from gptkit.config import DataConfig, PrepareConfig
 from gptkit.console import notice
 from gptkit.data import prepare
-from gptkit.data.mixing import SourceExhausted, StreamBatches, stream_tokenizer
+from gptkit.data.mixing import SourceExhausted, StreamBatches
 from gptkit.data.shards import SPLITS, token_dtype
+from gptkit.data.streams import stream_tokenizer
 from gptkit.errors import GptkitError, os_error
 from gptkit.files import write_atomic
 from gptkit.locks import hold

@@ -16,16 +16,18 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from gptkit.config import SourceConfig
+from gptkit.config import DataConfig, SourceConfig
 from gptkit.data import prepare
 from gptkit.data.shards import PreparedData, token_dtype
 from gptkit.data.sources import SkipLog, resolve_sources
 from gptkit.errors import GptkitError
-from gptkit.tokenizer import Tokenizer
+from gptkit.tokenizer import Tokenizer, from_description, gpt2_tokenizer
 
 DOCS_PER_TASK = 64  # documents sent to a tokenizing worker at a time
 SHARD_READ = 1 << 20  # tokens of a prepared shard read at a time
@@ -141,3 +143,44 @@ def _encode(task: list[tuple[str, bool]]) -> list[np.ndarray]:
     arrays = tok.encode_arrays([t for t, _ in task], dtype)
     eot = np.array([tok.eot_id], dtype=dtype)
     return [np.concatenate([ids, eot]) if last else ids for ids, (_, last) in zip(arrays, task, strict=True)]
+
+
+@dataclass
+class StreamTokenizer:
+    """The one tokenizer of a streamed run: gpt2, or the tokenizer of the prepared sources."""
+
+    kind: str
+    description: dict[str, Any]
+    vocab_size: int
+
+    def tokenizer(self) -> Tokenizer:
+        return from_description(self.description)
+
+    def check_tokenizer(self, fingerprint: str, what: str = "the model") -> None:
+        if self.tokenizer().fingerprint() != fingerprint:
+            raise GptkitError(
+                f"the streamed sources are tokenized with {self.kind}, another tokenizer than {what}'s; "
+                "set data.tokenizer (and the prepared sources) to the checkpoint's tokenizer"
+            )
+
+
+def stream_tokenizer(data: DataConfig) -> StreamTokenizer:
+    """`data.tokenizer` for raw sources; prepared sources must have been made with that tokenizer
+    (char and bpe are built by `gptkit prepare`, so a streamed char/bpe run names a prepared source)."""
+    prepared = [c.path for c in data.stream_sources() if is_prepared(c.path)]
+    if prepared:
+        tok = PreparedData.open(prepared[0]).tokenizer()
+        if tok.kind != data.tokenizer:
+            raise GptkitError(
+                f"source {prepared[0]!r} was prepared with the {tok.kind} tokenizer, but data.tokenizer is "
+                f"{data.tokenizer}; all sources of a run share one tokenizer: set data.tokenizer={tok.kind} "
+                "or prepare the source again"
+            )
+    elif data.tokenizer == "gpt2":
+        tok = gpt2_tokenizer()
+    else:
+        raise GptkitError(
+            f"data.tokenizer={data.tokenizer} is built from text by gptkit prepare; prepare one source "
+            f"with --tokenizer {data.tokenizer} and list it among data.sources, or use data.tokenizer=gpt2"
+        )
+    return StreamTokenizer(tok.kind, tok.describe(), tok.vocab_size)

@@ -19,8 +19,9 @@ from gptkit.config import FinetuneConfig, RunConfig, validate
 from gptkit.console import notice
 from gptkit.data.batch import Batch
 from gptkit.data.batches import ShardBatches, TokenSource, fixed_batches
-from gptkit.data.mixing import StreamBatches, StreamTokenizer, stream_tokenizer
+from gptkit.data.mixing import StreamBatches
 from gptkit.data.shards import PreparedData
+from gptkit.data.streams import StreamTokenizer, stream_tokenizer
 from gptkit.errors import GptkitError
 from gptkit.finetuning import lora
 from gptkit.finetuning.instructions import InstructionBatches, load_instructions, val_batches
