@@ -65,9 +65,12 @@ def add_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mix",
         metavar="CONFIG",
-        help="write the streamed mixture of CONFIG's data.sources (weights, tokenizer, train.seed) instead",
+        help="write the streamed mixture of CONFIG's data.sources (weights, tokenizer, train.seed) "
+        "instead of SOURCEs (default: none)",
     )
-    p.add_argument("--tokens", type=int, metavar="N", help="--mix: stop after about N tokens")
+    p.add_argument(
+        "--tokens", type=int, metavar="N", help="--mix: stop after about N tokens (default: its end)"
+    )
 
 
 def run_prepare(args: argparse.Namespace) -> int:
