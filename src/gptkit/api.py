@@ -39,6 +39,26 @@ def prepare(
     return prepare_data(specs, Path(out), config, overwrite=overwrite, progress=progress)
 
 
+def prepare_mixture(
+    config: str | Path,
+    out: str | Path,
+    *,
+    tokens: int | None = None,
+    overwrite: bool = False,
+    overrides: list[str] | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Write the streamed mixture of a run config's `data.sources` as one prepared shard set (the
+    documents a streamed run with that config and `train.seed` draws); `settings` are `PrepareConfig`
+    fields (the tokenizer is the config's `data.tokenizer`)."""
+    from gptkit.config import PrepareConfig, load_config, validate
+    from gptkit.data.prepare_mixture import prepare_mixture as write_mixture
+
+    run = load_config(config, [*(overrides or []), "data.stream=true"])
+    prep = validate(PrepareConfig, {**settings, "tokenizer": run.data.tokenizer}, "prepare settings")
+    return write_mixture(run.data, Path(out), prep, run.train.seed, tokens, overwrite)
+
+
 def train(
     config: str | Path | None = None,
     overrides: list[str] | None = None,

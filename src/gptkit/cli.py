@@ -62,6 +62,15 @@ def add_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad documents instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace existing prepared data in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--mix",
+        metavar="CONFIG",
+        help="write the streamed mixture of CONFIG's data.sources (weights, tokenizer, train.seed) "
+        "instead of SOURCEs (default: none)",
+    )
+    p.add_argument(
+        "--tokens", type=int, metavar="N", help="--mix: stop after about N tokens (default: its end)"
+    )
 
 
 def run_prepare(args: argparse.Namespace) -> int:
@@ -78,6 +87,14 @@ def run_prepare(args: argparse.Namespace) -> int:
     )
     if args.vocab_size is not None:
         settings["vocab_size"] = args.vocab_size
+    if args.mix is not None:
+        from gptkit.api import prepare_mixture
+
+        if args.sources:
+            raise GptkitError("--mix takes the sources from the config's data.sources; give no SOURCE")
+        del settings["tokenizer"], settings["text_field"]
+        prepare_mixture(args.mix, args.out, tokens=args.tokens, overwrite=args.overwrite, **settings)
+        return 0
     prepare(args.sources, args.out, overwrite=args.overwrite, progress=not args.no_progress, **settings)
     return 0
 

@@ -189,11 +189,57 @@ class ModelConfig(Section):
         return (self.vocab_size + m - 1) // m * m
 
 
+class SourceFilter(Section):
+    """Which documents of a raw source are kept, and how much of each."""
+
+    min_chars: int = Field(0, ge=0, description="documents shorter than this are dropped")
+    max_chars: int | None = Field(None, ge=1, description="documents are cut to this many characters")
+
+
+class SourceConfig(Section):
+    """One source of a streamed mixture: a prepared folder, text/jsonl/parquet files or folders, or
+    `hf:NAME[:CONFIG][@SPLIT]`, drawn with probability proportional to its `weight` (in tokens)."""
+
+    path: str = Field(description="prepared folder, file, folder or hf:NAME[:CONFIG][@SPLIT]")
+    weight: float = Field(1.0, allow_inf_nan=False, description="share of the tokens, relative")
+    text_field: str = Field("text", min_length=1, description="field of .jsonl/.parquet/HF rows")
+    filter: SourceFilter = Field(default_factory=SourceFilter)
+    epochs: int = Field(1, ge=1, description="passes over the source before it is exhausted")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        return {"path": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _check_weight(self) -> SourceConfig:
+        if self.weight <= 0:
+            raise ValueError(
+                f"source {self.path!r} has weight {self.weight:g}; weights must be > 0 (remove a source "
+                "to leave it out)"
+            )
+        return self
+
+
 class DataConfig(Section):
     """Where the prepared token shards are (a folder written by `gptkit prepare`), and how to read them;
-    or, for instruction tuning, a file of instruction or chat records."""
+    or, for instruction tuning, a file of instruction or chat records; or, with `stream`, the sources
+    tokenized on the fly and mixed at their weights."""
 
     path: str = Field("data/default", description="folder with meta.json and token shards")
+    sources: list[SourceConfig] | None = Field(None, description="stream: sources and weights (None: path)")
+    stream: bool = Field(False, description="tokenize the sources on the fly instead of reading shards")
+    tokenizer: Literal["gpt2", "char", "bpe"] = Field(
+        "gpt2", description="stream: tokenizer of raw sources (char/bpe: from a prepared source)"
+    )
+    shuffle_buffer: int = Field(1000, ge=1, description="stream: documents shuffled together per source")
+    pack: Literal["concat", "best_fit"] = Field(
+        "concat", description="stream: concatenate documents, or best-fit them into windows uncut"
+    )
+    when_exhausted: Literal["stop", "renormalise", "restart"] = Field(
+        "restart", description="stream: a source past its epochs ends the run, is dropped, or restarts"
+    )
+    workers: int = Field(1, ge=1, le=512, description="stream: tokenizing processes (1: in this process)")
     sampling: Literal["random", "ordered"] = Field(
         "random", description="random windows, or ordered passes with the shard order reshuffled each epoch"
     )
@@ -207,6 +253,18 @@ class DataConfig(Section):
     too_long: Literal["truncate", "drop"] = Field("truncate", description="examples longer than the context")
     skip_bad: bool = Field(False, description="count and skip malformed records instead of stopping")
     seed: int = Field(0, description="held-out split and example order")
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> DataConfig:
+        if self.sources is not None and not self.sources:
+            raise ValueError("sources is empty; list at least one source, or leave it unset to use path")
+        if self.sources is not None and not self.stream:
+            raise ValueError("sources need stream: true (or prepare them into one folder and set path)")
+        return self
+
+    def stream_sources(self) -> list[SourceConfig]:
+        """The sources of a streamed run: `sources`, or `path` as the one source."""
+        return self.sources if self.sources is not None else [SourceConfig(path=self.path)]
 
 
 class LoRAConfig(Section):

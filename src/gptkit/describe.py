@@ -23,6 +23,7 @@ from gptkit.config import (
     validate,
 )
 from gptkit.data.shards import PreparedData
+from gptkit.data.streams import stream_tokenizer
 from gptkit.errors import GptkitError
 from gptkit.layout import CHECKPOINT_FOLDER, CONFIG_FILE
 from gptkit.tokenizer import from_description
@@ -96,7 +97,11 @@ def _config_info(path: Path) -> dict[str, Any]:
         return _finetune_config_info(path, config)
     model = config.model
     tokenizer: dict[str, Any] = {"type": "gpt2"}
-    if model.vocab_size is None:
+    if model.vocab_size is None and config.data.stream:  # the streamed sources' one tokenizer
+        streamed = stream_tokenizer(config.data)
+        model = model.model_copy(update={"vocab_size": streamed.vocab_size})
+        tokenizer = _tokenizer_summary(streamed.description)
+    elif model.vocab_size is None:
         try:
             data = PreparedData.open(config.data.path)
             model = model.model_copy(update={"vocab_size": data.vocab_size})

@@ -127,6 +127,11 @@ class ShardBatches:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "mode" not in state:
+            raise GptkitError(
+                "the checkpoint's data state is for streamed sources (data.stream=true), the config reads "
+                "prepared shards; resume with the checkpoint's data settings"
+            )
         if state["mode"] != self.mode or state["seed"] != self.seed:
             raise GptkitError(
                 f"the checkpoint's data state is for sampling={state['mode']} seed={state['seed']}, "

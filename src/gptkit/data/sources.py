@@ -274,12 +274,20 @@ def _parquet_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Pi
         names = ", ".join(columns)
         raise GptkitError(f"{src.path}: no column {text_field!r} (columns: {names}); set --text-field")
     row = 0
-    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            text = _field_text({text_field: text}, text_field, f"{src.path} row {row}", skips)
-            if text:
-                yield Piece(f"{src.name}:{row}", text, last=True)
+    for group in range(pf.num_row_groups):  # a damaged row group is named, and with skip_bad skipped
+        first, row = row, row + pf.metadata.row_group(group).num_rows
+        batches = pf.iter_batches(columns=[text_field], batch_size=1024, row_groups=[group])
+        n = first
+        try:
+            for batch in batches:
+                for text in batch.column(0).to_pylist():
+                    n += 1
+                    text = _field_text({text_field: text}, text_field, f"{src.path} row {n}", skips)
+                    if text:
+                        yield Piece(f"{src.name}:{n}", text, last=True)
+        except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowException types derive from these
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            skips.bad(f"{src.path} row group {group} (rows {n + 1}-{row})", f"cannot be read: {msg}")
     src.sha256, src.nbytes = _sha256_file(src.path), src.path.stat().st_size
 
 
@@ -290,7 +298,11 @@ def _hf_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Piece]:
     spec, _, split = spec.partition("@")
     name, _, config = spec.partition(":")
     try:
-        ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+        if _saved_dataset(name):  # a folder written by Dataset(Dict).save_to_disk
+            ds = datasets.load_from_disk(name)
+            ds = ds[split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
         rows = iter(ds)
         first = next(rows, None)
     except Exception as e:  # network, missing dataset, bad config: all surface here
@@ -306,6 +318,11 @@ def _hf_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Piece]:
         text = _field_text(record, text_field, f"{src.spec} row {n}", skips)
         if text:
             yield Piece(f"{src.name}:{n}", text, last=True)
+
+
+def _saved_dataset(name: str) -> bool:
+    folder = Path(name)
+    return any((folder / f).is_file() for f in ("state.json", "dataset_dict.json"))
 
 
 def _builtin_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Piece]:

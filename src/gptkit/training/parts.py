@@ -19,7 +19,9 @@ from gptkit.config import FinetuneConfig, RunConfig, validate
 from gptkit.console import notice
 from gptkit.data.batch import Batch
 from gptkit.data.batches import ShardBatches, TokenSource, fixed_batches
+from gptkit.data.mixing import StreamBatches
 from gptkit.data.shards import PreparedData
+from gptkit.data.streams import StreamTokenizer, stream_tokenizer
 from gptkit.errors import GptkitError
 from gptkit.finetuning import lora
 from gptkit.finetuning.instructions import InstructionBatches, load_instructions, val_batches
@@ -140,8 +142,9 @@ def pretraining_parts(
     path: Path | None,
     payload: dict[str, Any] | None,
 ) -> Parts:
-    """A fresh model (or the resumed one's shape) on prepared token shards."""
-    data = PreparedData.open(config.data.path)
+    """A fresh model (or the resumed one's shape) on prepared token shards, or streamed sources."""
+    data: PreparedData | StreamTokenizer
+    data = stream_tokenizer(config.data) if config.data.stream else PreparedData.open(config.data.path)
     if payload is not None:  # the tokenizer first: it explains a vocabulary mismatch too
         data.check_tokenizer(from_description(payload["tokenizer"]).fingerprint(), f"checkpoint {path}")
     if config.model.vocab_size is None:
@@ -162,6 +165,18 @@ def pretraining_parts(
         n_params = GPT(config.model).num_params()
     runtime = resolve_runtime(config.train, config.model, procs, device)
     config = resolve_batch(config, n_params, runtime)
+    if isinstance(data, StreamTokenizer):
+        source: TokenSource = StreamBatches(
+            config.data,
+            data.tokenizer(),
+            int(config.train.micro_batch_size),
+            config.model.block_size,
+            config.train.seed,
+            procs.rank,
+            procs.world_size,
+        )
+        notice("streaming: no val loss (the sources have no held-out split; prepare one to measure it)")
+        return Parts(config, GPT(config.model), data.tokenizer(), source, None, runtime)
     source, val = shard_sources(config, data, procs)
     return Parts(config, GPT(config.model), data.tokenizer(), source, val, runtime)
 
@@ -228,6 +243,11 @@ def finetune_parts(
         )
         val = val_batches(held_out, micro, room, config.data.packing, config.eval.batches)
         extra["chat_template"] = chat_template.to_dict()  # instruction tuning: chat uses it
+    elif config.data.stream:
+        raise GptkitError(
+            "gptkit finetune does not stream (data.stream=true); prepare the sources with gptkit prepare "
+            "and set data.path, or give data.instructions"
+        )
     else:  # continued pre-training on prepared shards
         data = PreparedData.open(config.data.path)
         data.check_tokenizer(tokenizer.fingerprint(), f"base model {base_path}")

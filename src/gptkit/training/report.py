@@ -42,6 +42,7 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
       mfu             float, a fraction (0.041 = 4.1%)
       best_val_loss, best_val_step, final_train_loss
       samples         {prompt: text}, the latest samples (used when samples.md has none)
+      data_shares     {share/SOURCE: fraction}, a streamed mixture's token share per source
     Numbers left out are taken from metrics.jsonl where it has them (best val loss and its step,
     final train loss, tokens, mean MFU); anything still unknown shows as "—".
     """
@@ -54,6 +55,7 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
         _status(s),
         "## Results\n\n",
         _table("result", _results(s, config)),
+        _shares(s.get("data_shares") or {}, config),
         "## Configuration\n\n",
         _table("setting", _configuration(s, config)),
     ]
@@ -70,6 +72,21 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = run_dir / REPORT_FILE
     write_atomic(path, "".join(parts).rstrip("\n") + "\n")
     return path
+
+
+def _shares(shares: dict[str, float], config: dict[str, Any]) -> str:
+    """The streamed mixture: each source's share of the tokens next to its weight."""
+    if not shares:
+        return ""
+    sources = (config.get("data") or {}).get("sources") or []
+    weights = {src["path"]: src["weight"] for src in sources}
+    total = sum(weights.values()) or 1.0
+    rows = []
+    for key, share in shares.items():
+        name = key.removeprefix("share/")
+        weight = f"{weights[name] / total:.1%}" if name in weights else "—"
+        rows.append(f"| `{name}` | {weight} | {share:.1%} |\n")
+    return "## Data mixture\n\n| source | weight | token share |\n|---|---|---|\n" + "".join(rows) + "\n"
 
 
 def _full_config(config: dict[str, Any] | None) -> dict[str, Any]:
@@ -177,6 +194,10 @@ def _configuration(s: dict[str, Any], config: dict[str, Any]) -> list[tuple[str,
         rows.append(("fine-tuning", _finetuning(finetune)))
     if data.get("instructions") and finetune.get("base"):
         rows.append(("data", _instructions(data, s)))
+    elif data.get("stream"):
+        n = len(data.get("sources") or []) or 1
+        how = f"{data.get('pack')} packing, shuffle buffer {data.get('shuffle_buffer')}"
+        rows.append(("data", f"streamed from {n} source(s), {how}; tokenizer {s.get('tokenizer', '—')}"))
     elif data or "tokenizer" in s:
         where = markdown_code(str(data.get("path", "—")), block=False)
         rows.append(

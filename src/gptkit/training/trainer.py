@@ -156,6 +156,9 @@ class Trainer:
         """
         model_state, optim_state = distributed.full_state(self.model, self.optimizer, self.procs)
         rng = distributed.gather(rng_state(), self.procs)
+        data = self.train_source.state_dict()
+        if getattr(self.train_source, "state_per_rank", False):  # streamed: each rank has its own part
+            data = {"ranks": distributed.gather(data, self.procs)}
         return {
             **self.parts.checkpoint_extra,
             "model_state": model_state,
@@ -171,7 +174,7 @@ class Trainer:
             "state": {
                 "optimizer": optim_state,
                 "scaler": self.scaler.state_dict(),
-                "data": self.train_source.state_dict(),
+                "data": data,
                 "rng": rng[0],
                 "rng_ranks": rng,
                 "bad_steps": self.bad_steps,
@@ -299,6 +302,7 @@ class Trainer:
                             "tokens_per_sec": tps,
                             "mfu": flops_token * tps / ceiling,
                             "tokens": self.tokens,
+                            **self._data_shares(),
                         },
                     )
                     every = self.config.eval.every
@@ -490,6 +494,11 @@ class Trainer:
         free = format_bytes(available_memory(self.device))
         notice(f"memory estimate: {format_bytes(total)} ({parts}); {free} free")
 
+    def _data_shares(self) -> dict[str, float]:
+        """A streamed mixture's share of the tokens per source so far (rank 0's part), as share/NAME."""
+        shares = getattr(self.train_source, "shares", None)
+        return {f"share/{name}": share for name, share in shares().items()} if shares else {}
+
     def _report(self, stopped: bool) -> None:
         seconds = self.wall_seconds
         write_report(
@@ -513,6 +522,7 @@ class Trainer:
                 "tokens_per_sec": self.tokens / seconds if seconds else None,
                 "best_val_loss": self.best_val_loss,
                 "samples": self.last_samples,
+                "data_shares": self._data_shares() or None,
             },
         )
 

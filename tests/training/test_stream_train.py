@@ -1,0 +1,197 @@
+"""`gptkit train` with data.stream: two weighted sources (a prepared char folder and a jsonl file),
+a shuffle buffer and best-fit packing resume exactly, through --stop-at, kill -9 and torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_RUN, wait_for_step
+
+from gptkit.checkpoint import load_checkpoint, step_files
+from gptkit.config import RunConfig, load_config
+from gptkit.errors import GptkitError
+from gptkit.training.launch import train
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "then", "runs", "far"]
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPTKIT_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="module")
+def words_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Documents of 2 to 30 words (8 to 200 characters: some longer than the 32-token window)."""
+    path = tmp_path_factory.mktemp("stream") / "words.jsonl"
+    rnd = random.Random(0)
+    with path.open("w") as f:
+        for i in range(400):
+            text = f"doc {i}: " + " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(2, 30)))
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def stream_args(char_data: Path, words: Path) -> list[str]:
+    return [
+        "data.stream=true",
+        "data.tokenizer=char",
+        f"data.sources=[{{path: '{char_data}', weight: 0.7}}, {{path: '{words}', weight: 0.3}}]",
+        "data.shuffle_buffer=32",
+        "data.pack=best_fit",
+    ]
+
+
+def config(tmp_path: Path, *overrides: str) -> RunConfig:
+    return load_config(None, [*TINY_RUN, f"runs_dir={tmp_path / 'runs'}", *overrides])
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def train_losses(run: Path) -> list[float]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [m["loss"] for m in lines if m["split"] == "train"]
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_streamed_resume_is_exact(tmp_path: Path, char_data: Path, words_jsonl: Path) -> None:
+    """2N steps straight == N, stop, resume, N (dropout on; the buffer and open windows carry over)."""
+    common = [*stream_args(char_data, words_jsonl), "model.dropout=0.1", "eval.every=0", "train.max_steps=16"]
+    common += ["checkpoint.every_steps=0"]
+    whole = train(config(tmp_path, "name=whole", *common))
+    first = train(config(tmp_path, "name=split", *common), stop_at=8)
+    assert first.step == 8 and first.stopped_early
+    second = train(config(tmp_path, "name=split", *common), resume="latest")
+    assert len(whole.train_losses) == 16
+    resumed = first.train_losses + second.train_losses
+    assert max(abs(a - b) for a, b in zip(resumed, whole.train_losses, strict=True)) <= 1e-6
+    assert max_diff(weights(whole.checkpoint), weights(second.checkpoint)) <= 1e-6
+    assert train_losses(tmp_path / "runs" / "split") == train_losses(whole.run_dir)
+    last = [json.loads(line) for line in (whole.run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    shares = {k.removeprefix("share/"): v for k, v in last.items() if k.startswith("share/")}
+    assert set(shares) == {str(char_data), str(words_jsonl)} and abs(sum(shares.values()) - 1) < 1e-9
+    report = (whole.run_dir / "report.md").read_text()
+    assert "## Data mixture" in report
+    assert f"| `{words_jsonl}` | 30.0% | {shares[str(words_jsonl)]:.1%} |" in report
+
+
+def test_a_changed_mixture_or_process_count_is_refused_on_resume(
+    tmp_path: Path, char_data: Path, words_jsonl: Path
+) -> None:
+    common = [*stream_args(char_data, words_jsonl), "eval.every=0", "train.max_steps=6", "name=r"]
+    train(config(tmp_path, *common), stop_at=2)
+    changed = [*common, "data.pack=concat"]
+    with pytest.raises(GptkitError, match="resume with the checkpoint's data.sources, data.pack"):
+        train(config(tmp_path, *changed), resume="latest")
+    payload = load_checkpoint(step_files(tmp_path / "runs" / "r")[-1][1])
+    assert len(payload["state"]["data"]["ranks"]) == 1
+
+
+def cli(tmp_path: Path, *extra: str) -> list[str]:
+    cfg = tmp_path / "kill.yaml"
+    cfg.write_text("")
+    runs = f"runs_dir={tmp_path / 'runs'}"
+    return [sys.executable, "-m", "gptkit", "train", str(cfg), *TINY_RUN, runs, *extra]
+
+
+@pytest.mark.slow
+def test_kill_9_while_saving_then_resume_gives_the_straight_run(
+    tmp_path: Path, char_data: Path, words_jsonl: Path
+) -> None:
+    """kill -9 at moments around checkpoint saves (every step), resume each time; the final weights and
+    every logged loss equal a run that never stopped."""
+    env = {**os.environ, "GPTKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    args = [*stream_args(char_data, words_jsonl), "model.n_embd=128", "model.n_head=4", "eval.every=0"]
+    args += ["checkpoint.every_steps=1", "checkpoint.keep_last=2", "train.max_steps=30", "name=k"]
+    run = tmp_path / "runs" / "k"
+    for i, delay in enumerate([0.0, 0.011, 0.023, 0.037]):
+        resume = ["--resume", "latest"] if i else []
+        proc = subprocess.Popen(cli(tmp_path, *args) + resume, env=env, stderr=subprocess.PIPE, text=True)
+        wait_for_step(run, 3 * (i + 1), proc)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    final = subprocess.run(
+        cli(tmp_path, *args) + ["--resume", "latest"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert final.returncode == 0, final.stderr
+    assert "resuming from" in final.stderr
+    straight = subprocess.run(
+        cli(tmp_path, *[a for a in args if a != "name=k"], "name=s"), env=env, capture_output=True, text=True
+    )
+    assert straight.returncode == 0, straight.stderr
+    a, b = weights(step_files(run)[-1][1]), weights(step_files(tmp_path / "runs" / "s")[-1][1])
+    assert step_files(run)[-1][0] == 30
+    assert max_diff(a, b) <= 1e-6
+    # metrics.jsonl of the killed run may hold a step twice (logged, then killed before its save)
+    logged = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if m["split"] == "train":
+            logged[m["step"]] = m["loss"]
+    expected = train_losses(tmp_path / "runs" / "s")
+    assert max(abs(logged[i + 1] - expected[i]) for i in range(30)) <= 1e-6
+
+
+def torchrun(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = cli(tmp_path, *extra)
+    env = {**os.environ, "GPTKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, *cmd[1:]], capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_torchrun_resume_is_exact_and_another_process_count_is_refused(
+    tmp_path: Path, char_data: Path, words_jsonl: Path
+) -> None:
+    """Each of 2 ranks streams its own half of every source; 2N straight == N + resume + N, both under
+    torchrun; resuming those ranks' streams in 1 process is a one-line error."""
+    args = [*stream_args(char_data, words_jsonl), "model.dropout=0.1", "eval.every=0", "train.max_steps=12"]
+    args += ["checkpoint.every_steps=0", "data.workers=2"]
+    whole = torchrun(tmp_path, *args, "name=whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = torchrun(tmp_path, *args, "name=split", "--stop-at", "6")
+    assert first.returncode == 0, first.stderr[-3000:]
+    payload = load_checkpoint(step_files(tmp_path / "runs" / "split")[-1][1])
+    ranks = payload["state"]["data"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["rng"] != ranks[1]["rng"]
+    one = subprocess.run(
+        cli(tmp_path, *args, "name=split", "--resume", "latest"), capture_output=True, text=True, timeout=300
+    )
+    assert one.returncode == 2
+    assert "the checkpoint's streamed data state is for 2 process(es)" in one.stderr.strip().splitlines()[-1]
+    second = torchrun(tmp_path, *args, "name=split", "--resume", "latest")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert train_losses(tmp_path / "runs" / "split") == train_losses(tmp_path / "runs" / "whole")
+    a = weights(step_files(tmp_path / "runs" / "whole")[-1][1])
+    b = weights(step_files(tmp_path / "runs" / "split")[-1][1])
+    assert max_diff(a, b) <= 1e-6
+
+
+def test_streamed_and_shard_states_are_not_swapped_on_resume(
+    tmp_path: Path, char_data: Path, words_jsonl: Path
+) -> None:
+    common = ["eval.every=0", "train.max_steps=6", "name=x"]
+    train(config(tmp_path, *stream_args(char_data, words_jsonl), *common), stop_at=2)
+    with pytest.raises(GptkitError, match="the checkpoint's data state is for streamed sources"):
+        train(config(tmp_path, f"data.path={char_data}", *common), resume="latest")
+    common = ["eval.every=0", "train.max_steps=6", "name=y"]
+    train(config(tmp_path, f"data.path={char_data}", *common), stop_at=2)
+    changed = [*stream_args(char_data, words_jsonl), *common]
+    with pytest.raises(GptkitError, match="the checkpoint's data state is for prepared shards"):
+        train(config(tmp_path, *changed), resume="latest")
