@@ -27,16 +27,22 @@ def prepare(
     """Tokenize text sources into token shards plus meta.json; returns the meta dict.
 
     `sources` are text files, folders, .jsonl/.parquet files or `hf:NAME` datasets; none means the
-    built-in default corpus (Python's documentation). `settings` are `PrepareConfig` fields.
+    built-in default corpus (Python's documentation). `settings` are `PrepareConfig` fields;
+    `tokenizer="model:PATH"` tokenizes with the tokenizer of that run, checkpoint or HF folder.
     """
-    from gptkit.config import PrepareConfig, validate
+    from gptkit.config import MODEL_TOKENIZER, PrepareConfig, validate
     from gptkit.data.prepare import prepare_data
 
     config = validate(PrepareConfig, settings, "prepare settings")
     if isinstance(sources, (str, Path)):  # one source given bare
         sources = [sources]
     specs = [str(s) for s in sources or []]
-    return prepare_data(specs, Path(out), config, overwrite=overwrite, progress=progress)
+    tokenizer = None
+    if config.tokenizer.startswith(MODEL_TOKENIZER):
+        from gptkit.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(config.tokenizer[len(MODEL_TOKENIZER) :])
+    return prepare_data(specs, Path(out), config, overwrite=overwrite, progress=progress, tokenizer=tokenizer)
 
 
 def prepare_mixture(

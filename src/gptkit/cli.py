@@ -49,7 +49,10 @@ def add_prepare(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for shards and meta.json")
     p.add_argument(
-        "--tokenizer", choices=["gpt2", "char", "bpe"], default=_default("tokenizer"), help="tokenizer to use"
+        "--tokenizer",
+        default=_default("tokenizer"),
+        metavar="gpt2|char|bpe|model:PATH",
+        help="tokenizer to use; model:PATH: the one a run, checkpoint or HF folder carries (to fine-tune it)",
     )
     p.add_argument("--vocab-size", type=int, default=None, help="bpe vocabulary size (default: 8192)")
     p.add_argument("--text-field", default=_default("text_field"), help="text field of .jsonl/.parquet rows")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gptkit.errors import GptkitError
 
@@ -23,6 +23,9 @@ EXPORT_TARGETS: tuple[str, ...] = get_args(ExportTarget)
 EVAL_DATA_DIR = "data/eval"  # where `gptkit eval` and eval.tasks look for task files
 EVAL_BATCH_SIZE = 8  # sequences per forward pass when scoring tasks
 EVAL_MAX_NEW_TOKENS = 128  # the longest answer to eval's test questions
+MODEL_TOKENIZER = (
+    "model:"  # prepare --tokenizer model:PATH: the tokenizer a trained or imported model carries
+)
 
 
 class Section(BaseModel):
@@ -394,7 +397,9 @@ class LogConfig(Section):
 class PrepareConfig(Section):
     """Settings of `gptkit prepare`; saved in the prepared data's meta.json."""
 
-    tokenizer: Literal["gpt2", "char", "bpe"] = "gpt2"
+    tokenizer: str = Field(
+        "gpt2", description="gpt2, char, bpe, or model:PATH (the tokenizer of a run, checkpoint or HF folder)"
+    )
     vocab_size: int | None = Field(None, ge=260, le=4_294_967_295, description="bpe only")
     text_field: str = Field("text", min_length=1, description="field of .jsonl/.parquet/HF rows")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -402,6 +407,17 @@ class PrepareConfig(Section):
     workers: int = Field(2, ge=1, le=512)
     shard_tokens: int = Field(100_000_000, ge=1024, description="tokens per shard file at most")
     skip_bad: bool = Field(False, description="count and skip bad documents instead of stopping")
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _known_tokenizer(cls, value: str) -> str:
+        if value in ("gpt2", "char", "bpe") or (
+            value.startswith(MODEL_TOKENIZER) and value[len(MODEL_TOKENIZER) :]
+        ):
+            return value
+        raise ValueError(
+            f"unknown tokenizer {value!r}; use gpt2, char, bpe or model:PATH (a run, checkpoint or HF folder)"
+        )
 
     @model_validator(mode="after")
     def _vocab_only_for_bpe(self) -> PrepareConfig:

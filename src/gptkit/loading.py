@@ -12,7 +12,7 @@ from gptkit.config import RunConfig, validate
 from gptkit.errors import GptkitError
 from gptkit.finetuning.lora import merge
 from gptkit.finetuning.methods import apply_method
-from gptkit.interop.hf import load_hf
+from gptkit.interop.hf import load_hf, read_hf_config, read_tokenizer
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer, from_description
 
@@ -39,6 +39,16 @@ def load_model(payload: dict[str, Any]) -> tuple[GPT, Tokenizer, RunConfig]:
 def is_hf_folder(path: str | Path) -> bool:
     """A HuggingFace model folder (config.json inside) rather than a gptkit run."""
     return (Path(path) / "config.json").is_file() and not is_run(path)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a run folder, checkpoint file or HF folder, without building its model: what
+    `prepare --tokenizer model:PATH` tokenizes with, so the data fits a model trained or imported."""
+    if is_hf_folder(path):
+        cfg = read_hf_config(Path(path))
+        return read_tokenizer(Path(path), int(cfg.get("vocab_size", 0)))
+    _, payload = newest_intact(path)
+    return from_description(payload["tokenizer"])
 
 
 def load_any(path: str | Path) -> tuple[GPT, Tokenizer, RunConfig, Path, dict[str, Any]]:

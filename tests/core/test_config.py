@@ -110,8 +110,10 @@ def test_prepare_settings() -> None:
     assert PrepareConfig(tokenizer="bpe").vocab_size == 8192
     with pytest.raises(GptkitError, match=r"vocab_size applies to the bpe tokenizer only"):
         validate(PrepareConfig, {"tokenizer": "char", "vocab_size": 500})
-    with pytest.raises(GptkitError, match=r"tokenizer: Input should be 'gpt2', 'char' or 'bpe'"):
-        validate(PrepareConfig, {"tokenizer": "sentencepiece"})
+    for bad in ("sentencepiece", "model:"):
+        with pytest.raises(GptkitError, match=rf"unknown tokenizer '{bad}'; use gpt2, char, bpe or model:"):
+            validate(PrepareConfig, {"tokenizer": bad})
+    assert PrepareConfig(tokenizer="model:runs/llama").tokenizer == "model:runs/llama"
     with pytest.raises(GptkitError, match=r"val_fraction"):
         validate(PrepareConfig, {"val_fraction": 1.0})
 

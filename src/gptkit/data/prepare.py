@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from gptkit.config import PrepareConfig
+from gptkit.config import MODEL_TOKENIZER, PrepareConfig
 from gptkit.console import notice
 from gptkit.data.shards import FORMAT, FORMAT_VERSION, SPLITS, shard_name, token_dtype
 from gptkit.data.sources import Piece, SkipLog, Source, resolve_sources
@@ -54,26 +54,38 @@ Batch = tuple[list[str], list[bool], list[bool]]  # texts, ends-of-document, is-
 
 
 def prepare_data(
-    specs: list[str], out: Path, config: PrepareConfig, *, overwrite: bool = False, progress: bool = True
+    specs: list[str],
+    out: Path,
+    config: PrepareConfig,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    tokenizer: Tokenizer | None = None,
 ) -> dict[str, Any]:
     """Prepare `specs` into `out`, which this process holds the lock of from the first check to the
-    last rename: a second `prepare` into it is refused, naming this one."""
+    last rename: a second `prepare` into it is refused, naming this one. `tokenizer`: a model's own
+    (config.tokenizer "model:PATH", loaded by the caller), used as it is."""
     sources = resolve_sources(specs)
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(hold(out, f"output folder {str(out)!r}"))
         except OSError as e:
             raise os_error(e, "write") from None
-        return _prepare(sources, out, config, overwrite, progress)
+        return _prepare(sources, out, config, overwrite, progress, tokenizer)
 
 
 def _prepare(
-    sources: list[Source], out: Path, config: PrepareConfig, overwrite: bool, progress: bool
+    sources: list[Source],
+    out: Path,
+    config: PrepareConfig,
+    overwrite: bool,
+    progress: bool,
+    given: Tokenizer | None,
 ) -> dict[str, Any]:
     _finish_interrupted_swap(out)
     final = _check_output(out, overwrite, sources)
     skips = SkipLog(config.skip_bad)
-    tokenizer = _build_tokenizer(sources, config, skips, progress)
+    tokenizer = given or _build_tokenizer(sources, config, skips, progress)
     dtype = token_dtype(tokenizer.vocab_size)
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -93,8 +105,9 @@ def _prepare(
         splits = {split: w.close() for split, w in writers.items()}
         _check_nonempty(splits, sources)
         meta = _meta(tokenizer, dtype, splits, sources, config, skips)
-        if tokenizer.kind == "bpe":
-            (tmp / "tokenizer.json").write_text(tokenizer.describe()["hf_json"], encoding="utf-8")
+        hf_json = tokenizer.describe().get("hf_json")
+        if hf_json is not None:  # bpe, sentencepiece: HF's own file beside the data
+            (tmp / "tokenizer.json").write_text(hf_json, encoding="utf-8")
         write_atomic(tmp / "meta.json", json.dumps(meta, indent=1) + "\n", durable=True)
         _publish(tmp, final)
     except BaseException:
@@ -387,6 +400,10 @@ def _build_tokenizer(
     sources: list[Source], config: PrepareConfig, skips: SkipLog, progress: bool
 ) -> Tokenizer:
     """gpt2 is fixed; char and bpe are built from the text first (a streaming pass)."""
+    if config.tokenizer.startswith(MODEL_TOKENIZER):
+        raise GptkitError(
+            f"--tokenizer {config.tokenizer}: load the model's tokenizer and pass it to prepare_data"
+        )
     if config.tokenizer == "gpt2":
         return gpt2_tokenizer()
     once = next((s for s in sources if s.once), None)
