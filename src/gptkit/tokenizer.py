@@ -238,7 +238,34 @@ def _codepoints(text: str) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- bpe
 
 
-class BPETokenizer(Tokenizer):
+class HFTokenizer(Tokenizer):
+    """A HuggingFace `tokenizers.Tokenizer` (`_hf`) with each id's bytes (`_pieces`) and end-of-text id
+    (`_eot_id`), set by the subclass: encoding is HF's own, decoding joins the ids' bytes."""
+
+    _hf: tokenizers.Tokenizer
+    _pieces: list[bytes]
+    _eot_id: int
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._pieces)
+
+    @property
+    def eot_id(self) -> int:
+        return self._eot_id
+
+    def encode(self, text: str) -> list[int]:
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # Rust-parallel; encode_batch_fast would be ~25% faster but needs tokenizers>=0.20.
+        return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+
+    def _decode_bytes(self, ids: list[int]) -> bytes:
+        return b"".join(map(self._pieces.__getitem__, ids))
+
+
+class BPETokenizer(HFTokenizer):
     """Byte-level BPE trained on your corpus with HuggingFace ``tokenizers``: any text encodes losslessly."""
 
     kind = "bpe"
@@ -272,24 +299,6 @@ class BPETokenizer(Tokenizer):
         hf.train_from_iterator(_texts(texts), trainer=trainer)
         return cls(hf)
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self._pieces)
-
-    @property
-    def eot_id(self) -> int:
-        return self._eot_id
-
-    def encode(self, text: str) -> list[int]:
-        return self._hf.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # Rust-parallel; encode_batch_fast would be ~25% faster but needs tokenizers>=0.20.
-        return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
-
-    def _decode_bytes(self, ids: list[int]) -> bytes:
-        return b"".join(map(self._pieces.__getitem__, ids))
-
     def describe(self) -> dict[str, Any]:
         return {"type": "bpe", "hf_json": self._json}
 
@@ -304,7 +313,7 @@ class BPETokenizer(Tokenizer):
         return cls(hf)
 
 
-class SentencePieceTokenizer(Tokenizer):
+class SentencePieceTokenizer(HFTokenizer):
     """A HuggingFace `tokenizers` BPE in SentencePiece's style, as Llama, Mistral and TinyLlama ship it:
     spaces spelled "▁", characters outside the vocabulary as byte pieces <0xNN> (byte fallback), and
     the model's end-of-sequence token (e.g. "</s>") as end-of-text.
@@ -339,23 +348,6 @@ class SentencePieceTokenizer(Tokenizer):
             else:
                 pieces.append(token.replace("\u2581", " ").encode("utf-8"))
         self._pieces = pieces
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._pieces)
-
-    @property
-    def eot_id(self) -> int:
-        return self._eot_id
-
-    def encode(self, text: str) -> list[int]:
-        return self._hf.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
-
-    def _decode_bytes(self, ids: list[int]) -> bytes:
-        return b"".join(map(self._pieces.__getitem__, ids))
 
     def describe(self) -> dict[str, Any]:
         return {"type": "sentencepiece", "hf_json": self._json, "eos": self._eos}
