@@ -43,5 +43,5 @@ def prepare(model: GPT, device: torch.device, quantize: str | None = None) -> GP
 
 def fastest_decoder(model: GPT, batch_size: int) -> Decoder:
     """A whole step in one call of gptkit's CPU kernel where it serves (fp32 and int8 models that
-    `prepare` made, up to KERNEL_MAX_ROWS sequences), else GPT.forward: the sampler's `decoder_for`."""
+    `prepare` made, up to `decode.MAX_ROWS` sequences), else GPT.forward: the sampler's `decoder_for`."""
     return CPUDecoder.of(model, batch_size) or ForwardDecoder(model)

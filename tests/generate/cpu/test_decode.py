@@ -126,7 +126,7 @@ def test_int8_decoder_equals_forward_with_the_dequantised_weights() -> None:
         table = q.transformer.wte
         ref.transformer.wte.weight.copy_(table.qweight.float() * table.scale[:, None])  # the head: tied
         assert torch.equal(q.lm_head.dequantized_weight(), ref.lm_head.weight[: plain.config.vocab_size])
-    prompts = torch.randint(0, 301, (2, 4))  # 8 rows: the prompt goes through the kernel too
+    prompts = torch.randint(0, 301, (2, 2))  # 4 rows: the prompt goes through the kernel too (INT8_KERNEL_ROWS)
     assert_close_steps(decode_both(ref, q, prompts, torch.tensor([0, 1]), 50))
 
 
@@ -158,6 +158,11 @@ def test_decoder_only_for_prepared_fp32_and_quantised_cpu_models() -> None:
         quantize(quantised, mode)
         assert CPUDecoder.of(quantised) is not None
         assert isinstance(fastest_decoder(quantised, 1), CPUDecoder)
+    # int8: torch._int_mm's products are faster from 5 sequences (int8 x int8); int4 has no such way
+    assert CPUDecoder.of(quantised, batch_size=8) is not None  # the int4 one
+    int8 = GPT(plain.config).eval()
+    quantize(int8, "int8")
+    assert CPUDecoder.of(int8, batch_size=4) is not None and CPUDecoder.of(int8, batch_size=5) is None
     # what TextModel's sampler gets: the kernel exactly where CPUDecoder.of serves, else GPT.forward
     assert isinstance(fastest_decoder(fast, 8), CPUDecoder)
     assert isinstance(fastest_decoder(fast, 9), ForwardDecoder)

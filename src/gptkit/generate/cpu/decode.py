@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from gptkit.config import ModelConfig
 from gptkit.generate.cpu.build import pointer
 from gptkit.generate.cpu.linear import KERNEL_MAX_ROWS, CPULinear
-from gptkit.generate.cpu.quantize import Int4Linear, Int8Linear
+from gptkit.generate.cpu.quantize import INT8_KERNEL_ROWS, Int4Linear, Int8Linear
 from gptkit.model import GPT, LAYER_NORM_EPS, KVCache
 
 # The pointers gptkit_decode reads per layer, in order: (C name prefix, submodule, its tensors), where
@@ -44,6 +44,8 @@ LAYER_POINTERS = (
 )
 CACHE_POINTERS = ("K_CACHE", "V_CACHE")
 LINEAR_LAYERS = (nn.Linear, CPULinear, Int8Linear, Int4Linear)  # the kinds a GPT's matrices may be
+# sequences up to which a whole step through the kernel is the faster way, by the kind of weights
+MAX_ROWS = {CPULinear: KERNEL_MAX_ROWS, Int8Linear: INT8_KERNEL_ROWS, Int4Linear: KERNEL_MAX_ROWS}
 
 
 # The architecture the C step computes: GPT-2's (any shape, with or without biases, tied or not).
@@ -95,17 +97,16 @@ class CPUDecoder:
     def of(cls, model: GPT, batch_size: int = 1) -> CPUDecoder | None:
         """A decoder for `model` if it is a CPU model of GPT-2's architecture prepared by
         `use_cpu_linear` (fp32) or quantised (`gptkit.generate.cpu.quantize`), and gptkit's kernels
-        are built. Not for more than KERNEL_MAX_ROWS sequences: there the products through
-        GPT.forward are faster, although the kernel reads each weight once for all rows (GPT-2 124M,
-        2 threads, best step of 45 on a shared machine; 16 sequences: fp32 65 ms through oneDNN
-        against 94, int8 30 ms through `torch._int_mm` against 66; 8 sequences: the kernel's 46
-        against 49 and 26 against 27)."""
+        are built. Not for more sequences than MAX_ROWS gives the kind of weights: there the
+        products through GPT.forward are faster, although the kernel reads each weight once for all
+        rows (GPT-2 124M, 2 threads, `bench/decode_rows.py`, medians: fp32 8 sequences 45-52 ms
+        against oneDNN's 48-59, 16 sequences 84 against 78; int8 4 sequences 21 against
+        `torch._int_mm`'s 26, 8 sequences 27-34 against 23-28)."""
         linears = [m for m in model.modules() if isinstance(m, LINEAR_LAYERS)]
         kinds = {type(m) for m in linears}
         groups = {getattr(m, "group", 0) for m in linears}
         usable = (
             not kernel_misfits(model.config)
-            and batch_size <= KERNEL_MAX_ROWS
             and model.device.type == "cpu"
             and model.dtype == torch.float32
             and len(linears) == sum(f == LINEAR for *_, f in LAYER_POINTERS) * model.config.n_layer + 1
@@ -113,7 +114,7 @@ class CPUDecoder:
             and len(groups) == 1  # the kernel takes one int4 group size for all matrices
             and all(m.kernel is not None for m in linears)  # built when the layers were made
         )
-        return cls(model, linears[0].kernel) if usable else None
+        return cls(model, linears[0].kernel) if usable and batch_size <= MAX_ROWS[next(iter(kinds))] else None
 
     def _layer_pointers(self, cache: KVCache) -> ctypes.Array:
         """The weights' and this cache's addresses, layer by layer (made once per cache)."""

@@ -43,7 +43,6 @@ from gptkit.config import QUANTIZE_MODES, QuantizeMode
 from gptkit.errors import GptkitError
 from gptkit.generate.cpu import int4
 from gptkit.generate.cpu.build import kernel, matvec
-from gptkit.generate.cpu.linear import KERNEL_MAX_ROWS
 from gptkit.model import GPT
 
 Mode = QuantizeMode
@@ -51,6 +50,10 @@ INT4_GROUP = 64  # inputs sharing one scale and zero point (the choice: see abov
 # rows of x up to which gptkit's kernel beats unpacking the weights for F.linear (measured, GPT-2's
 # block matrices, 2 threads: 2.5 / 3.2 ms against 3.4 / 12.2 at 64 rows, 5.0 / 7.9 against 8.2 / 14.2 at 128)
 INT4_KERNEL_ROWS = 128
+# rows of x (sequences) up to which gptkit's kernel beats torch._int_mm for int8 weights: a decoding
+# step of GPT-2 124M, 2 threads (bench/decode_rows.py, medians): 4 sequences 21 ms against 26, 5 and
+# 6 even, 8 sequences 27-34 ms against 23-28 (_int_mm's int8 x int8 products need half the loads)
+INT8_KERNEL_ROWS = 4
 
 
 @dataclass
@@ -102,7 +105,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features).float()
-        if self.kernel is not None and x.size(0) <= KERNEL_MAX_ROWS:
+        if self.kernel is not None and x.size(0) <= INT8_KERNEL_ROWS:
             y = matvec(self.kernel, x.contiguous(), self.qweight, self.bias, self.scale)
         else:
             x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
