@@ -87,12 +87,29 @@ def remove_orphans(folder: Path) -> list[Path]:
     return removed
 
 
+def left_by_dead(path: Path, tag: str) -> list[Path]:
+    """The `.NAME.TAG-PID` files or folders beside `path` whose process is gone: what writers of
+    `path` that were killed left (a live writer's, and this process's own, are not listed)."""
+    if not path.parent.is_dir():
+        return []
+    found = []
+    for stale in sorted(path.parent.glob(f".{path.name}.{tag}-*")):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
+            found.append(stale)
+    return found
+
+
 def remove_dead_partials(path: Path) -> list[Path]:
     """Delete the `.NAME.partial-PID` files or folders beside `path` that killed writers of `path`
     left (their process is gone). Returns what was removed."""
-    removed: list[Path] = []
-    if not path.parent.is_dir():
-        return removed
+    removed = left_by_dead(path, "partial")
+    for stale in removed:
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    return removed
     for stale in path.parent.glob(f".{path.name}.partial-*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):

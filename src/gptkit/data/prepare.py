@@ -36,7 +36,7 @@ from gptkit.console import notice
 from gptkit.data.shards import FORMAT, FORMAT_VERSION, SPLITS, shard_name, token_dtype
 from gptkit.data.sources import Piece, SkipLog, Source, resolve_sources
 from gptkit.errors import GptkitError, os_error
-from gptkit.files import fsync_dir, remove_dead_partials, write_atomic
+from gptkit.files import fsync_dir, left_by_dead, remove_dead_partials, write_atomic
 from gptkit.locks import alive, hold
 from gptkit.tokenizer import (
     BPETokenizer,
@@ -190,12 +190,7 @@ def _replaced(final: Path, pid: int) -> Path:
 def _finish_interrupted_swap(out: Path) -> None:
     """A prepare killed inside `_publish` left the data it was replacing in `.OUT.old-PID`: put it
     back if `out` is missing (the new data never arrived), else delete it (the swap was done)."""
-    if not out.parent.is_dir():
-        return
-    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
-        pid = old.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid() or alive(int(pid)):
-            continue
+    for old in left_by_dead(out, "old"):
         if out.exists() or out.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
             notice(f"removed {old}, the data an interrupted prepare had already replaced")
