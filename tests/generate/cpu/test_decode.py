@@ -126,7 +126,7 @@ def test_int8_decoder_equals_forward_with_the_dequantised_weights() -> None:
         table = q.transformer.wte
         ref.transformer.wte.weight.copy_(table.qweight.float() * table.scale[:, None])  # the head: tied
         assert torch.equal(q.lm_head.dequantized_weight(), ref.lm_head.weight[: plain.config.vocab_size])
-    prompts = torch.randint(0, 301, (2, 2))  # 4 rows: the prompt goes through the kernel too (INT8_KERNEL_ROWS)
+    prompts = torch.randint(0, 301, (2, 2))  # 4 rows: the prompt goes through the kernel too
     assert_close_steps(decode_both(ref, q, prompts, torch.tensor([0, 1]), 50))
 
 
