@@ -179,8 +179,9 @@ def serve(
     picks a free port (the address is printed). `api_key`
     (default: the GPTKIT_API_KEY environment variable) is required as `Authorization: Bearer KEY` on
     every route but /health and the page. Needs the `serve` extra (FastAPI, uvicorn, prometheus_client).
-    `rag`: an index folder; each chat request's last user message is answered from its `rag_k`
-    passages, listed in the response's `sources` field.
+    `rag`: an index folder; each chat request's last user message, and each completion prompt, is
+    answered from its `rag_k` passages, listed in the response's `sources` field (a request with
+    `"rag": false` is answered without them).
     """
     try:
         from gptkit.serve.server import listen, run

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rag.parts import gptkit_cli
@@ -17,8 +18,8 @@ QUESTION = "What is the capital of Victoria?"
 
 
 @pytest.fixture(scope="module")
-def retriever(squad_faiss: Path) -> Retriever:
-    return Retriever(squad_faiss, k=5)
+def retriever(squad_faiss: Path, minilm: Any) -> Retriever:
+    return Retriever(squad_faiss, embedder=minilm, k=5)
 
 
 @pytest.mark.parametrize("max_new_tokens", [8, 64])

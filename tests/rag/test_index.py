@@ -79,16 +79,44 @@ def test_incremental_indexing_embeds_only_what_changed(tmp_path: Path, base_ckpt
     ]
 
 
-def test_faiss_and_qdrant_agree(squad: Path, squad_faiss: Path, squad_qdrant: Path) -> None:
-    """The same vectors give the same top-k with the same scores in both stores."""
+def test_faiss_and_qdrant_agree(squad: Path, faiss_retriever: Retriever, qdrant_retriever: Retriever) -> None:
+    """The same vectors give the same top-k with the same scores in both stores: every SQuAD question."""
     from gptkit.rag.evaluate import squad_questions
 
-    questions = [q.text for q in squad_questions(squad)[::20]]
-    with Retriever(squad_faiss) as f, Retriever(squad_qdrant) as q:
-        assert f.meta["store"] == "faiss" and q.meta["store"] == "qdrant"
-        for a, b in zip(f.search_many(questions, 10), q.search_many(questions, 10), strict=True):
-            assert [(h.doc, h.start) for h in a] == [(h.doc, h.start) for h in b]
-            assert max(abs(x.score - y.score) for x, y in zip(a, b, strict=True)) < 1e-5
+    f, q = faiss_retriever, qdrant_retriever
+    questions = [x.text for x in squad_questions(squad)]
+    assert f.meta["store"] == "faiss" and q.meta["store"] == "qdrant"
+    for a, b in zip(f.search_many(questions, 10), q.search_many(questions, 10), strict=True):
+        assert [(h.doc, h.start) for h in a] == [(h.doc, h.start) for h in b]
+        assert max(abs(x.score - y.score) for x, y in zip(a, b, strict=True)) < 1e-5
+
+
+def test_minilm_loads_quietly(squad_faiss: Path) -> None:
+    """`gptkit rag query` prints gptkit's own lines only: no "Loading weights" bar, no load report."""
+    done = gptkit_cli("rag", "query", str(squad_faiss), "Who were the Normans?", "-k", "1")
+    assert done.returncode == 0, done.stderr
+    assert [line for line in done.stderr.splitlines() if not line.startswith("gptkit: ")] == []
+    assert done.stdout.startswith("[1] ")
+
+
+def test_quiet_loading_puts_the_settings_back() -> None:
+    """Only the load is quiet: the user's log level and progress-bar switch stand after it."""
+    import logging
+
+    from transformers.utils import logging as tf_logging
+
+    from gptkit.rag.embedders import MiniLM
+
+    log = logging.getLogger("transformers")
+    level, bars = log.level, tf_logging.is_progress_bar_enabled()
+    try:
+        log.setLevel(logging.INFO)
+        tf_logging.enable_progress_bar()
+        MiniLM()
+        assert log.level == logging.INFO and tf_logging.is_progress_bar_enabled()
+    finally:
+        log.setLevel(level)
+        (tf_logging.enable_progress_bar if bars else tf_logging.disable_progress_bar)()
 
 
 def test_hnsw_store_finds_what_exact_search_finds(tmp_path: Path, base_ckpt: Path) -> None:

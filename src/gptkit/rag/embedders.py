@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -80,7 +83,8 @@ class MiniLM:
         import torch
 
         self.torch = torch
-        self.model = st.SentenceTransformer(str(folder), device=device, local_files_only=True)
+        with quiet_loading():
+            self.model = st.SentenceTransformer(str(folder), device=device, local_files_only=True)
         self.tokenizer = self.model.tokenizer
         self.identity = f"minilm:all-MiniLM-L6-v2:{MINILM_SHA256[:16]}"
         self.dim = int(self.model.get_embedding_dimension())
@@ -111,6 +115,31 @@ class MiniLM:
         finally:
             torch.set_num_threads(threads)
         return normalise(vectors.reshape(len(texts), self.dim))
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Loading MiniLM without transformers' "Loading weights" bar or its load report on the user's
+    terminal: transformers' progress bars and the libraries' log levels are lowered for this call
+    only, and put back as they were (a user's own settings of them stand). The model is a local
+    folder, so huggingface_hub's download bars never show."""
+    from transformers.utils import logging as tf_logging
+
+    loggers = [
+        logging.getLogger(name) for name in ("transformers", "sentence_transformers", "huggingface_hub")
+    ]
+    levels = [lg.level for lg in loggers]
+    bars = tf_logging.is_progress_bar_enabled()
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        if bars:
+            tf_logging.enable_progress_bar()
 
 
 class ModelEmbedder:

@@ -90,7 +90,7 @@ def build_index(
     docs: list[str | Path] | str | Path,
     out: str | Path,
     *,
-    embedder: str = "minilm",
+    embedder: str | Embedder = "minilm",
     store: str = "faiss",
     chunk_tokens: int | None = None,
     overlap: int = 32,
@@ -98,7 +98,9 @@ def build_index(
     text_field: str = "text",
     progress: bool = True,
 ) -> IndexReport:
-    """Index `docs` into `out`; the index then holds exactly these documents (see module docstring)."""
+    """Index `docs` into `out`; the index then holds exactly these documents (see module docstring).
+
+    `embedder` names one (minilm, model:PATH) or is one already loaded, as `Retriever` takes it."""
     if store not in STORES:
         raise GptkitError(f"unknown store {store!r}; use one of {', '.join(STORES)}")
     out = Path(out)
@@ -109,7 +111,7 @@ def build_index(
             f"{str(out)!r} exists and is not a gptkit index; choose an empty or new --out folder"
         )
     started = time.perf_counter()
-    emb = make_embedder(embedder)
+    emb = make_embedder(embedder) if isinstance(embedder, str) else embedder
     chunk_tokens = chunk_tokens or emb.limit
     check_settings(chunk_tokens, overlap, emb.limit)
     settings = {

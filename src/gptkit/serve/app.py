@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gptkit.errors import GptkitError
 from gptkit.generate.chat import Retrieval
 from gptkit.generate.settings import SampleSettings
-from gptkit.generate.textmodel import TextModel
+from gptkit.generate.textmodel import Augmenter, TextModel
 from gptkit.layout import CHECKPOINT_FOLDER
 from gptkit.serve import protocol as p
 from gptkit.serve.engine import Engine, Event, Job, QueueFull
@@ -41,6 +41,11 @@ DRAIN_BYTES = 64 << 20  # what is read of a refused body, so that its sender see
 KEEPALIVE_SECONDS = 5.0  # an SSE comment this often while a streamed request waits in the queue
 RETRY_AFTER_SECONDS = 1
 OPEN_ROUTES = ("/health", "/")  # without the API key: the health check and the page (it asks for the key)
+
+
+class Rag(Retrieval, Augmenter, Protocol):
+    """What `serve --rag` takes (a `gptkit.rag.Retriever`): a chat turn's user message and a
+    completion's prompt, each composed from the passages retrieved for it."""
 
 
 class ApiError(Exception):
@@ -149,7 +154,7 @@ class Served:
     metrics: Metrics
     keepalive: float = KEEPALIVE_SECONDS
     created: int = field(default_factory=lambda: int(time.time()))
-    rag: Retrieval | None = None  # chat requests answer from retrieved passages (serve --rag)
+    rag: Rag | None = None  # requests answer from retrieved passages (serve --rag)
 
     @property
     def context(self) -> int:
@@ -165,7 +170,7 @@ def create_app(
     cors_origin: str | None = None,
     model_id: str | None = None,
     keepalive: float = KEEPALIVE_SECONDS,
-    rag: Retrieval | None = None,
+    rag: Rag | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app for `model` (see README, "Serving"); the engine runs while it does."""
     if max_batch < 1 or max_queue < 1:
@@ -263,9 +268,16 @@ def add_routes(app: FastAPI, served: Served) -> None:
             raise ApiError(
                 400, f"prompts x n is {len(texts) * body.n}; at most {p.MAX_CHOICES}", param="prompt"
             )
+        sources = None
+        if retrieves(served, body):
+            composed = [compose_prompt(served, t, body.max_tokens) for t in texts]
+            texts = [text for text, _ in composed]
+            cited = [[s.record() for s in srcs] for _, srcs in composed]
+            sources = cited[0] if isinstance(body.prompt, str) else cited
         prompts = [encode_prompt(served, t) for t in texts]
         settings = sample_settings(served, body, prompts, body.max_tokens, body.logprobs, [])
         run = Run(served, body, prompts, settings, chat=False)
+        run.sources = sources
         return await run.answer(request)
 
     @app.post("/v1/chat/completions")
@@ -289,6 +301,27 @@ def check_model(served: Served, name: str) -> None:
             code="model_not_found",
             type="not_found_error",
         )
+
+
+def retrieves(served: Served, body: p.Request) -> bool:
+    """Whether a request answers from retrieved passages: on a server with an index, unless it sends
+    `"rag": false`; `"rag": true` on a server without one is an error, not a silent plain answer."""
+    if body.rag and served.rag is None:
+        raise ApiError(
+            400, "rag: this server has no index; start it with gptkit serve ... --rag INDEX", param="rag"
+        )
+    return served.rag is not None and body.rag is not False
+
+
+def compose_prompt(served: Served, question: str, max_tokens: int | None) -> tuple[str, list[Any]]:
+    """A completion prompt answered from the passages retrieved for it, as `gptkit sample --rag`
+    composes it (the model's chat template, else the passages before "Answer:"), within the context
+    less the reply's room; and the sources it cites."""
+    assert served.rag is not None
+    try:
+        return served.rag.augment(question, served.model, max_tokens or served.context)
+    except GptkitError as e:
+        raise ApiError(400, str(e), param="prompt") from None
 
 
 def encode_prompt(served: Served, text: str) -> list[int]:
@@ -323,10 +356,11 @@ def chat_prompt(
     sources = None
     tok = served.model.tokenizer
     try:
-        if served.rag is not None and messages[-1]["role"] == "user":
+        if retrieves(served, body) and messages[-1]["role"] == "user":
             question = messages[-1]["content"]
             bare = template.encode(tok, [*messages[:-1], {"role": "user", "content": ""}], True)[0]
             reply = min(max_tokens or served.context, served.context // 2)
+            assert served.rag is not None
             content, cited = served.rag.message(question, tok, served.context - reply - len(bare))
             messages[-1] = {"role": "user", "content": content}
             sources = [s.record() for s in cited]
@@ -404,7 +438,9 @@ class Run:
         self.id = p.new_id("chatcmpl" if chat else "cmpl")
         self.choices = [Choice() for _ in range(len(prompts) * body.n)]
         self.job: Job | None = None
-        self.sources: list[dict[str, Any]] | None = None  # the extension field of serve --rag
+        # the extension field of serve --rag: the sources of a chat reply or of a string prompt; one
+        # list per prompt for a list of prompts
+        self.sources: list[Any] | None = None
 
     async def answer(self, request: Request) -> Response:
         if self.body.n > self.served.engine.max_batch:
@@ -489,9 +525,10 @@ class Run:
             )
             for i, c in enumerate(self.choices)
         ]
-        return p.CompletionResponse(
+        whole = p.CompletionResponse(
             id=self.id, model=self.served.model_id, choices=choices, usage=self._usage()
         ).model_dump()
+        return whole if self.sources is None else {**whole, "sources": self.sources}
 
     async def stream(self) -> AsyncIterator[str]:
         """Server-sent events as OpenAI sends them; the request is cancelled if the client leaves."""

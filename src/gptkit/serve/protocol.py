@@ -1,7 +1,8 @@
 """The OpenAI API's requests and responses that gptkit serves, as pydantic models.
 
 Fields and ranges follow OpenAI's API reference; unknown fields are ignored, as OpenAI does.
-gptkit's extensions: `top_k` and `repetition_penalty`.
+gptkit's extensions: `top_k`, `repetition_penalty`, and `rag` (with `serve --rag`, false answers a
+request without retrieval; true asks for it, an error on a server without an index).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Request(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=1)  # gptkit's
     repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False)  # gptkit's
+    rag: bool | None = None  # gptkit's: None retrieves when the server has an index (serve --rag)
 
     def stop_strings(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -9,9 +9,8 @@ import uvicorn
 
 from gptkit.console import notice
 from gptkit.errors import GptkitError
-from gptkit.generate.chat import Retrieval
 from gptkit.generate.textmodel import TextModel
-from gptkit.serve.app import create_app
+from gptkit.serve.app import Rag, create_app
 
 
 def exposed(host: str) -> bool:
@@ -52,7 +51,7 @@ def run(
     max_batch: int = 8,
     max_queue: int = 64,
     cors_origin: str | None = None,
-    rag: Retrieval | None = None,
+    rag: Rag | None = None,
 ) -> None:
     """Serve `model` on the bound socket `sock` until interrupted (Ctrl-C)."""
     host, port = sock.getsockname()[:2]
