@@ -156,9 +156,7 @@ class Trainer:
         """
         model_state, optim_state = distributed.full_state(self.model, self.optimizer, self.procs)
         rng = distributed.gather(rng_state(), self.procs)
-        data = self.train_source.state_dict()
-        if getattr(self.train_source, "state_per_rank", False):  # streamed: each rank has its own part
-            data = {"ranks": distributed.gather(data, self.procs)}
+        data = self.train_source.state_dict()  # the same on every rank
         return {
             **self.parts.checkpoint_extra,
             "model_state": model_state,
