@@ -143,7 +143,7 @@ def test_every_token_of_a_source_appears_once_per_epoch(tmp_path: Path) -> None:
     for line in src.read_text().splitlines():
         expected.update(tok.encode(json.loads(line)["text"]) + [tok.eot_id])
     seen: Counter[int] = Counter()
-    with pytest.raises(GptkitError, match="every source is exhausted"):
+    with pytest.raises(GptkitError, match="every source ran out"):
         while True:
             batch = source.next_batch()
             seen.update(batch.ids[batch.segments != -1].tolist())
@@ -168,7 +168,7 @@ def test_hf_sources_read_a_local_jsonl_folder_and_a_saved_dataset(tmp_path: Path
             "data.workers=2",
         )
         source, seen = pipeline(config, batch=1, block=32), Counter()
-        with pytest.raises(GptkitError, match="every source is exhausted"):
+        with pytest.raises(GptkitError, match="every source ran out"):
             while True:
                 batch = source.next_batch()
                 seen.update(batch.ids[batch.segments != -1].tolist())
@@ -237,7 +237,7 @@ def test_a_corrupt_parquet_row_group_is_named_or_skipped_and_counted(tmp_path: P
     assert message.startswith(f"source '{path}': {path} row group 1 (rows 41-80): cannot be read")
     config = stream_config(f"['{path}']", "data.skip_bad=true", "data.when_exhausted=renormalise")
     source, docs = pipeline(config, batch=1, block=16), 0
-    with pytest.raises(GptkitError, match="every source is exhausted"):
+    with pytest.raises(GptkitError, match="every source ran out"):
         while True:
             source.next_batch()
     docs = source.packer.documents

@@ -188,3 +188,57 @@ def test_streamed_and_shard_states_are_not_swapped_on_resume(
     changed = [*stream_args(char_data, words_jsonl), *common]
     with pytest.raises(GptkitError, match="the checkpoint's data state is for prepared shards"):
         train(config(tmp_path, *changed), resume="latest")
+
+
+def test_a_source_that_runs_out_under_stop_ends_the_run_like_a_finished_one(
+    tmp_path: Path, char_data: Path
+) -> None:
+    """`gptkit train` with when_exhausted=stop: a final checkpoint, the report, exit 0, and one line
+    naming the source and its tokens (all of its one epoch: every document was drawn)."""
+    small = tmp_path / "small.jsonl"
+    texts = [
+        f"doc {i}: " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(i % 7 + 2)) for i in range(24)
+    ]
+    small.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    args = [*stream_args(char_data, small), "data.when_exhausted=stop", "train.max_steps=1000", "name=s"]
+    args += ["eval.every=0", "checkpoint.every_steps=0"]
+    env = {**os.environ, "GPTKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cli(tmp_path, *args), env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    tokens = sum(len(t) + 1 for t in texts)  # char tokens and an end-of-text per document
+    run = tmp_path / "runs" / "s"
+    step = step_files(run)[-1][0]
+    line = f"source {str(small)!r} ran out after {tokens:,} tokens and 1 epoch(s) (data.when_exhausted=stop)"
+    assert f"gptkit: {line}; the run ends at step {step}" in out.stderr.splitlines()
+    assert 0 < step < 1000
+    assert f"**Status:** finished: {line}" in (run / "report.md").read_text()
+    assert len(train_losses(run)) == step
+    assert "error" not in out.stderr.lower()
+
+
+def val_losses(run: Path) -> list[float]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [m["val_loss"] for m in lines if m["split"] == "val" and "val_loss" in m]
+
+
+def test_streamed_runs_measure_val_loss_on_val_sources_or_a_prepared_sources_val_split(
+    tmp_path: Path, char_data: Path, words_jsonl: Path
+) -> None:
+    """data.val_sources (a jsonl) gives val loss; without it, the prepared source's val split does;
+    the windows are fixed: two runs of the same weights measure the same loss."""
+    held = tmp_path / "held.jsonl"
+    held.write_text(
+        "".join(json.dumps({"text": f"held out {i}: " + " ".join(WORDS)}) + "\n" for i in range(20))
+    )
+    common = [*stream_args(char_data, words_jsonl), "train.max_steps=4", "eval.every=2"]
+    with_val = train(config(tmp_path, *common, "name=v", f"data.val_sources=['{held}']"))
+    assert len(val_losses(with_val.run_dir)) == 2 and with_val.val_loss == val_losses(with_val.run_dir)[-1]
+    assert "best val loss" in (with_val.run_dir / "report.md").read_text()
+    own = train(config(tmp_path, *common, "name=own"))
+    assert len(val_losses(own.run_dir)) == 2
+    assert own.val_loss != with_val.val_loss  # another set of windows: the prepared folder's val split
+    again = train(config(tmp_path, *common, "name=again", f"data.val_sources=['{held}']"))
+    assert again.val_loss == with_val.val_loss
+    raw_only = [f"data.sources=['{words_jsonl}']", "data.stream=true", "data.tokenizer=gpt2"]
+    no_val = train(config(tmp_path, *raw_only, "train.max_steps=1", "name=raw", "model.block_size=32"))
+    assert no_val.val_loss is None

@@ -34,7 +34,8 @@ from gptkit.tokenizer import Tokenizer
 
 
 class SourceExhausted(GptkitError):
-    """The mixture has no more documents: a source ran out under `stop`, or every source is spent."""
+    """The mixture has no more documents: a source ran out under `stop`, or every source is spent.
+    Training ends there like a finished run; the message says which source, after how many tokens."""
 
 
 OPEN_WINDOWS = 16  # best_fit: windows filled at once; the fullest is sent when none has room
@@ -286,8 +287,8 @@ class StreamBatches:
             return
         if self.when_exhausted == "stop":
             raise SourceExhausted(
-                f"source {s.stream.name!r} is exhausted after {s.epoch} epoch(s) (data.when_exhausted=stop); "
-                "raise its epochs, or set data.when_exhausted to renormalise or restart"
+                f"source {s.stream.name!r} ran out after {s.tokens_out:,} tokens and {s.epoch} epoch(s) "
+                "(data.when_exhausted=stop)"
             )
         s.active = False
 
@@ -310,8 +311,9 @@ class StreamBatches:
                 self.packer.flush()
                 if (row := self.packer.row()) is not None:
                     return row
+                total = sum(s.tokens_out for s in self.sources)
                 raise SourceExhausted(
-                    "every source is exhausted (data.when_exhausted=renormalise); add data or epochs"
+                    f"every source ran out, after {total:,} tokens in all (data.when_exhausted=renormalise)"
                 )
             self.packer.add(drawn[1])
         return row
