@@ -81,7 +81,8 @@ def test_streamed_resume_is_exact(tmp_path: Path, char_data: Path, words_jsonl: 
     assert max(abs(a - b) for a, b in zip(resumed, whole.train_losses, strict=True)) <= 1e-6
     assert max_diff(weights(whole.checkpoint), weights(second.checkpoint)) <= 1e-6
     assert train_losses(tmp_path / "runs" / "split") == train_losses(whole.run_dir)
-    last = [json.loads(line) for line in (whole.run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    records = [json.loads(line) for line in (whole.run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [m for m in records if m["split"] == "train"][-1]
     shares = {k.removeprefix("share/"): v for k, v in last.items() if k.startswith("share/")}
     assert set(shares) == {str(char_data), str(words_jsonl)} and abs(sum(shares.values()) - 1) < 1e-9
     report = (whole.run_dir / "report.md").read_text()

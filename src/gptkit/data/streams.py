@@ -8,7 +8,9 @@ Under several processes, every rank reads the source but tokenizes only the docu
 (counted from where the epoch resumed) is its rank modulo the number of processes; `GlobalDocuments`
 then exchanges the ranks' tokenized documents in lockstep and interleaves them back, so that every
 rank holds the same documents in the same order as one process would. Each document comes with the
-position after it (documents of the epoch so far): a resumed stream starts there, with any number of
+position after it: where reading stands (file and byte offset for jsonl, file, row group and row for
+parquet, the `datasets` iterator's state for `hf:`, shard and token offset for a prepared folder, see
+`Source.pieces`). A resumed stream starts there, reading nothing before it, with any number of
 processes.
 """
 
@@ -63,6 +65,7 @@ class DocumentStream:
         self.config, self.tokenizer, self.split = config, tokenizer, split
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.skips = skips or SkipLog(False)
+        self.read = 0  # pieces or documents the readers gave (a resume reads none before its position)
         self.dtype = token_dtype(tokenizer.vocab_size)
         self.prepared = PreparedData.open(config.path) if is_prepared(config.path) else None
         if self.prepared is not None:
@@ -94,32 +97,39 @@ class DocumentStream:
         return itertools.islice(items, self.rank, None, self.world_size)
 
     def _prepared_documents(self, start: Position) -> Iterator[Document]:
-        assert self.prepared is not None
-        return _counted(self._all_prepared_documents(), start)
-
-    def _all_prepared_documents(self) -> Iterator[np.ndarray]:
+        """Documents of the split's shards from `start` ([shard, token offset]), cut after end-of-text."""
         assert self.prepared is not None
         eot = self.tokenizer.eot_id
-        for shard in self.prepared.shards(self.split):
-            start = 0
-            for block in range(0, len(shard), SHARD_READ):
+        first, offset = start if start is not None else (0, 0)
+        for index, shard in enumerate(self.prepared.shards(self.split)):
+            if index < first:
+                continue
+            begin = offset if index == first else 0
+            for block in range(begin, len(shard), SHARD_READ):
                 chunk = np.asarray(shard[block : block + SHARD_READ])
                 for end in np.flatnonzero(chunk == eot) + block:
-                    yield np.array(shard[start : end + 1])
-                    start = end + 1
-            if start < len(shard):  # a shard's last document may end without end-of-text
-                yield np.concatenate([shard[start:], np.array([eot], dtype=shard.dtype)])
+                    self.read += 1
+                    yield np.array(shard[begin : end + 1]), [index, int(end) + 1]
+                    begin = int(end) + 1
+            if begin < len(shard):  # a shard's last document may end without end-of-text
+                self.read += 1
+                tail = np.concatenate([shard[begin:], np.array([eot], dtype=shard.dtype)])
+                yield tail, [index, len(shard)]
 
     def _texts(self, start: Position) -> Iterator[tuple[str, bool, Position]]:
-        """Pieces of text after the filter: (text, ends its document, position after it)."""
-        return ((t, last, pos) for (t, last), pos in _counted(self._all_texts(), start))
-
-    def _all_texts(self) -> Iterator[tuple[str, bool]]:
+        """Pieces of text after the filter, from `start` ({"file", "at"}: the file's reader position):
+        (text, ends its document, position after it)."""
         lo, hi = self.config.filter.min_chars, self.config.filter.max_chars
-        for src in self.sources:
-            for piece in src.pieces(self.config.text_field, self.skips):
+        first = start["file"] if start is not None else 0
+        for index, src in enumerate(self.sources):
+            if index < first:
+                continue
+            at = start["at"] if start is not None and index == first else None
+            for piece in src.pieces(self.config.text_field, self.skips, at):
+                self.read += 1
                 if len(piece.text) >= lo:
-                    yield (piece.text if hi is None else piece.text[:hi]), piece.last
+                    text = piece.text if hi is None else piece.text[:hi]
+                    yield text, piece.last, {"file": index, "at": piece.after}
 
     def _tokenized(self, texts: Iterator[tuple[str, bool, Position]]) -> Iterator[Document]:
         """Token arrays in input order; with workers, a few tasks per worker in flight at most."""
@@ -152,12 +162,6 @@ class DocumentStream:
             finally:
                 for f, _ in inflight:
                     f.cancel()
-
-
-def _counted(items: Iterator[Any], start: Position) -> Iterator[tuple[Any, int]]:
-    """Items after the first `start`, each with the count of items up to it."""
-    first = start or 0
-    return ((item, first + i + 1) for i, item in enumerate(itertools.islice(items, first, None)))
 
 
 class GlobalDocuments:
