@@ -231,6 +231,9 @@ class DataConfig(Section):
 
     path: str = Field("data/default", description="folder with meta.json and token shards")
     sources: list[SourceConfig] | None = Field(None, description="stream: sources and weights (None: path)")
+    val_sources: list[SourceConfig] | None = Field(
+        None, description="stream: held-out sources for val loss (None: the prepared sources' val splits)"
+    )
     stream: bool = Field(False, description="tokenize the sources on the fly instead of reading shards")
     tokenizer: Literal["gpt2", "char", "bpe"] = Field(
         "gpt2", description="stream: tokenizer of raw sources (char/bpe: from a prepared source)"
@@ -263,6 +266,8 @@ class DataConfig(Section):
             raise ValueError("sources is empty; list at least one source, or leave it unset to use path")
         if self.sources is not None and not self.stream:
             raise ValueError("sources need stream: true (or prepare them into one folder and set path)")
+        if self.val_sources is not None and not self.stream:
+            raise ValueError("val_sources need stream: true (a prepared data.path has its own val split)")
         return self
 
     def stream_sources(self) -> list[SourceConfig]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from gptkit.api import prepare
 from gptkit.config import RunConfig, load_config
@@ -143,7 +144,7 @@ def test_every_token_of_a_source_appears_once_per_epoch(tmp_path: Path) -> None:
     for line in src.read_text().splitlines():
         expected.update(tok.encode(json.loads(line)["text"]) + [tok.eot_id])
     seen: Counter[int] = Counter()
-    with pytest.raises(GptkitError, match="every source is exhausted"):
+    with pytest.raises(GptkitError, match="every source ran out"):
         while True:
             batch = source.next_batch()
             seen.update(batch.ids[batch.segments != -1].tolist())
@@ -168,7 +169,7 @@ def test_hf_sources_read_a_local_jsonl_folder_and_a_saved_dataset(tmp_path: Path
             "data.workers=2",
         )
         source, seen = pipeline(config, batch=1, block=32), Counter()
-        with pytest.raises(GptkitError, match="every source is exhausted"):
+        with pytest.raises(GptkitError, match="every source ran out"):
             while True:
                 batch = source.next_batch()
                 seen.update(batch.ids[batch.segments != -1].tolist())
@@ -237,7 +238,7 @@ def test_a_corrupt_parquet_row_group_is_named_or_skipped_and_counted(tmp_path: P
     assert message.startswith(f"source '{path}': {path} row group 1 (rows 41-80): cannot be read")
     config = stream_config(f"['{path}']", "data.skip_bad=true", "data.when_exhausted=renormalise")
     source, docs = pipeline(config, batch=1, block=16), 0
-    with pytest.raises(GptkitError, match="every source is exhausted"):
+    with pytest.raises(GptkitError, match="every source ran out"):
         while True:
             source.next_batch()
     docs = source.packer.documents
@@ -302,3 +303,76 @@ def test_tokenizing_workers_do_not_change_the_batches(two_sources: tuple[Path, P
         source.close()
     for x, y in zip(*runs, strict=True):
         assert (x.ids == y.ids).all() and (x.targets == y.targets).all() and (x.segments == y.segments).all()
+
+
+# -- resume from where reading stands -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def every_kind(tmp_path_factory: pytest.TempPathFactory, two_sources: tuple[Path, Path]) -> dict[str, str]:
+    """One source of each kind, about 300 documents each: jsonl, parquet (row groups of 64), a text
+    folder (one file a document), a text file cut into pieces, a prepared folder, a saved `datasets`
+    dataset."""
+    datasets = pytest.importorskip("datasets")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    root = tmp_path_factory.mktemp("kinds")
+    a, _ = two_sources
+    texts = [json.loads(line)["text"] for line in a.read_text().splitlines()[:300]]
+    (root / "one.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    pq.write_table(pa.table({"text": texts}), root / "one.parquet", row_group_size=64)
+    (root / "texts").mkdir()
+    for i, t in enumerate(texts[:150]):
+        (root / "texts" / f"{i:04d}.txt").write_text(t)
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(root / "saved"))
+    (root / "big.txt").write_text("\n".join(texts * 24))  # one file of about 128 pieces
+    prepare([str(root / "one.jsonl")], root / "prepared", tokenizer="gpt2", progress=False, workers=1)
+    return {
+        "jsonl": str(root / "one.jsonl"),
+        "parquet": str(root / "one.parquet"),
+        "text": str(root / "texts"),
+        "big_text": str(root / "big.txt"),
+        "prepared": str(root / "prepared"),
+        "hf": f"hf:{root / 'saved'}",
+    }
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "text", "big_text", "prepared", "hf"])
+def test_a_resumed_source_reads_nothing_before_its_position(every_kind: dict[str, str], kind: str) -> None:
+    """The position after document k (a byte offset, row group and row, file, shard offset, iterator
+    state): the reader resumed there yields document k + 1 first, having read nothing before it."""
+    from gptkit.data.streams import DOCS_PER_TASK, DocumentStream
+
+    config = stream_config(f"['{every_kind[kind]}']")
+    tok = stream_tokenizer(config.data).tokenizer()
+    whole = list(DocumentStream(config.data.stream_sources()[0], tok).epoch())
+    assert len(whole) >= 100
+    k = 70 if kind != "parquet" else 64 + 6  # the parquet position is inside the second row group
+    stream = DocumentStream(config.data.stream_sources()[0], tok)
+    resumed = stream.epoch(whole[k - 1][1])
+    doc, position = next(resumed)
+    assert np.array_equal(doc, whole[k][0]) and position == whole[k][1]
+    ahead = 1 if kind == "prepared" else min(DOCS_PER_TASK, len(whole) - k)  # one tokenizing task
+    assert stream.read == ahead, "no document before the position was read"
+    rest = [doc, *(d for d, _ in resumed)]
+    assert len(rest) == len(whole) - k
+    assert all(np.array_equal(x, y) for x, (y, _) in zip(rest, whole[k:], strict=True))
+
+
+def test_a_pipeline_resumed_from_its_state_gives_the_straight_batches_for_every_kind(
+    every_kind: dict[str, str],
+) -> None:
+    sources = ", ".join(f"{{path: '{p}', weight: {i + 1}}}" for i, p in enumerate(every_kind.values()))
+    config = stream_config(f"[{sources}]", "data.shuffle_buffer=16", "data.pack=best_fit")
+    straight = pipeline(config, batch=2, block=32)
+    expected = [straight.next_batch() for _ in range(60)]
+    first = pipeline(config, batch=2, block=32)
+    for _ in range(25):
+        first.next_batch()
+    state = first.state_dict()
+    second = pipeline(config, batch=2, block=32)
+    second.load_state_dict(state)
+    for want in expected[25:]:
+        got = second.next_batch()
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.targets, want.targets)

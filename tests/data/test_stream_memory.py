@@ -35,7 +35,7 @@ try:
     while True:
         tokens += source.next_batch().ids.numel()
 except GptkitError as e:
-    assert "every source is exhausted" in str(e), e
+    assert "every source ran out" in str(e), e
 print(tokens, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 

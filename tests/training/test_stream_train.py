@@ -81,7 +81,8 @@ def test_streamed_resume_is_exact(tmp_path: Path, char_data: Path, words_jsonl: 
     assert max(abs(a - b) for a, b in zip(resumed, whole.train_losses, strict=True)) <= 1e-6
     assert max_diff(weights(whole.checkpoint), weights(second.checkpoint)) <= 1e-6
     assert train_losses(tmp_path / "runs" / "split") == train_losses(whole.run_dir)
-    last = [json.loads(line) for line in (whole.run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    records = [json.loads(line) for line in (whole.run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [m for m in records if m["split"] == "train"][-1]
     shares = {k.removeprefix("share/"): v for k, v in last.items() if k.startswith("share/")}
     assert set(shares) == {str(char_data), str(words_jsonl)} and abs(sum(shares.values()) - 1) < 1e-9
     report = (whole.run_dir / "report.md").read_text()
@@ -89,16 +90,12 @@ def test_streamed_resume_is_exact(tmp_path: Path, char_data: Path, words_jsonl: 
     assert f"| `{words_jsonl}` | 30.0% | {shares[str(words_jsonl)]:.1%} |" in report
 
 
-def test_a_changed_mixture_or_process_count_is_refused_on_resume(
-    tmp_path: Path, char_data: Path, words_jsonl: Path
-) -> None:
+def test_a_changed_mixture_is_refused_on_resume(tmp_path: Path, char_data: Path, words_jsonl: Path) -> None:
     common = [*stream_args(char_data, words_jsonl), "eval.every=0", "train.max_steps=6", "name=r"]
     train(config(tmp_path, *common), stop_at=2)
     changed = [*common, "data.pack=concat"]
     with pytest.raises(GptkitError, match="resume with the checkpoint's data.sources, data.pack"):
         train(config(tmp_path, *changed), resume="latest")
-    payload = load_checkpoint(step_files(tmp_path / "runs" / "r")[-1][1])
-    assert len(payload["state"]["data"]["ranks"]) == 1
 
 
 def cli(tmp_path: Path, *extra: str) -> list[str]:
@@ -156,31 +153,28 @@ def torchrun(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
-def test_torchrun_resume_is_exact_and_another_process_count_is_refused(
+def test_two_processes_see_the_global_batch_of_one_and_resume_with_another_count(
     tmp_path: Path, char_data: Path, words_jsonl: Path
 ) -> None:
-    """Each of 2 ranks streams its own half of every source; 2N straight == N + resume + N, both under
-    torchrun; resuming those ranks' streams in 1 process is a one-line error."""
-    args = [*stream_args(char_data, words_jsonl), "model.dropout=0.1", "eval.every=0", "train.max_steps=12"]
-    args += ["checkpoint.every_steps=0", "data.workers=2"]
-    whole = torchrun(tmp_path, *args, "name=whole")
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    first = torchrun(tmp_path, *args, "name=split", "--stop-at", "6")
-    assert first.returncode == 0, first.stderr[-3000:]
-    payload = load_checkpoint(step_files(tmp_path / "runs" / "split")[-1][1])
-    ranks = payload["state"]["data"]["ranks"]
-    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["rng"] != ranks[1]["rng"]
-    one = subprocess.run(
-        cli(tmp_path, *args, "name=split", "--resume", "latest"), capture_output=True, text=True, timeout=300
+    """One torchrun launch: 1 process (micro-batch 4) steps 1-4, 2 processes (micro-batch 2 each) resume
+    it for steps 5-8, 1 process resumes those for 9-12; every loss and the final weights equal a
+    straight 1-process run. Concatenation packing: best_fit pads, and each rank averages its loss over
+    its own unpadded tokens, so its losses differ from one process's by the padding's spread."""
+    base = [*stream_args(char_data, words_jsonl), "data.pack=concat", "eval.every=0", "train.max_steps=12"]
+    base += ["checkpoint.every_steps=0"]
+    whole = train(config(tmp_path, *base, "name=whole"))
+    train(config(tmp_path, *base, "name=mixed"), stop_at=4)
+    two = torchrun(
+        tmp_path, *base, "train.micro_batch_size=2", "name=mixed", "--resume", "latest", "--stop-at", "8"
     )
-    assert one.returncode == 2
-    assert "the checkpoint's streamed data state is for 2 process(es)" in one.stderr.strip().splitlines()[-1]
-    second = torchrun(tmp_path, *args, "name=split", "--resume", "latest")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert train_losses(tmp_path / "runs" / "split") == train_losses(tmp_path / "runs" / "whole")
-    a = weights(step_files(tmp_path / "runs" / "whole")[-1][1])
-    b = weights(step_files(tmp_path / "runs" / "split")[-1][1])
-    assert max_diff(a, b) <= 1e-6
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert step_files(tmp_path / "runs" / "mixed")[-1][0] == 8
+    last = train(config(tmp_path, *base, "name=mixed"), resume="latest")
+    losses = train_losses(tmp_path / "runs" / "mixed")
+    assert len(losses) == 12
+    assert max(abs(a - b) for a, b in zip(losses, whole.train_losses, strict=True)) <= 1e-6
+    # DDP sums the two halves' gradients, one process the whole batch's: fp32 rounding (as with shards)
+    assert max_diff(weights(whole.checkpoint), weights(last.checkpoint)) <= 1e-5
 
 
 def test_streamed_and_shard_states_are_not_swapped_on_resume(
@@ -195,3 +189,57 @@ def test_streamed_and_shard_states_are_not_swapped_on_resume(
     changed = [*stream_args(char_data, words_jsonl), *common]
     with pytest.raises(GptkitError, match="the checkpoint's data state is for prepared shards"):
         train(config(tmp_path, *changed), resume="latest")
+
+
+def test_a_source_that_runs_out_under_stop_ends_the_run_like_a_finished_one(
+    tmp_path: Path, char_data: Path
+) -> None:
+    """`gptkit train` with when_exhausted=stop: a final checkpoint, the report, exit 0, and one line
+    naming the source and its tokens (all of its one epoch: every document was drawn)."""
+    small = tmp_path / "small.jsonl"
+    texts = [
+        f"doc {i}: " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(i % 7 + 2)) for i in range(24)
+    ]
+    small.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    args = [*stream_args(char_data, small), "data.when_exhausted=stop", "train.max_steps=1000", "name=s"]
+    args += ["eval.every=0", "checkpoint.every_steps=0"]
+    env = {**os.environ, "GPTKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cli(tmp_path, *args), env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    tokens = sum(len(t) + 1 for t in texts)  # char tokens and an end-of-text per document
+    run = tmp_path / "runs" / "s"
+    step = step_files(run)[-1][0]
+    line = f"source {str(small)!r} ran out after {tokens:,} tokens and 1 epoch(s) (data.when_exhausted=stop)"
+    assert f"gptkit: {line}; the run ends at step {step}" in out.stderr.splitlines()
+    assert 0 < step < 1000
+    assert f"**Status:** finished: {line}" in (run / "report.md").read_text()
+    assert len(train_losses(run)) == step
+    assert "error" not in out.stderr.lower()
+
+
+def val_losses(run: Path) -> list[float]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [m["val_loss"] for m in lines if m["split"] == "val" and "val_loss" in m]
+
+
+def test_streamed_runs_measure_val_loss_on_val_sources_or_a_prepared_sources_val_split(
+    tmp_path: Path, char_data: Path, words_jsonl: Path
+) -> None:
+    """data.val_sources (a jsonl) gives val loss; without it, the prepared source's val split does;
+    the windows are fixed: two runs of the same weights measure the same loss."""
+    held = tmp_path / "held.jsonl"
+    held.write_text(
+        "".join(json.dumps({"text": f"held out {i}: " + " ".join(WORDS)}) + "\n" for i in range(20))
+    )
+    common = [*stream_args(char_data, words_jsonl), "train.max_steps=4", "eval.every=2"]
+    with_val = train(config(tmp_path, *common, "name=v", f"data.val_sources=['{held}']"))
+    assert len(val_losses(with_val.run_dir)) == 2 and with_val.val_loss == val_losses(with_val.run_dir)[-1]
+    assert "best val loss" in (with_val.run_dir / "report.md").read_text()
+    own = train(config(tmp_path, *common, "name=own"))
+    assert len(val_losses(own.run_dir)) == 2
+    assert own.val_loss != with_val.val_loss  # another set of windows: the prepared folder's val split
+    again = train(config(tmp_path, *common, "name=again", f"data.val_sources=['{held}']"))
+    assert again.val_loss == with_val.val_loss
+    raw_only = [f"data.sources=['{words_jsonl}']", "data.stream=true", "data.tokenizer=gpt2"]
+    no_val = train(config(tmp_path, *raw_only, "train.max_steps=1", "name=raw", "model.block_size=32"))
+    assert no_val.val_loss is None

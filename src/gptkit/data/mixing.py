@@ -27,14 +27,15 @@ import torch
 from gptkit.config import DataConfig
 from gptkit.data.batch import Batch
 from gptkit.data.sources import SkipLog
-from gptkit.data.streams import DocumentStream
+from gptkit.data.streams import DocumentStream, GlobalDocuments, Position
 from gptkit.errors import GptkitError
 from gptkit.fused_loss import IGNORE_INDEX
 from gptkit.tokenizer import Tokenizer
 
 
 class SourceExhausted(GptkitError):
-    """The mixture has no more documents: a source ran out under `stop`, or every source is spent."""
+    """The mixture has no more documents: a source ran out under `stop`, or every source is spent.
+    Training ends there like a finished run; the message says which source, after how many tokens."""
 
 
 OPEN_WINDOWS = 16  # best_fit: windows filled at once; the fullest is sent when none has room
@@ -42,57 +43,55 @@ OPEN_WINDOWS = 16  # best_fit: windows filled at once; the fullest is sent when 
 
 @dataclass
 class SourceState:
-    """One source's place in the pipeline."""
+    """One source's place in the pipeline (the same on every rank)."""
 
-    stream: DocumentStream
+    docs: GlobalDocuments
     weight: float
     epochs: int  # epochs allowed before the source is exhausted (restart raises it)
     epoch: int = 0
-    pos: int = 0  # documents taken from the current epoch
+    position: Position = None  # where the documents taken from the current epoch end (None: its start)
+    reading: bool = False  # the reader stands at `position` (not state: rebuilt from epoch and position)
     active: bool = True
     docs_in: int = 0  # documents and tokens that entered the buffer (the mean length for the draw)
     tokens_in: int = 0
     tokens_out: int = 0  # tokens given to the packer: the source's share
     epoch_docs: int = 0  # documents in the current epoch, to catch a source with none
     buffer: list[np.ndarray] = field(default_factory=list)
-    reader: Any = None  # the current epoch's iterator (not state: rebuilt from epoch and pos)
+
+    @property
+    def stream(self) -> DocumentStream:
+        return self.docs.stream
 
     def next_document(self) -> np.ndarray | None:
-        """The next document of the stream, over epochs; None when the allowed epochs are done."""
+        """The next document of the source, over epochs; None when the allowed epochs are done."""
         while True:
-            if self.reader is None:
+            if not self.reading:
                 if self.epoch >= self.epochs:
                     return None
-                self.reader = iter(self.stream.epoch(self.pos))
-            doc = next(self.reader, None)
-            if doc is not None and not len(doc):  # a piece of text that tokenizes to nothing
-                self.pos += 1
-                continue
-            if doc is not None:
-                doc = doc.astype(np.int32)  # held as is in the state (tensors share it: no copy a step)
-                self.pos += 1
-                self.epoch_docs += 1
-                self.docs_in += 1
-                self.tokens_in += len(doc)
-                return doc
-            if self.epoch_docs == 0 and self.pos == 0:
-                raise GptkitError(
-                    f"source {self.stream.name!r} has no documents"
-                    + (
-                        f" for process {self.stream.rank} of {self.stream.world_size}"
-                        if self.stream.world_size > 1
-                        else ""
+                self.docs.start(self.position)
+                self.reading = True
+            got = self.docs.next()
+            if got is None:
+                if self.epoch_docs == 0:
+                    raise GptkitError(
+                        f"source {self.stream.name!r} has no documents after filtering; check the path, "
+                        "text_field and filter (min_chars)"
                     )
-                    + " after filtering; check the path, text_field and filter (min_chars)"
-                )
-            self.close()
-            self.epoch, self.pos, self.epoch_docs = self.epoch + 1, 0, 0
+                self.close()
+                self.epoch, self.position, self.epoch_docs = self.epoch + 1, None, 0
+                continue
+            doc, self.position = got
+            if not len(doc):  # a piece of text that tokenizes to nothing
+                continue
+            doc = doc.astype(np.int32)  # held as is in the state (tensors share it: no copy a step)
+            self.epoch_docs += 1
+            self.docs_in += 1
+            self.tokens_in += len(doc)
+            return doc
 
     def close(self) -> None:
-        close = getattr(self.reader, "close", None)
-        if close is not None:
-            close()
-        self.reader = None
+        self.docs.close()
+        self.reading = False
 
 
 class Packer:
@@ -222,12 +221,12 @@ def _unpack_arrays(packed: dict[str, torch.Tensor]) -> list[np.ndarray]:
 class StreamBatches:
     """Micro-batches of `batch_size` packed windows for this rank, from the mixture of sources.
 
-    Each rank streams its own disjoint part of every source with its own generator (seeded with
-    the rank), so the state is per rank: the trainer gathers every rank's into the checkpoint
-    (`state_per_rank`), and a resume needs the same number of processes.
+    Ranks tokenize disjoint documents of every source and exchange them (`GlobalDocuments`), so every
+    rank runs the same shuffle buffers, generator and packer on the same documents, makes the same
+    global batch of `batch_size` x processes windows, and keeps its own slice, as `ShardBatches`
+    does. The state is the same on every rank and holds no rank: a run resumes with any number of
+    processes.
     """
-
-    state_per_rank = True
 
     def __init__(
         self,
@@ -247,12 +246,14 @@ class StreamBatches:
         configs = data.stream_sources()
         self.sources = [
             SourceState(
-                DocumentStream(c, tokenizer, rank, world_size, data.workers, self.skips), c.weight, c.epochs
+                GlobalDocuments(DocumentStream(c, tokenizer, rank, world_size, data.workers, self.skips)),
+                c.weight,
+                c.epochs,
             )
             for c in configs
         ]
         self.packer = Packer(block_size, data.pack, tokenizer.eot_id)
-        self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
+        self.rng = np.random.Generator(np.random.PCG64(seed))
         self.settings = {"sources": [c.path for c in configs], "pack": data.pack, "seed": seed}
 
     # -- the pipeline ---------------------------------------------------------------------------
@@ -286,8 +287,8 @@ class StreamBatches:
             return
         if self.when_exhausted == "stop":
             raise SourceExhausted(
-                f"source {s.stream.name!r} is exhausted after {s.epoch} epoch(s) (data.when_exhausted=stop); "
-                "raise its epochs, or set data.when_exhausted to renormalise or restart"
+                f"source {s.stream.name!r} ran out after {s.tokens_out:,} tokens and {s.epoch} epoch(s) "
+                "(data.when_exhausted=stop)"
             )
         s.active = False
 
@@ -310,14 +311,17 @@ class StreamBatches:
                 self.packer.flush()
                 if (row := self.packer.row()) is not None:
                     return row
+                total = sum(s.tokens_out for s in self.sources)
                 raise SourceExhausted(
-                    "every source is exhausted (data.when_exhausted=renormalise); add data or epochs"
+                    f"every source ran out, after {total:,} tokens in all (data.when_exhausted=renormalise)"
                 )
             self.packer.add(drawn[1])
         return row
 
     def next_batch(self) -> Batch:
-        rows = [self.next_row() for _ in range(self.batch_size)]
+        """This rank's slice of the global micro-batch (the same on every rank)."""
+        rows = [self.next_row() for _ in range(self.batch_size * self.world_size)]
+        rows = rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         if rows[0][1] is None:
             data = torch.from_numpy(np.stack([r for r, _ in rows]))
             return Batch(data[:, :-1], data[:, 1:])
@@ -328,7 +332,7 @@ class StreamBatches:
     # -- reporting ------------------------------------------------------------------------------
 
     def shares(self) -> dict[str, float]:
-        """Each source's share of the tokens given to the packer so far (this rank)."""
+        """Each source's share of the tokens given to the packer so far (over all ranks)."""
         total = sum(s.tokens_out for s in self.sources) or 1
         return {s.stream.name: s.tokens_out / total for s in self.sources}
 
@@ -338,13 +342,11 @@ class StreamBatches:
         return {
             "kind": "stream",
             "settings": self.settings,
-            "rank": self.rank,
-            "world_size": self.world_size,
             "rng": self.rng.bit_generator.state,
             "sources": [
                 {
                     "epoch": s.epoch,
-                    "pos": s.pos,
+                    "position": s.position,
                     "epochs": s.epochs,
                     "active": s.active,
                     "counts": [s.docs_in, s.tokens_in, s.tokens_out, s.epoch_docs],
@@ -357,15 +359,11 @@ class StreamBatches:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "ranks" in state:  # a checkpoint: every rank's state, gathered by the trainer
-            ranks = state["ranks"]
-            if len(ranks) != self.world_size:
-                raise GptkitError(
-                    f"the checkpoint's streamed data state is for {len(ranks)} process(es), this run has "
-                    f"{self.world_size}; each process streams its own part of the sources, so resume with "
-                    f"{len(ranks)} process(es)"
-                )
-            state = ranks[self.rank]
+        if "ranks" in state:
+            raise GptkitError(
+                "the checkpoint's streamed data state was written by an earlier gptkit (one per process); "
+                "finish that run with the gptkit that made it, or start it again"
+            )
         if state.get("kind") != "stream":
             raise GptkitError(
                 "the checkpoint's data state is for prepared shards, the config streams (data.stream=true); "
@@ -379,9 +377,9 @@ class StreamBatches:
         self.rng.bit_generator.state = state["rng"]
         for s, saved in zip(self.sources, state["sources"], strict=True):
             s.close()
-            s.epoch, s.pos, s.epochs, s.active = (
+            s.epoch, s.position, s.epochs, s.active = (
                 saved["epoch"],
-                saved["pos"],
+                saved["position"],
                 saved["epochs"],
                 saved["active"],
             )

@@ -35,6 +35,7 @@ class Piece:
     key: str  # stable identity, hashed with the seed to pick the split
     text: str
     last: bool  # the end of its document: an end-of-text token follows it
+    after: Any = None  # where reading stands after it: `pieces(start=after)` goes on with the next
 
 
 @dataclass
@@ -65,15 +66,21 @@ class Source:
     nbytes: int | None = None
     once: bool = False  # a pipe or device: its text can be read only once
 
-    def pieces(self, text_field: str, skips: SkipLog) -> Iterator[Piece]:
+    def pieces(self, text_field: str, skips: SkipLog, start: Any = None) -> Iterator[Piece]:
+        """The pieces in order; from `start` (a piece's `after`) on, without reading what precedes it
+        (text: the reader's offsets; jsonl: a byte offset; parquet: a row group and row; hf: the
+        dataset iterator's state; the built-in corpus: a count of pieces, read past). The checksum
+        is recorded only for a read from the start."""
+        if self.kind == "builtin":  # positions are counts of pieces
+            counted = (_at(p, n) for n, p in enumerate(_builtin_pieces(self, text_field, skips), start=1))
+            return itertools.islice(counted, start or 0, None)
         readers: dict[str, Callable[..., Iterator[Piece]]] = {
             "text": _text_pieces,
             "jsonl": _jsonl_pieces,
             "parquet": _parquet_pieces,
             "hf": _hf_pieces,
-            "builtin": _builtin_pieces,
         }
-        return readers[self.kind](self, text_field, skips)
+        return readers[self.kind](self, text_field, skips, start)
 
     def record(self) -> dict[str, Any]:
         out: dict[str, Any] = {"source": self.spec, "kind": self.kind}
@@ -141,23 +148,37 @@ def _file_source(path: Path, name: str) -> Source:
 # Readers
 
 
-def _text_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Piece]:
-    """A text file is one document, cut before newlines into chunks of a size set by the file."""
+def _text_pieces(src: Source, text_field: str, skips: SkipLog, start: Any = None) -> Iterator[Piece]:
+    """A text file is one document, cut before newlines into chunks of a size set by the file.
+
+    `start`: the reader's state at the cut that made the next piece ([offset of the unread text,
+    bytes read, more to read, piece index]; offset -1: the file's end), so that a resumed read cuts
+    the same pieces as a whole one."""
     assert src.path is not None
     size = src.path.stat().st_size
     chunk = min(MAX_CHUNK, max(MIN_CHUNK, size // CHUNKS_PER_FILE))
     digest, nbytes, index, offset = hashlib.sha256(), 0, 0, 0
-    buffer = b""
+    buffer, more, resumed = b"", True, False
     pending: Piece | None = None  # held back one step so the final piece can be marked `last`
     with src.path.open("rb") as f:
+        if start is not None:
+            offset, end, more, index = start
+            if offset < 0:
+                return
+            f.seek(offset)
+            buffer, resumed = f.read(end - offset), True
         while True:
-            block = f.read(chunk)
-            digest.update(block)
-            nbytes += len(block)
-            buffer += block
-            if block and len(buffer) < chunk:
-                continue
-            cut = _cut_point(buffer, final=not block)
+            if not resumed:
+                block = f.read(chunk)
+                digest.update(block)
+                nbytes += len(block)
+                buffer += block
+                more = bool(block)
+                if more and len(buffer) < chunk:
+                    continue
+            resumed = False
+            here = [offset, offset + len(buffer), more, index]  # the buffer is the file from offset on
+            cut = _cut_point(buffer, final=not more)
             raw, buffer = buffer[:cut], buffer[cut:]
             if raw:
                 try:
@@ -168,15 +189,17 @@ def _text_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Piece
                 offset += len(raw)
                 if text:
                     if pending is not None:
+                        pending.after = here
                         yield pending
                     pending = Piece(f"{src.name}#{index}", text, last=False)
                     index += 1
-            if not block and not buffer:
+            if not more and not buffer:
                 break
     if pending is not None:
-        pending.last = True
+        pending.last, pending.after = True, [-1, -1, False, index]
         yield pending
-    src.sha256, src.nbytes = digest.hexdigest(), nbytes
+    if start is None:
+        src.sha256, src.nbytes = digest.hexdigest(), nbytes
 
 
 def _cut_point(buffer: bytes, final: bool) -> int:
@@ -214,13 +237,17 @@ def _cut_point(buffer: bytes, final: bool) -> int:
     return cut
 
 
-def _jsonl_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Piece]:
+def _jsonl_pieces(src: Source, text_field: str, skips: SkipLog, start: Any = None) -> Iterator[Piece]:
+    """`start`: [byte offset, line number] after a line."""
     assert src.path is not None
     digest, nbytes = hashlib.sha256(), 0
+    offset, first = start if start is not None else (0, 0)
     with src.path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        f.seek(offset)
+        for lineno, raw in enumerate(f, start=first + 1):
             digest.update(raw)
             nbytes += len(raw)
+            offset += len(raw)
             if not raw.strip():
                 continue
             where = f"{src.path}:{lineno}"
@@ -234,8 +261,9 @@ def _jsonl_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Piec
                 continue
             text = _field_text(record, text_field, where, skips)
             if text:
-                yield Piece(f"{src.name}:{lineno}", text, last=True)
-    src.sha256, src.nbytes = digest.hexdigest(), nbytes
+                yield Piece(f"{src.name}:{lineno}", text, last=True, after=[offset, lineno])
+    if start is None:
+        src.sha256, src.nbytes = digest.hexdigest(), nbytes
 
 
 def _field_text(record: Any, text_field: str, where: str, skips: SkipLog) -> str | None:
@@ -262,8 +290,10 @@ def _field_text(record: Any, text_field: str, where: str, skips: SkipLog) -> str
     return text
 
 
-def _parquet_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Piece]:
+def _parquet_pieces(src: Source, text_field: str, skips: SkipLog, start: Any = None) -> Iterator[Piece]:
+    """`start`: [row group, rows of it read]."""
     assert src.path is not None
+    first_group, skip = start if start is not None else (0, 0)
     pq = _optional("pyarrow.parquet", "pyarrow", "to read .parquet files")
     try:
         pf = pq.ParquetFile(src.path)
@@ -273,26 +303,32 @@ def _parquet_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Pi
     if text_field not in columns:
         names = ", ".join(columns)
         raise GptkitError(f"{src.path}: no column {text_field!r} (columns: {names}); set --text-field")
-    row = 0
-    for group in range(pf.num_row_groups):  # a damaged row group is named, and with skip_bad skipped
+    row = sum(pf.metadata.row_group(g).num_rows for g in range(first_group))
+    for group in range(first_group, pf.num_row_groups):  # a damaged row group is named; skip_bad skips it
         first, row = row, row + pf.metadata.row_group(group).num_rows
         batches = pf.iter_batches(columns=[text_field], batch_size=1024, row_groups=[group])
         n = first
         try:
             for batch in batches:
-                for text in batch.column(0).to_pylist():
+                column = batch.column(0)
+                if group == first_group and n - first < skip:  # rows before `start`: not decoded
+                    drop = min(len(column), skip - (n - first))
+                    column, n = column.slice(drop), n + drop
+                for text in column.to_pylist():
                     n += 1
                     text = _field_text({text_field: text}, text_field, f"{src.path} row {n}", skips)
                     if text:
-                        yield Piece(f"{src.name}:{n}", text, last=True)
+                        yield Piece(f"{src.name}:{n}", text, last=True, after=[group, n - first])
         except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowException types derive from these
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             skips.bad(f"{src.path} row group {group} (rows {n + 1}-{row})", f"cannot be read: {msg}")
-    src.sha256, src.nbytes = _sha256_file(src.path), src.path.stat().st_size
+    if start is None:
+        src.sha256, src.nbytes = _sha256_file(src.path), src.path.stat().st_size
 
 
-def _hf_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Piece]:
-    """`hf:NAME[:CONFIG][@SPLIT]`: a HuggingFace dataset name or a local dataset folder, streamed."""
+def _hf_pieces(src: Source, text_field: str, skips: SkipLog, start: Any = None) -> Iterator[Piece]:
+    """`hf:NAME[:CONFIG][@SPLIT]`: a HuggingFace dataset name or a local dataset folder, streamed.
+    `start`: the `datasets` iterator's `state_dict()` after a row."""
     datasets = _optional("datasets", "datasets", "to read hf: sources")
     spec = src.spec[3:]
     spec, _, split = spec.partition("@")
@@ -301,10 +337,14 @@ def _hf_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Piece]:
         if _saved_dataset(name):  # a folder written by Dataset(Dict).save_to_disk
             ds = datasets.load_from_disk(name)
             ds = ds[split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
+            ds = ds.to_iterable_dataset()  # in order, with a state to resume from
         else:
             ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+        if start is not None:
+            ds.load_state_dict(start)
         rows = iter(ds)
         first = next(rows, None)
+        first_after = ds.state_dict()
     except Exception as e:  # network, missing dataset, bad config: all surface here
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise GptkitError(f"cannot load dataset {src.spec!r}: {msg}") from None
@@ -313,11 +353,23 @@ def _hf_pieces(src: Source, text_field: str, skips: SkipLog) -> Iterator[Piece]:
         raise GptkitError(
             f"{src.spec}: no field {text_field!r} (fields: {fields}); choose one with --text-field"
         )
-    head = [first] if first is not None else []
-    for n, record in enumerate(itertools.chain(head, rows), start=1):
+    if first is None:
+        return
+    record, after, n = first, first_after, 0
+    while True:
+        n += 1
         text = _field_text(record, text_field, f"{src.spec} row {n}", skips)
         if text:
-            yield Piece(f"{src.name}:{n}", text, last=True)
+            yield Piece(f"{src.name}:{n}", text, last=True, after=after)
+        record = next(rows, None)
+        if record is None:
+            return
+        after = ds.state_dict()
+
+
+def _at(piece: Piece, after: Any) -> Piece:
+    piece.after = after
+    return piece
 
 
 def _saved_dataset(name: str) -> bool:

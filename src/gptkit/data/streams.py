@@ -1,11 +1,17 @@
-"""Documents of one source as token arrays, read in a fixed order, with a position to resume from.
+"""Documents of one source as token arrays, in a fixed global order, with positions to resume from.
 
-A source is a prepared shard folder (its train split, cut at end-of-text), or raw text: text, jsonl or
-parquet files or folders, or `hf:NAME[:CONFIG][@SPLIT]`, read by `data.sources` (the readers of
-`prepare`) and tokenized by worker processes running `prepare`'s tokenizer code. Under several
-processes, rank r keeps the documents whose index is r modulo the number of processes, so the ranks'
-parts are disjoint. The position is the number of this rank's documents taken in the current epoch:
-a resumed stream reads past that many documents without tokenizing them.
+A source is a prepared shard folder (its train or val split, cut at end-of-text), or raw text: text,
+jsonl or parquet files or folders, or `hf:NAME[:CONFIG][@SPLIT]`, read by `data.sources` (the
+readers of `prepare`) and tokenized by worker processes running `prepare`'s tokenizer code.
+
+Under several processes, every rank reads the source but tokenizes only the documents whose index
+(counted from where the epoch resumed) is its rank modulo the number of processes; `GlobalDocuments`
+then exchanges the ranks' tokenized documents in lockstep and interleaves them back, so that every
+rank holds the same documents in the same order as one process would. Each document comes with the
+position after it: where reading stands (file and byte offset for jsonl, file, row group and row for
+parquet, the `datasets` iterator's state for `hf:`, shard and token offset for a prepared folder, see
+`Source.pieces`). A resumed stream starts there, reading nothing before it, with any number of
+processes.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.distributed as dist
 
 from gptkit.config import DataConfig, SourceConfig
 from gptkit.data import prepare
@@ -31,6 +38,10 @@ from gptkit.tokenizer import Tokenizer, from_description, gpt2_tokenizer
 
 DOCS_PER_TASK = 64  # documents sent to a tokenizing worker at a time
 SHARD_READ = 1 << 20  # tokens of a prepared shard read at a time
+EXCHANGE = 64  # documents each rank tokenizes and sends per exchange
+
+Position = Any  # where reading stands in an epoch (plain data: it goes into checkpoints); None: its start
+Document = tuple[np.ndarray, Position]  # a document's tokens and the position after it
 
 
 def is_prepared(path: str) -> bool:
@@ -38,7 +49,8 @@ def is_prepared(path: str) -> bool:
 
 
 class DocumentStream:
-    """The documents of one source for one rank: `epoch(e, skip)` iterates epoch `e` from `skip`."""
+    """The documents of one source that one rank tokenizes: `epoch(start)` iterates an epoch from a
+    position; `split` is a prepared folder's split (raw sources name their split in the path)."""
 
     def __init__(
         self,
@@ -48,10 +60,12 @@ class DocumentStream:
         world_size: int = 1,
         workers: int = 1,
         skips: SkipLog | None = None,
+        split: str = "train",
     ) -> None:
-        self.config, self.tokenizer = config, tokenizer
+        self.config, self.tokenizer, self.split = config, tokenizer, split
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.skips = skips or SkipLog(False)
+        self.read = 0  # pieces or documents the readers gave (a resume reads none before its position)
         self.dtype = token_dtype(tokenizer.vocab_size)
         self.prepared = PreparedData.open(config.path) if is_prepared(config.path) else None
         if self.prepared is not None:
@@ -66,14 +80,13 @@ class DocumentStream:
     def name(self) -> str:
         return self.config.path
 
-    def epoch(self, skip: int = 0) -> Iterator[np.ndarray]:
-        """This rank's documents, each ending with end-of-text, after the first `skip` of them."""
+    def epoch(self, start: Position = None) -> Iterator[Document]:
+        """This rank's documents after `start`, each ending with end-of-text, with the position after it."""
         if self.prepared is not None:
-            return itertools.islice(self._mine(self._prepared_documents()), skip, None)
-        texts = itertools.islice(self._mine(self._texts()), skip, None)
-        return self._named(self._tokenized(texts))
+            return self._mine(self._prepared_documents(start))
+        return self._named(self._tokenized(self._mine(self._texts(start))))
 
-    def _named(self, items: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    def _named(self, items: Iterator[Document]) -> Iterator[Document]:
         """A bad document's error (from a reader, or the tokenizer in a worker) names the source."""
         try:
             yield from items
@@ -83,55 +96,129 @@ class DocumentStream:
     def _mine(self, items: Iterator) -> Iterator:
         return itertools.islice(items, self.rank, None, self.world_size)
 
-    def _prepared_documents(self) -> Iterator[np.ndarray]:
+    def _prepared_documents(self, start: Position) -> Iterator[Document]:
+        """Documents of the split's shards from `start` ([shard, token offset]), cut after end-of-text."""
         assert self.prepared is not None
         eot = self.tokenizer.eot_id
-        for shard in self.prepared.shards("train"):
-            start = 0
-            for block in range(0, len(shard), SHARD_READ):
+        first, offset = start if start is not None else (0, 0)
+        for index, shard in enumerate(self.prepared.shards(self.split)):
+            if index < first:
+                continue
+            begin = offset if index == first else 0
+            for block in range(begin, len(shard), SHARD_READ):
                 chunk = np.asarray(shard[block : block + SHARD_READ])
                 for end in np.flatnonzero(chunk == eot) + block:
-                    yield np.array(shard[start : end + 1])
-                    start = end + 1
-            if start < len(shard):  # a shard's last document may end without end-of-text
-                yield np.concatenate([shard[start:], np.array([eot], dtype=shard.dtype)])
+                    self.read += 1
+                    yield np.array(shard[begin : end + 1]), [index, int(end) + 1]
+                    begin = int(end) + 1
+            if begin < len(shard):  # a shard's last document may end without end-of-text
+                self.read += 1
+                tail = np.concatenate([shard[begin:], np.array([eot], dtype=shard.dtype)])
+                yield tail, [index, len(shard)]
 
-    def _texts(self) -> Iterator[tuple[str, bool]]:
-        """Pieces of text after the filter: (text, ends its document)."""
+    def _texts(self, start: Position) -> Iterator[tuple[str, bool, Position]]:
+        """Pieces of text after the filter, from `start` ({"file", "at"}: the file's reader position):
+        (text, ends its document, position after it)."""
         lo, hi = self.config.filter.min_chars, self.config.filter.max_chars
-        for src in self.sources:
-            for piece in src.pieces(self.config.text_field, self.skips):
+        first = start["file"] if start is not None else 0
+        for index, src in enumerate(self.sources):
+            if index < first:
+                continue
+            at = start["at"] if start is not None and index == first else None
+            for piece in src.pieces(self.config.text_field, self.skips, at):
+                self.read += 1
                 if len(piece.text) >= lo:
-                    yield (piece.text if hi is None else piece.text[:hi]), piece.last
+                    text = piece.text if hi is None else piece.text[:hi]
+                    yield text, piece.last, {"file": index, "at": piece.after}
 
-    def _tokenized(self, texts: Iterator[tuple[str, bool]]) -> Iterator[np.ndarray]:
+    def _tokenized(self, texts: Iterator[tuple[str, bool, Position]]) -> Iterator[Document]:
         """Token arrays in input order; with workers, a few tasks per worker in flight at most."""
         tasks = _chunks(texts, DOCS_PER_TASK)
         init = (self.tokenizer.describe(), self.dtype.str)
         if self.workers == 1:
             prepare._init_worker(*init)
             for task in tasks:
-                yield from _encode(task)
+                yield from zip(
+                    _encode([(t, last) for t, last, _ in task]), [p for *_, p in task], strict=True
+                )
             return
         ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
         pool = ProcessPoolExecutor(
             self.workers, mp_context=ctx, initializer=prepare._init_worker, initargs=(*init, os.getpid())
         )
-        inflight: deque[Future[list[np.ndarray]]] = deque()
+        inflight: deque[tuple[Future[list[np.ndarray]], list[Position]]] = deque()
         with prepare._main_importable(), pool:
             try:
                 for task in tasks:
-                    inflight.append(pool.submit(_encode, task))
+                    inflight.append(
+                        (pool.submit(_encode, [(t, last) for t, last, _ in task]), [p for *_, p in task])
+                    )
                     if len(inflight) >= self.workers * prepare.INFLIGHT_PER_WORKER:
-                        yield from inflight.popleft().result()
+                        future, positions = inflight.popleft()
+                        yield from zip(future.result(), positions, strict=True)
                 while inflight:
-                    yield from inflight.popleft().result()
+                    future, positions = inflight.popleft()
+                    yield from zip(future.result(), positions, strict=True)
             finally:
-                for f in inflight:
+                for f, _ in inflight:
                     f.cancel()
 
 
-def _chunks(items: Iterator[tuple[str, bool]], size: int) -> Iterator[list[tuple[str, bool]]]:
+class GlobalDocuments:
+    """The documents of one source in their global order, the same on every rank.
+
+    Each rank tokenizes its own documents; when the queue runs dry, every rank at once (they run
+    the same logic on the same documents) sends its next `EXCHANGE` documents to all others, and
+    they are interleaved back: rank r's k-th document is the (k * N + r)-th after the start. The
+    epoch ends at the first rank that has no k-th document.
+    """
+
+    def __init__(self, stream: DocumentStream) -> None:
+        self.stream = stream
+        self.reader: Iterator[Document] | None = None
+        self.queue: deque[Document] = deque()
+        self.ended = False
+
+    def start(self, position: Position) -> None:
+        self.close()
+        self.reader, self.ended = iter(self.stream.epoch(position)), False
+
+    def next(self) -> Document | None:
+        """The next document of the epoch and the position after it; None at the epoch's end."""
+        if not self.queue and not self.ended:
+            self._exchange()
+        return self.queue.popleft() if self.queue else None
+
+    def _exchange(self) -> None:
+        assert self.reader is not None
+        if self.stream.world_size == 1:
+            parts = [list(itertools.islice(self.reader, EXCHANGE))]
+        else:  # an error on one rank is raised on every rank, rather than leaving the others waiting
+            try:
+                mine: tuple[str, Any] = ("ok", list(itertools.islice(self.reader, EXCHANGE)))
+            except GptkitError as e:
+                mine = ("error", str(e))
+            gathered: list[Any] = [None] * self.stream.world_size
+            dist.all_gather_object(gathered, mine)
+            errors = [msg for kind, msg in gathered if kind == "error"]
+            if errors:
+                raise GptkitError(errors[0])
+            parts = [docs for _, docs in gathered]
+        for k in range(EXCHANGE):
+            for docs in parts:
+                if k >= len(docs):
+                    self.ended = True
+                    return
+                self.queue.append(docs[k])
+
+    def close(self) -> None:
+        close = getattr(self.reader, "close", None)
+        if close is not None:
+            close()
+        self.reader, self.queue, self.ended = None, deque(), False
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
     while chunk := list(itertools.islice(items, size)):
         yield chunk
 

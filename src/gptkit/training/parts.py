@@ -21,6 +21,7 @@ from gptkit.data.batch import Batch
 from gptkit.data.batches import ShardBatches, TokenSource, fixed_batches
 from gptkit.data.mixing import StreamBatches
 from gptkit.data.shards import PreparedData
+from gptkit.data.stream_val import stream_val_batches
 from gptkit.data.streams import StreamTokenizer, stream_tokenizer
 from gptkit.errors import GptkitError
 from gptkit.finetuning import lora
@@ -175,8 +176,12 @@ def pretraining_parts(
             procs.rank,
             procs.world_size,
         )
-        notice("streaming: no val loss (the sources have no held-out split; prepare one to measure it)")
-        return Parts(config, GPT(config.model), data.tokenizer(), source, None, runtime)
+        micro = int(config.train.micro_batch_size)
+        tok = data.tokenizer()
+        val, why = stream_val_batches(config.data, tok, config.eval.batches, micro, config.model.block_size)
+        if val is None:
+            notice(why)
+        return Parts(config, GPT(config.model), tok, source, val, runtime)
     source, val = shard_sources(config, data, procs)
     return Parts(config, GPT(config.model), data.tokenizer(), source, val, runtime)
 

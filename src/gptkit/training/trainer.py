@@ -23,6 +23,7 @@ import torch
 from gptkit.checkpoint import RunCheckpoints, step_files
 from gptkit.config import RunConfig, to_yaml
 from gptkit.console import notice
+from gptkit.data.mixing import SourceExhausted
 from gptkit.device import autocast, fast_matmul
 from gptkit.errors import GptkitError
 from gptkit.fused_loss import next_token_loss
@@ -156,9 +157,7 @@ class Trainer:
         """
         model_state, optim_state = distributed.full_state(self.model, self.optimizer, self.procs)
         rng = distributed.gather(rng_state(), self.procs)
-        data = self.train_source.state_dict()
-        if getattr(self.train_source, "state_per_rank", False):  # streamed: each rank has its own part
-            data = {"ranks": distributed.gather(data, self.procs)}
+        data = self.train_source.state_dict()  # the same on every rank
         return {
             **self.parts.checkpoint_extra,
             "model_state": model_state,
@@ -240,12 +239,7 @@ class Trainer:
         An error inside a step, before its update, rolls the data position and generators back to
         the step's start, so the checkpoint is the previous step's exactly. Not with several
         processes (saving gathers from every rank, and the others may not be there to answer)."""
-        if self._step_start is not None:
-            data, rng = self._step_start
-            self.train_source.load_state_dict(data)
-            set_rng_state(rng)
-            self.optimizer.zero_grad(set_to_none=True)
-            self._step_start = None
+        self._roll_back_step()
         if self._saving or self.procs.distributed or self.step == self._saved_step:
             return
         try:
@@ -258,6 +252,15 @@ class Trainer:
                 f"saved an emergency checkpoint before stopping: {path} (step {self.step}); once the "
                 f"error below is fixed, resume with: {self.resume_command()}"
             )
+
+    def _roll_back_step(self) -> None:
+        """Put the data position and generators back to the start of the step under way, if any."""
+        if self._step_start is not None:
+            data, rng = self._step_start
+            self.train_source.load_state_dict(data)
+            set_rng_state(rng)
+            self.optimizer.zero_grad(set_to_none=True)
+            self._step_start = None
 
     def last_val_loss_if_fresh(self) -> float | None:
         """The val loss counts for 'best' only on the step it was measured."""
@@ -284,12 +287,18 @@ class Trainer:
         result = TrainResult(self.run_dir, self.step, self.tokens, main=main)
         last_save = time.monotonic()
         stopped = False
+        exhausted: str | None = None
         try:
             with StopRequest() as stop, fast_matmul(self.device):
                 self.model.train()
                 while self.step < tc.max_steps:
                     t0 = time.perf_counter()
-                    loss, grad_norm, lr = self.train_step()
+                    try:
+                        loss, grad_norm, lr = self.train_step()
+                    except SourceExhausted as e:  # data.when_exhausted=stop: the data ends the run
+                        self._roll_back_step()
+                        exhausted = str(e)
+                        break
                     dt = time.perf_counter() - t0
                     result.train_losses.append(loss)
                     tps = self.step_positions / dt
@@ -336,7 +345,9 @@ class Trainer:
         result.stopped_early = stopped
         result.samples = self.last_samples
         if main:
-            self._report(stopped)
+            self._report(stopped, exhausted)
+        if exhausted:
+            notice(f"{exhausted}; the run ends at step {self.step}")
         if stopped:
             notice(f"stopped at step {self.step}; resume with: {self.resume_command()}")
         return result
@@ -499,13 +510,15 @@ class Trainer:
         shares = getattr(self.train_source, "shares", None)
         return {f"share/{name}": share for name, share in shares().items()} if shares else {}
 
-    def _report(self, stopped: bool) -> None:
+    def _report(self, stopped: bool, exhausted: str | None = None) -> None:
         seconds = self.wall_seconds
+        status = "stopped early (emergency checkpoint)" if stopped else "finished"
         write_report(
             self.run_dir,
             {
                 "run_name": self.run_name,
-                "status": "stopped early (emergency checkpoint)" if stopped else "finished",
+                "status": status,
+                "stop_reason": exhausted,
                 "resume_command": self.resume_command() if stopped else None,
                 "config": self.config.model_dump(mode="json"),
                 "params": self.n_params,
