@@ -257,7 +257,7 @@ def save_adapter(
         raise GptkitError(f"the model has no adapter named {name!r} to save")
     tensors: dict[str, Tensor] = {}
     for module, (a, b) in pairs.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = a.detach().cpu().clone()  # one copy per projection
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.detach().cpu().clone()  # a copy each
         tensors[f"base_model.model.{module}.lora_B.weight"] = b.detach().cpu().clone()
     llama_names = next(iter(pairs)).startswith("model.layers.")
     peft_config = {
