@@ -18,6 +18,14 @@ from torch import Tensor, nn
 
 from gptkit.config import ModelConfig
 
+# The switches that make a model Llama's architecture (every other switch is free)
+LLAMA_SWITCHES = {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope"}
+
+
+def is_llama(config: ModelConfig) -> bool:
+    """Whether HF's `LlamaForCausalLM` (and peft on it, and llama.cpp's `llama`) expresses this model."""
+    return all(getattr(config, key) == value for key, value in LLAMA_SWITCHES.items())
+
 
 class SwiGLU(nn.Module):
     """Llama's MLP. `c_fc` computes the gate and the up projection in one product (rows [gate; up]:

@@ -1,13 +1,17 @@
 """LoRA with Llama's projection names: each of q/k/v (rows of the fused c_attn) and gate/up (rows of
-c_fc) gets an adapter of its own that changes only its rows; judged by peft on the HF export."""
+c_fc) gets an adapter of its own that changes only its rows; saved under HF Llama's names, judged by
+peft on the HF export, both ways."""
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY_LLAMA, tiny_gpt
+from safetensors import safe_open
 
 from gptkit.config import LoRAConfig
 from gptkit.errors import GptkitError
@@ -19,8 +23,8 @@ SHAPE = {**TINY_LLAMA, "n_head": 4, "n_kv_head": 2}  # q 32 rows, k and v 16 eac
 IDX = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-def llama(seed: int = 0) -> GPT:
-    return tiny_gpt(VOCAB, seed=seed, **SHAPE)
+def llama(seed: int = 0, n_kv_head: int = 2) -> GPT:
+    return tiny_gpt(VOCAB, seed=seed, **(SHAPE | {"n_kv_head": n_kv_head}))
 
 
 def randomise_b(model: GPT, seed: int = 1) -> None:
@@ -51,38 +55,86 @@ def test_each_projection_changes_only_its_rows() -> None:
     assert not changed(fc, 0, 256) and changed(fc, 256, 512)  # gate untouched, up changed
 
 
-def test_llama_names_equal_peft_on_the_exported_llama(tmp_path: Path) -> None:
-    peft = pytest.importorskip("peft", reason="peft is not installed (dev extra)")
-    transformers = pytest.importorskip("transformers")
+def exported(model: GPT, folder: Path) -> Path:
+    """The base as the `LlamaForCausalLM` folder `gptkit export hf` writes."""
     from gptkit.interop.hf import export_hf
     from gptkit.tokenizer import CharTokenizer
 
     tokenizer = CharTokenizer.train("".join(chr(c) for c in range(32, 32 + VOCAB - 1)))
-    model = llama()
-    export_hf(model, tokenizer, tmp_path / "hf")
-    targets = sorted(LLAMA_TARGETS)
-    add_lora(model, LoRAConfig(r=2, alpha=6, targets=targets))
+    return export_hf(model, tokenizer, folder)
+
+
+FUSED = ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]  # whole layers: q/k/v and gate/up share A
+
+
+@pytest.mark.parametrize("targets", [sorted(LLAMA_TARGETS), FUSED], ids=["projections", "fused"])
+@pytest.mark.parametrize("n_kv_head", [2, 4], ids=["gqa", "mha"])
+def test_llama_adapter_loads_into_peft(tmp_path: Path, n_kv_head: int, targets: list[str]) -> None:
+    """The saved folder, as written, is a peft adapter of HF's Llama: every key loads, none is left
+    over, and peft's logits are ours."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (dev extra)")
+    transformers = pytest.importorskip("transformers")
+    model = llama(n_kv_head=n_kv_head)
+    hf_dir = exported(model, tmp_path / "hf")
+    config = LoRAConfig(r=2, alpha=6, targets=targets)
+    add_lora(model, config)
     randomise_b(model)
-    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
-    wrapped = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=6, target_modules=targets)).eval()
-    theirs = dict(wrapped.named_parameters())
-    hf_name = {"attn.c_attn": "self_attn.{}_proj", "mlp.c_fc": "mlp.{}_proj"}
+    adapter = save_adapter(model, tmp_path / "adapter", config)
+    peft_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert peft_config["fan_in_fan_out"] is False
+    assert sorted(peft_config["target_modules"]) == sorted(LLAMA_TARGETS)
+    keys = safe_open(str(adapter / "adapter_model.safetensors"), "pt").keys()
+    assert "base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight" in keys
+    assert "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight" in keys
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*missing adapter keys")
+        wrapped = peft.PeftModel.from_pretrained(hf, adapter).eval()
+    check = wrapped.load_adapter(adapter, adapter_name="check")
+    assert check.missing_keys == [] and check.unexpected_keys == []
     with torch.no_grad():
-        for name, layer in lora_layers(model).items():
-            i, ours = name.split(".")[2], name.split(".", 3)[3]
-            for key in layer.lora_A:
-                if ours in hf_name:
-                    part = ["q", "k", "v"] if ours == "attn.c_attn" else ["gate", "up"]
-                    starts = sorted(int(k.split(":")[1]) for k in layer.lora_A)
-                    proj = hf_name[ours].format(part[starts.index(int(key.split(":")[1]))])
-                else:
-                    proj = {"attn.c_proj": "self_attn.o_proj", "mlp.c_proj": "mlp.down_proj"}[ours]
-                prefix = f"base_model.model.model.layers.{i}.{proj}"
-                theirs[f"{prefix}.lora_A.default.weight"].copy_(layer.lora_A[key])
-                theirs[f"{prefix}.lora_B.default.weight"].copy_(layer.lora_B[key])
-        ours_logits, theirs_logits, plain = model(IDX), wrapped(IDX).logits, llama()(IDX)
-    assert float((plain - ours_logits).abs().max()) > 1e-3, "the adapter changes the logits"
-    assert float((theirs_logits - ours_logits).abs().max()) < 1e-4
+        ours, theirs, plain = model(IDX), wrapped(IDX).logits, llama(n_kv_head=n_kv_head)(IDX)
+    assert float((plain - ours).abs().max()) > 1e-3, "the adapter changes the logits"
+    assert float((theirs - ours).abs().max()) < 1e-4
+    fresh = llama(n_kv_head=n_kv_head)
+    load_adapter(fresh, adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(IDX), ours, atol=1e-6, rtol=1e-6)
+
+
+def test_peft_llama_adapter_loads_into_gptkit(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft", reason="peft is not installed (dev extra)")
+    transformers = pytest.importorskip("transformers")
+    hf_dir = exported(llama(), tmp_path / "hf")
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, local_files_only=True)
+    targets = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    wrapped = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+    with torch.no_grad():  # stand in for training: B starts at zero
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    wrapped.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        theirs = wrapped.eval()(IDX).logits
+    model = llama()
+    load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        assert float((model(IDX) - theirs).abs().max()) < 1e-4
+
+
+def test_an_adapter_peft_cannot_express_keeps_gptkit_names(tmp_path: Path) -> None:
+    """c_attn and q_proj under one adapter name both change q's rows: two adapters on one peft module."""
+    model = llama()
+    config = LoRAConfig(r=2, targets=["c_attn", "q_proj"])
+    add_lora(model, config)
+    randomise_b(model)
+    adapter = save_adapter(model, tmp_path / "adapter", config)
+    keys = safe_open(str(adapter / "adapter_model.safetensors"), "pt").keys()
+    assert "base_model.model.transformer.h.0.attn.c_attn:0:32.lora_A.weight" in keys
+    fresh = llama()
+    load_adapter(fresh, adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(IDX), model(IDX), atol=1e-6, rtol=1e-6)
 
 
 def test_a_projection_adapter_saves_and_loads(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """Training in 2 processes under torchrun (gloo on CPU): the same steps as one process.
 
 2 processes with micro-batch B and 1 process with micro-batch 2B draw the same global batches, so
-their losses and weights must agree; checkpoints move between process counts; a lost rank ends
-the job.
+their losses and weights must agree, for GPT-2 and for a Llama-style model; checkpoints move
+between process counts; a lost rank ends the job.
 """
 
 from __future__ import annotations
@@ -83,14 +83,19 @@ def final_weights(run: Path, step: int = 20) -> dict[str, torch.Tensor]:
     return load_checkpoint(run / "checkpoints" / f"step_{step:08d}.pt")["model"]
 
 
-def assert_same_training(a: Path, b: Path) -> None:
+def assert_same_training(a: Path, b: Path, tolerance: float = 1e-5) -> None:
     la, lb = losses(a), losses(b)
     assert len(la) == len(lb) == 20
-    assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) <= 1e-5, (la, lb)
+    assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) <= tolerance, (la, lb)
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys()
     worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
     assert worst <= 1e-5, worst
+
+
+# llama-tiny's switches (RMSNorm, SwiGLU, RoPE, GQA, no biases) at the width of CONFIG's model
+LLAMA = ["model.preset=llama-tiny", "model.n_head=4", "model.n_kv_head=2", "model.mlp_hidden=64"]
+ARCHITECTURES = {"gpt2": [], "llama": LLAMA}
 
 
 @pytest.fixture(scope="module")
@@ -101,27 +106,42 @@ def one_process(setup: tuple[Path, Path]) -> Path:
     return root / "runs" / "one"
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_train_like_one(setup: tuple[Path, Path], one_process: Path, strategy: str) -> None:
+@pytest.fixture(scope="module")
+def one_process_llama(setup: tuple[Path, Path]) -> Path:
+    """The same reference for the Llama-style model."""
     root, cfg = setup
-    out = gptkit_train(
-        cfg, f"name=two-{strategy}", "train.micro_batch_size=4", f"train.distributed={strategy}", procs=2
-    )
+    gptkit_train(cfg, "name=one-llama", "train.micro_batch_size=8", *LLAMA)
+    return root / "runs" / "one-llama"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "arch"), [("ddp", "gpt2"), ("fsdp", "gpt2"), ("ddp", "llama"), ("fsdp", "llama")]
+)
+def test_two_processes_train_like_one(
+    setup: tuple[Path, Path], request: pytest.FixtureRequest, strategy: str, arch: str
+) -> None:
+    root, cfg = setup
+    one_process = request.getfixturevalue("one_process" if arch == "gpt2" else "one_process_llama")
+    name = f"two-{strategy}" if arch == "gpt2" else f"two-{strategy}-{arch}"
+    args = [f"name={name}", "train.micro_batch_size=4", f"train.distributed={strategy}", *ARCHITECTURES[arch]]
+    out = gptkit_train(cfg, *args, procs=2)
     assert out.stderr.count("parameters on cpu") == 1, "only rank 0 speaks"
     assert out.stdout.count("run folder:") == 1 and out.stdout.count("--- sample at step 20 ---") == 1, (
         out.stdout
     )
-    assert_same_training(one_process, root / "runs" / f"two-{strategy}")
+    run = root / "runs" / name
+    if arch == "llama":
+        assert load_checkpoint(run / "checkpoints" / "step_00000020.pt")["config"]["model"]["mlp"] == "swiglu"
+    assert_same_training(one_process, run, 1e-6 if (strategy, arch) == ("ddp", "llama") else 1e-5)
     # MFU divides all processes' tokens by all processes' ceilings (it reached 109.7% with one's)
     ceiling = re.search(
         r"MFU against ([\d.e+-]+) TFLOP/s, the measured matmul ceiling of 2 processes together", out.stderr
     )
     assert ceiling, out.stderr
-    run = root / "runs" / f"two-{strategy}"
     model = load_model(load_checkpoint(run / "checkpoints" / "step_00000020.pt"))[0]
     expected = flops_per_token(model.config, model.num_params()) / (float(ceiling.group(1)) * 1e12)
     assert mfu_per_token(run) == pytest.approx(expected, rel=1e-3)
-    state = load_checkpoint(root / "runs" / f"two-{strategy}" / "checkpoints" / "step_00000020.pt")["state"]
+    state = load_checkpoint(run / "checkpoints" / "step_00000020.pt")["state"]
     assert len(state["rng_ranks"]) == 2, "each rank's generators are kept"
 
 

@@ -16,7 +16,15 @@ Llama's projection names are targets too. `o_proj` and `down_proj` are whole lay
 `mlp.c_proj`); `q_proj`, `k_proj`, `v_proj` are rows of the fused `attn.c_attn`, `gate_proj` and `up_proj`
 rows of `mlp.c_fc`: each gets an adapter pair of its own that changes only its rows, as peft's LoRA
 on the separate HF layers would. Such an adapter part is named `adapter:start:stop` (its rows) inside
-the layer, and saved under `<layer>:start:stop` (gptkit loads it back; peft does not).
+the layer.
+
+A Llama-architecture model's adapter is saved under HF Llama's names
+(`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`, `fan_in_fan_out: false`), which
+peft loads onto the `LlamaForCausalLM` that `gptkit export hf` writes: a projection's own adapter keeps
+its A and B; an adapter on a whole fused layer gives each projection the same A and its own rows of
+B, which is the same change. Adapters peft cannot express (rows that are not one projection, two
+adapters of one name on one projection) and GPT-2-shaped models keep gptkit's names, with the parts
+saved as `<layer>:start:stop` (gptkit loads them back; peft does not).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from torch import Tensor, nn
 
 from gptkit.config import LoRAConfig, did_you_mean
 from gptkit.errors import GptkitError
+from gptkit.variants import is_llama
 
 # The Linear layers of a GPT block, by the suffix of their module name.
 TARGETS = {
@@ -51,6 +60,16 @@ LLAMA_TARGETS = {
     "gate_proj": ("mlp.c_fc", 0),
     "up_proj": ("mlp.c_fc", 1),
     "down_proj": ("mlp.c_proj", None),
+}
+# Llama's projections inside HF's model.layers.{i}
+LLAMA_MODULES = {
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj",
+    "gate_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
 }
 ADAPTER_DIR = "adapter"  # inside a LoRA run's folder: the adapter alone, in peft's layout
 GPTKIT_META = "gptkit_adapter.json"  # beside peft's files: what base the adapter was trained on
@@ -227,25 +246,28 @@ def save_adapter(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, Tensor] = {}
-    modules: list[str] = []
-    for layer_name, layer in lora_layers(model).items():
-        for part in parts_of(layer, name):
-            rows = part.removeprefix(name)  # "" or ":start:stop"
-            key = f"base_model.model.{layer_name}{rows}"
-            tensors[f"{key}.lora_A.weight"] = layer.lora_A[part].detach().cpu().contiguous()
-            tensors[f"{key}.lora_B.weight"] = layer.lora_B[part].detach().cpu().contiguous()
-            modules.append(layer_name.rsplit(".", 1)[-1] + rows)
-    if not tensors:
+    pairs = _llama_pairs(model, name) if is_llama(model.config) else None  # type: ignore[arg-type]
+    if pairs is None:
+        pairs = {
+            f"{layer_name}{part.removeprefix(name)}": (layer.lora_A[part], layer.lora_B[part])
+            for layer_name, layer in lora_layers(model).items()
+            for part in parts_of(layer, name)  # part: name or name:start:stop
+        }
+    if not pairs:
         raise GptkitError(f"the model has no adapter named {name!r} to save")
+    tensors: dict[str, Tensor] = {}
+    for module, (a, b) in pairs.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.detach().cpu().clone()  # a copy each
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.detach().cpu().clone()
+    llama_names = next(iter(pairs)).startswith("model.layers.")
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
-        "target_modules": sorted(set(modules)),
-        "fan_in_fan_out": True,  # HF GPT-2's Conv1D stores weights as (in, out)
+        "target_modules": sorted({module.rsplit(".", 1)[-1] for module in pairs}),
+        "fan_in_fan_out": not llama_names,  # HF GPT-2's Conv1D keeps (in, out); Llama's Linear (out, in)
         "bias": "none",
         "base_model_name_or_path": base,
         "inference_mode": True,
@@ -261,8 +283,63 @@ def save_adapter(
     return out
 
 
+def _projection_rows(model: nn.Module, layer_name: str, out_features: int) -> dict[str, tuple[int, int]]:
+    """HF Llama's projections in gptkit's layer `transformer.h.{i}.<layer>`, each with its rows."""
+    ours = layer_name.split(".", 3)[3]
+    return {
+        proj: (0, out_features) if part is None else _fused_rows(model, layer_name, part)
+        for proj, (layer, part) in LLAMA_TARGETS.items()
+        if layer == ours
+    }
+
+
+def _llama_pairs(model: nn.Module, name: str) -> dict[str, tuple[Tensor, Tensor]] | None:
+    """Adapter `name` as (A, B) of HF Llama's modules (`model.layers.{i}.self_attn.q_proj`, ...), or
+    None when peft cannot express it on those modules."""
+    pairs: dict[str, tuple[Tensor, Tensor]] = {}
+    for layer_name, layer in lora_layers(model).items():
+        projections = _projection_rows(model, layer_name, layer.base.out_features)
+        i = layer_name.split(".")[2]
+        for part in parts_of(layer, name):
+            start, stop = layer.rows(part)
+            a, b = layer.lora_A[part], layer.lora_B[part]
+            if (start, stop) == (0, layer.base.out_features):  # the whole layer: its rows of B each
+                chosen = {proj: (a, b[s:e]) for proj, (s, e) in projections.items()}
+            else:
+                chosen = {proj: (a, b) for proj, rows in projections.items() if rows == (start, stop)}
+            if not chosen:
+                return None  # rows that are not one projection
+            for proj, pair in chosen.items():
+                module = f"model.layers.{i}.{LLAMA_MODULES[proj]}"
+                if module in pairs:
+                    return None  # two adapter parts on one projection
+                pairs[module] = pair
+    return pairs
+
+
+def _gptkit_module(model: nn.Module, module: str) -> str:
+    """A module named in an adapter file -> gptkit's layer (with rows for a fused projection): HF
+    Llama's `model.layers.{i}.self_attn.q_proj` becomes `transformer.h.{i}.attn.c_attn:0:64`."""
+    if not module.startswith("model.layers."):
+        return module
+    _, _, i, inside = module.split(".", 3)
+    proj = inside.rsplit(".", 1)[-1]
+    if LLAMA_MODULES.get(proj) != inside:
+        raise GptkitError(
+            f"adapter layer {module!r} is not a Llama projection; gptkit's Llama layers are "
+            f"{', '.join(LLAMA_MODULES.values())}"
+        )
+    layer, part = LLAMA_TARGETS[proj]
+    name = f"transformer.h.{i}.{layer}"
+    if part is None:
+        return name
+    start, stop = _fused_rows(model, name, part)
+    return f"{name}:{start}:{stop}"
+
+
 def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, weight: float = 1.0) -> str:
-    """Add the adapter saved at `path` (by gptkit or by peft for GPT-2) to `model`; returns its name.
+    """Add the adapter saved at `path` (by gptkit, or by peft for GPT-2 or Llama) to `model`; returns
+    its name.
 
     A gptkit adapter is checked against the base it was trained on (its fingerprint); a peft one
     by its tensor shapes.
@@ -292,7 +369,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, we
     layers: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
         module, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
-        layers.setdefault(module, {})[part.split(".")[0]] = tensor
+        layers.setdefault(_gptkit_module(model, module), {})[part.split(".")[0]] = tensor
     r = int(peft["r"])
     config = LoRAConfig(r=r, alpha=float(peft["lora_alpha"]), dropout=0.0, targets=sorted(layers))
     loaded = {n.split(":")[0] for m in lora_layers(model).values() for n in m.lora_A}

@@ -34,9 +34,9 @@ from gptkit.config import ModelConfig
 from gptkit.errors import GptkitError
 from gptkit.interop import check_gpt2, check_plain, require, staged_output
 from gptkit.interop.hf import _merge_pairs, gpt2_vocab_merges, hf_tokenizer
-from gptkit.interop.llama import is_llama
 from gptkit.model import GPT, LAYER_NORM_EPS
 from gptkit.tokenizer import EOT, BPETokenizer, GPT2Tokenizer, Tokenizer
+from gptkit.variants import is_llama
 
 TYPES = ("f32", "f16", "q8_0")
 TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # llama.cpp's token types

@@ -37,7 +37,6 @@ from gptkit.interop import check_plain, gpt2_misfits, require, save_weights, sta
 from gptkit.interop.llama import (
     LLAMA_ARCHITECTURES,
     from_llama_state,
-    is_llama,
     llama_config,
     llama_fields,
     to_llama_state,
@@ -55,6 +54,7 @@ from gptkit.tokenizer import (
     _unicode_to_byte,
     gpt2_tokenizer,
 )
+from gptkit.variants import is_llama
 
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 IGNORED = (".attn.bias", ".attn.masked_bias")  # HF's causal-mask buffers in older files

@@ -21,9 +21,9 @@ from torch import Tensor
 
 from gptkit.config import ModelConfig
 from gptkit.errors import GptkitError
+from gptkit.variants import LLAMA_SWITCHES
 
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
-LLAMA_SWITCHES = {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope"}
 
 # gptkit's name in block i -> HF's names in model.layers.i whose rows it stacks
 STACKED = {
@@ -35,11 +35,6 @@ STACKED = {
     "mlp.c_proj": ("mlp.down_proj",),
 }
 IGNORED = ("rotary_emb.inv_freq",)  # a buffer older files carry
-
-
-def is_llama(config: ModelConfig) -> bool:
-    """Whether `LlamaForCausalLM` expresses this model (every other switch is free)."""
-    return all(getattr(config, key) == value for key, value in LLAMA_SWITCHES.items())
 
 
 def llama_config(config: ModelConfig) -> dict[str, Any]:
