@@ -132,7 +132,7 @@ def test_two_processes_train_like_one(
     run = root / "runs" / name
     if arch == "llama":
         assert load_checkpoint(run / "checkpoints" / "step_00000020.pt")["config"]["model"]["mlp"] == "swiglu"
-    assert_same_training(one_process, run, 1e-6 if (strategy, arch) == ("ddp", "llama") else 1e-5)
+    assert_same_training(one_process, run)  # 1e-5: a loss of ~4.6 is 2 float32 ulps from 1e-6
     # MFU divides all processes' tokens by all processes' ceilings (it reached 109.7% with one's)
     ceiling = re.search(
         r"MFU against ([\d.e+-]+) TFLOP/s, the measured matmul ceiling of 2 processes together", out.stderr
