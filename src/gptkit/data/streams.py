@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch.distributed as dist
 
 from gptkit.config import DataConfig, SourceConfig
 from gptkit.data import prepare
@@ -194,6 +193,8 @@ class GlobalDocuments:
         if self.stream.world_size == 1:
             parts = [list(itertools.islice(self.reader, EXCHANGE))]
         else:  # an error on one rank is raised on every rank, rather than leaving the others waiting
+            import torch.distributed as dist  # here: `gptkit info` reads this module without torch
+
             try:
                 mine: tuple[str, Any] = ("ok", list(itertools.islice(self.reader, EXCHANGE)))
             except GptkitError as e:
