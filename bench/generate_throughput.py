@@ -158,6 +158,24 @@ def hf_run(hf, prompt: list[int], new: int) -> Callable[[], tuple[float, float, 
     return run
 
 
+def take_turns(variants: list[Variant], rounds: int, new: int) -> None:
+    """One untimed run of each variant, then `rounds` rounds in turns A, B, C, ..., recorded."""
+    for v in variants:
+        t0 = time.perf_counter()
+        v.run()
+        progress(f"warmed up {v.name} in {time.perf_counter() - t0:.1f} s")
+    for r in range(rounds):
+        for v in variants:
+            ttft, decode, tokens = v.run()
+            v.ttft.append(ttft)
+            v.decode.append(decode)
+            v.tokens = tokens
+        progress(
+            f"round {r + 1}/{rounds}: "
+            + ", ".join(f"{v.name} {(new - 1) / v.decode[-1]:.1f} tok/s" for v in variants)
+        )
+
+
 def prompt_ids(n: int) -> list[int]:
     if SHAKESPEARE.exists():
         return gpt2_tokenizer().encode(SHAKESPEARE.read_text(encoding="utf-8")[:2000])[:n]
@@ -222,20 +240,7 @@ def main() -> None:
             Variant(f"gptkit {mode}", gptkit_run(q, prompt, args.new), weight_bytes(q), decode_bytes(q))
         )
 
-    for v in variants:  # warm-up: one untimed run each
-        t0 = time.perf_counter()
-        v.run()
-        progress(f"warmed up {v.name} in {time.perf_counter() - t0:.1f} s")
-    for r in range(args.rounds):
-        for v in variants:
-            ttft, decode, tokens = v.run()
-            v.ttft.append(ttft)
-            v.decode.append(decode)
-            v.tokens = tokens
-        progress(
-            f"round {r + 1}/{args.rounds}: "
-            + ", ".join(f"{v.name} {(args.new - 1) / v.decode[-1]:.1f} tok/s" for v in variants)
-        )
+    take_turns(variants, args.rounds, args.new)
 
     def tps(v: Variant) -> float:
         return (args.new - 1) / statistics.median(v.decode)
