@@ -114,9 +114,8 @@ def one_process_llama(setup: tuple[Path, Path]) -> Path:
     return root / "runs" / "one-llama"
 
 
-@pytest.mark.parametrize(
-    ("strategy", "arch"), [("ddp", "gpt2"), ("fsdp", "gpt2"), ("ddp", "llama"), ("fsdp", "llama")]
-)
+# The Llama-style model under DDP is test_checkpoint_resumes_with_another_number_of_processes[2-1]'s
+@pytest.mark.parametrize(("strategy", "arch"), [("ddp", "gpt2"), ("fsdp", "gpt2"), ("fsdp", "llama")])
 def test_two_processes_train_like_one(
     setup: tuple[Path, Path], request: pytest.FixtureRequest, strategy: str, arch: str
 ) -> None:
@@ -145,15 +144,21 @@ def test_two_processes_train_like_one(
     assert len(state["rng_ranks"]) == 2, "each rank's generators are kept"
 
 
-@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
+@pytest.mark.parametrize(("first", "then", "arch"), [(2, 1, "llama"), (1, 2, "gpt2")])
 def test_checkpoint_resumes_with_another_number_of_processes(
-    setup: tuple[Path, Path], one_process: Path, first: int, then: int
+    setup: tuple[Path, Path], request: pytest.FixtureRequest, first: int, then: int, arch: str
 ) -> None:
+    """Stopped at step 10 and resumed with the other number of processes, the run is the 1-process
+    run; 2 -> 1 is the Llama-style model's DDP check too (its 10 steps at 2 processes)."""
     root, cfg = setup
+    one_process = request.getfixturevalue("one_process" if arch == "gpt2" else "one_process_llama")
     name = f"resume-{first}-{then}"
     micro = {1: "train.micro_batch_size=8", 2: "train.micro_batch_size=4"}
-    gptkit_train(cfg, f"name={name}", micro[first], "--stop-at", "10", "--resume", "auto", procs=first)
-    gptkit_train(cfg, f"name={name}", micro[then], "--resume", "auto", procs=then)
+    switches = ARCHITECTURES[arch]
+    gptkit_train(
+        cfg, f"name={name}", micro[first], *switches, "--stop-at", "10", "--resume", "auto", procs=first
+    )
+    gptkit_train(cfg, f"name={name}", micro[then], *switches, "--resume", "auto", procs=then)
     assert_same_training(one_process, root / "runs" / name)
 
 
