@@ -20,10 +20,19 @@ LOSS_CHUNK_ELEMENTS = 2**27  # logits of at most this many entries exist at a ti
 
 
 def next_token_loss(
-    model: GPT, ids: Tensor, targets: Tensor, layout: Layout | None = None, *, step: nn.Module | None = None
+    model: GPT,
+    ids: Tensor,
+    targets: Tensor,
+    layout: Layout | None = None,
+    *,
+    step: nn.Module | None = None,
+    divisor: float | None = None,
 ) -> Tensor:
-    """Mean cross-entropy of the model's next-token predictions for `ids` against `targets` (B, T).
+    """Cross-entropy of the model's next-token predictions for `ids` against `targets` (B, T): the mean
+    over the targets that count (not IGNORE_INDEX), or with `divisor` their sum / divisor.
 
+    A training step gives all its micro-batches one divisor (the step's count of targets), so that
+    every target weighs the same whatever the micro-batch it falls in; evaluation takes the mean.
     Where gradients flow, the loss is fused with the head (`linear_cross_entropy`: no logits kept,
     the same loss, a faster step); otherwise (evaluation, a frozen or quantised model) it is the plain
     cross-entropy of the logits. `step` runs the forward pass: the model as the training step wraps
@@ -36,22 +45,36 @@ def next_token_loss(
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
             return linear_cross_entropy(
-                x.flatten(0, 1), model.lm_head.weight, targets.flatten(), model.config.vocab_size, dtype
+                x.flatten(0, 1),
+                model.lm_head.weight,
+                targets.flatten(),
+                model.config.vocab_size,
+                dtype,
+                divisor,
             )
     logits = model.lm_head(x)
     # upcast: cross-entropy of fp16/bf16 logits loses precision (a no-op for fp32)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    flat = logits.float().flatten(0, 1)
+    if divisor is None:
+        return F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum") / divisor
 
 
 def linear_cross_entropy(
-    x: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, dtype: torch.dtype
+    x: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    vocab_size: int,
+    dtype: torch.dtype,
+    divisor: float | None = None,
 ) -> Tensor:
-    """Mean cross-entropy of `x (N, C) @ weight[:vocab_size].T` against `targets (N,)`."""
-    return LinearCrossEntropy.apply(x, weight, targets, vocab_size, dtype, LOSS_CHUNK_ELEMENTS)
+    """Cross-entropy of `x (N, C) @ weight[:vocab_size].T` against `targets (N,)`: the mean over the
+    targets that count, or their sum / `divisor`."""
+    return LinearCrossEntropy.apply(x, weight, targets, vocab_size, dtype, LOSS_CHUNK_ELEMENTS, divisor)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of the logits `x @ weight[:vocab_size].T`, with its gradient found in forward.
+    """Cross-entropy of the logits `x @ weight[:vocab_size].T`, with its gradient found in forward.
 
     The same numbers as `F.cross_entropy(F.linear(x, weight[:vocab_size]), targets)`, but cheaper in
     training: the logits (N x vocab, the largest tensor of a small GPT) are made a chunk of rows at a
@@ -59,6 +82,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     size is kept for backward or copied between dtypes more than once. Backward only scales the two
     gradients by the incoming one. `dtype` is the matmul precision (bf16 under autocast); the softmax
     is computed in fp32 as with autocast. The gradient of padding rows (>= vocab_size) is zero.
+    The result is the mean over the targets that count, or their sum / `divisor` when one is given.
     """
 
     @staticmethod
@@ -70,6 +94,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         vocab_size: int,
         dtype: torch.dtype,
         chunk_elements: int,
+        divisor: float | None = None,
     ) -> Tensor:
         n = x.size(0)
         w = weight[:vocab_size].to(dtype)  # a contiguous view in fp32; the copy autocast would make in bf16
@@ -99,7 +124,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_w[:vocab_size].copy_(grad.T @ xd[s:e])
             else:
                 grad_w[:vocab_size] += grad.T @ xd[s:e]
-        count = valid.sum()
+        count = valid.sum() if divisor is None else divisor
         # Kept as attributes, not saved tensors: backward scales them in place and lets them go.
         ctx.grads = (grad_x.mul_(valid), grad_w, count, x.dtype)
         return total / count
@@ -111,4 +136,4 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_x, grad_w, count, x_dtype = ctx.grads
         ctx.grads = None
         scale = grad_loss / count
-        return grad_x.to(x_dtype).mul_(scale), grad_w.mul_(scale), None, None, None, None
+        return grad_x.to(x_dtype).mul_(scale), grad_w.mul_(scale), None, None, None, None, None

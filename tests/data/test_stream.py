@@ -242,7 +242,46 @@ def test_a_corrupt_parquet_row_group_is_named_or_skipped_and_counted(tmp_path: P
         while True:
             source.next_batch()
     docs = source.packer.documents
-    assert docs == 80 and source.skips.count == 1
+    assert docs == 80 and source.skipped == 1
+
+
+def test_skipped_rows_are_counted_once_through_a_stop_and_resume(tmp_path: Path) -> None:
+    """Bad rows (not JSON, or without the text field) at known lines of a jsonl: first, throughout,
+    and after the last document. A state counts the bad rows before its position, not those the
+    tokenizing workers' read-ahead has met; resumed from it and read to the end, the count is the
+    straight run's: the file's number of bad rows."""
+    path = tmp_path / "bad.jsonl"
+    rnd = random.Random(5)
+    lines, bad = [], []
+    for n in range(1, 601):
+        if n % 37 == 1 or n > 598:
+            lines.append("{not json" if n % 2 else json.dumps({"body": "no text"}))
+            bad.append(n)
+        else:
+            text = "".join(rnd.choice(WORDS_A) for _ in range(rnd.randint(3, 30)))
+            lines.append(json.dumps({"text": text}))
+    path.write_text("\n".join(lines) + "\n")
+    settings = ["data.skip_bad=true", "data.when_exhausted=renormalise", "data.shuffle_buffer=16"]
+    config = stream_config(f"['{path}']", *settings, "data.workers=2", "data.pack=best_fit")
+
+    def to_the_end(source: StreamBatches) -> int:
+        with pytest.raises(GptkitError, match="every source ran out"):
+            while True:
+                source.next_batch()
+        source.close()
+        return source.skipped
+
+    assert to_the_end(pipeline(config, batch=2, block=32)) == len(bad) == 19
+    first = pipeline(config, batch=2, block=32)
+    for _ in range(20):
+        first.next_batch()
+    state = first.state_dict()
+    line = state["sources"][0]["position"]["at"][1]  # a jsonl position: [byte offset, line]
+    assert 0 < state["skipped"] == sum(n <= line for n in bad) < first.sources[0].stream.skipped
+    first.close()
+    second = pipeline(config, batch=2, block=32)
+    second.load_state_dict(state)
+    assert to_the_end(second) == len(bad)
 
 
 def test_a_missing_text_field(two_sources: tuple[Path, Path], tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -179,6 +180,10 @@ def test_full_finetune_answers_an_instruction(tmp_path: Path, tok: CharTokenizer
             "data.val_fraction=0.1",
         ),
     )
+    # each step's loss: the mean over its answers' tokens (the prompts' are masked out), finite, falling
+    losses = result.train_losses
+    assert len(losses) == 150 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
     payload = load_checkpoint(result.checkpoint)
     assert ChatTemplate.from_dict(payload["chat_template"]) == TEMPLATE
     model = gptkit.load(result.run_dir)

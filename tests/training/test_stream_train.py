@@ -90,12 +90,29 @@ def test_streamed_resume_is_exact(tmp_path: Path, char_data: Path, words_jsonl: 
     assert f"| `{words_jsonl}` | 30.0% | {shares[str(words_jsonl)]:.1%} |" in report
 
 
-def test_a_changed_mixture_is_refused_on_resume(tmp_path: Path, char_data: Path, words_jsonl: Path) -> None:
-    common = [*stream_args(char_data, words_jsonl), "eval.every=0", "train.max_steps=6", "name=r"]
+def test_resumes_that_cannot_continue_the_stream_are_one_line_errors(
+    tmp_path: Path, char_data: Path, words_jsonl: Path
+) -> None:
+    """Another source list (or order), packing, seed, tokenizer or block size: one line naming the
+    difference and the fix; the run then resumes with its own settings."""
+    common = [*stream_args(char_data, words_jsonl), "eval.every=0", "train.max_steps=4", "name=r"]
     train(config(tmp_path, *common), stop_at=2)
-    changed = [*common, "data.pack=concat"]
-    with pytest.raises(GptkitError, match="resume with the checkpoint's data.sources, data.pack"):
-        train(config(tmp_path, *changed), resume="latest")
+    same = "resume with the checkpoint's data.sources, data.pack and train.seed"
+    swapped = f"data.sources=[{{path: '{words_jsonl}', weight: 0.3}}, {{path: '{char_data}', weight: 0.7}}]"
+    gpt2 = [f"data.sources=['{words_jsonl}']", "data.tokenizer=gpt2"]
+    cases = [
+        (["data.pack=concat"], same),
+        ([f"data.sources=['{char_data}']"], same),
+        ([swapped], same),
+        (["train.seed=7"], same),
+        (gpt2, "the streamed sources are tokenized with gpt2, another tokenizer than checkpoint"),
+        (["model.block_size=16"], "the config's model shape differs from checkpoint .*block_size 32 -> 16"),
+    ]
+    for changed, message in cases:
+        with pytest.raises(GptkitError, match=message) as e:
+            train(config(tmp_path, *common, *changed), resume="latest")
+        assert "\n" not in str(e.value), changed
+    assert train(config(tmp_path, *common), resume="latest").step == 4
 
 
 def cli(tmp_path: Path, *extra: str) -> list[str]:
@@ -158,10 +175,11 @@ def test_two_processes_see_the_global_batch_of_one_and_resume_with_another_count
 ) -> None:
     """One torchrun launch: 1 process (micro-batch 4) steps 1-4, 2 processes (micro-batch 2 each) resume
     it for steps 5-8, 1 process resumes those for 9-12; every loss and the final weights equal a
-    straight 1-process run. Concatenation packing: best_fit pads, and each rank averages its loss over
-    its own unpadded tokens, so its losses differ from one process's by the padding's spread."""
-    base = [*stream_args(char_data, words_jsonl), "data.pack=concat", "eval.every=0", "train.max_steps=12"]
-    base += ["checkpoint.every_steps=0"]
+    straight 1-process run. Best-fit packing in windows of 128, which hold several documents: the
+    ranks' rows hold different numbers of targets (padding, and each document's last position), and
+    a step's loss is still the mean over all of the global batch's targets."""
+    base = [*stream_args(char_data, words_jsonl), "eval.every=0", "train.max_steps=12"]
+    base += ["checkpoint.every_steps=0", "model.block_size=128"]
     whole = train(config(tmp_path, *base, "name=whole"))
     train(config(tmp_path, *base, "name=mixed"), stop_at=4)
     two = torchrun(

@@ -130,6 +130,59 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path, char_data: P
         assert float((a - b).abs().max()) <= 1e-6, name
 
 
+def step_gradients(
+    tmp_path: Path, data: Path, batches: list[Batch], *overrides: str
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """One training step on `batches`: its logged loss and the (unclipped) gradients it applied."""
+    cfg = config(tmp_path, data, "model.vocab_size=104", "train.max_steps=1", "train.grad_clip=0", *overrides)
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    trainer = bare_trainer(cfg, tmp_path / "r", model, None, ListSource(batches))  # type: ignore[arg-type]
+    grads: dict[str, torch.Tensor] = {}
+
+    def keep(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    trainer.optimizer.register_step_pre_hook(keep)
+    loss, _, _ = trainer.train_step()
+    return loss, grads
+
+
+def test_every_target_weighs_the_same_however_the_step_is_cut(tmp_path: Path, char_data: Path) -> None:
+    """8 rows with uneven padding (IGNORE_INDEX), as 1 micro-batch of 8 and as 4 of 2: the same loss,
+    the mean over all the step's targets, and the same gradients. The mean of the micro-batches'
+    means (what a step gave before) is another number."""
+    from gptkit.fused_loss import IGNORE_INDEX, next_token_loss
+
+    g = torch.Generator().manual_seed(3)
+    data = torch.randint(0, 104, (8, 33), generator=g)
+    x, y = data[:, :-1], data[:, 1:].clone()
+    for row, kept in enumerate([32, 3, 30, 5, 17, 1, 28, 9]):
+        y[row, kept:] = IGNORE_INDEX
+    pairs = [Batch(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)]
+    whole, g1 = step_gradients(tmp_path, char_data, [Batch(x, y)], "train.micro_batch_size=8")
+    cut, g4 = step_gradients(
+        tmp_path, char_data, pairs, "train.micro_batch_size=2", "train.tokens_per_step=256"
+    )
+    assert abs(whole - cut) <= 1e-6
+    assert g1.keys() == g4.keys() and len(g1) > 0
+    for name, grad in g1.items():
+        assert float((grad - g4[name]).abs().max()) <= 1e-6, name
+    torch.manual_seed(0)
+    model = GPT(config(tmp_path, char_data, "model.vocab_size=104").model)
+    with torch.no_grad():
+        token_mean = float(next_token_loss(model, x, y))
+    assert abs(whole - token_mean) <= 1e-6
+    # the old formula: each micro-batch's mean / their number
+    per_micro = 0.0
+    for b in pairs:
+        loss = next_token_loss(model, b.ids, b.targets) / len(pairs)
+        loss.backward()
+        per_micro += float(loss.detach())
+    assert abs(per_micro - token_mean) > 1e-4
+    assert max(float((p.grad - g4[n]).abs().max()) for n, p in model.named_parameters()) > 1e-4
+
+
 def test_clipping_caps_the_gradient_and_logs_the_pre_clip_norm(tmp_path: Path, char_data: Path) -> None:
     g = torch.Generator().manual_seed(2)
     data = torch.randint(0, 104, (4, 33), generator=g)

@@ -27,7 +27,7 @@ import torch
 from gptkit.config import DataConfig
 from gptkit.data.batch import Batch
 from gptkit.data.sources import SkipLog
-from gptkit.data.streams import DocumentStream, GlobalDocuments, Position
+from gptkit.data.streams import DocumentStream, GlobalDocuments, Position, skipped_before
 from gptkit.errors import GptkitError
 from gptkit.fused_loss import IGNORE_INDEX
 from gptkit.tokenizer import Tokenizer
@@ -56,11 +56,18 @@ class SourceState:
     tokens_in: int = 0
     tokens_out: int = 0  # tokens given to the packer: the source's share
     epoch_docs: int = 0  # documents in the current epoch, to catch a source with none
+    skipped_epochs: int = 0  # bad rows skipped in the finished epochs (the current one's: in `position`)
     buffer: list[np.ndarray] = field(default_factory=list)
 
     @property
     def stream(self) -> DocumentStream:
         return self.docs.stream
+
+    @property
+    def skipped(self) -> int:
+        """Bad rows skipped before `position`: those a resume from this state will not meet again
+        (the reader runs ahead of it, through its read-ahead and the tokenizing workers)."""
+        return self.skipped_epochs + skipped_before(self.position)
 
     def next_document(self) -> np.ndarray | None:
         """The next document of the source, over epochs; None when the allowed epochs are done."""
@@ -77,6 +84,7 @@ class SourceState:
                         f"source {self.stream.name!r} has no documents after filtering; check the path, "
                         "text_field and filter (min_chars)"
                     )
+                self.skipped_epochs += self.stream.skipped  # the reader has read the whole epoch
                 self.close()
                 self.epoch, self.position, self.epoch_docs = self.epoch + 1, None, 0
                 continue
@@ -242,6 +250,7 @@ class StreamBatches:
         self.batch_size, self.block_size, self.seed = batch_size, block_size, seed
         self.rank, self.world_size = rank, world_size
         self.buffer_size, self.when_exhausted = data.shuffle_buffer, data.when_exhausted
+        # whether bad rows are skipped, and the first few; their count goes with the sources' positions
         self.skips = SkipLog(data.skip_bad if skip_bad is None else skip_bad)
         configs = data.stream_sources()
         self.sources = [
@@ -331,6 +340,16 @@ class StreamBatches:
 
     # -- reporting ------------------------------------------------------------------------------
 
+    @property
+    def skipped(self) -> int:
+        """Bad rows skipped before the sources' positions: what a resume from this state will not meet
+        again, so a stopped and resumed run counts each bad row once."""
+        return sum(s.skipped for s in self.sources)
+
+    def skip_log(self) -> SkipLog:
+        """The skips as `prepare` reports them: that count, and the first few rows met."""
+        return SkipLog(self.skips.skip_bad, self.skipped, self.skips.examples)
+
     def shares(self) -> dict[str, float]:
         """Each source's share of the tokens given to the packer so far (over all ranks)."""
         total = sum(s.tokens_out for s in self.sources) or 1
@@ -350,12 +369,13 @@ class StreamBatches:
                     "epochs": s.epochs,
                     "active": s.active,
                     "counts": [s.docs_in, s.tokens_in, s.tokens_out, s.epoch_docs],
+                    "skipped_epochs": s.skipped_epochs,
                     "buffer": [torch.from_numpy(d) for d in s.buffer],
                 }
                 for s in self.sources
             ],
             "packer": self.packer.state_dict(),
-            "skipped": self.skips.count,
+            "skipped": self.skipped,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -384,9 +404,9 @@ class StreamBatches:
                 saved["active"],
             )
             s.docs_in, s.tokens_in, s.tokens_out, s.epoch_docs = saved["counts"]
+            s.skipped_epochs = saved.get("skipped_epochs", 0)
             s.buffer = [t.numpy() for t in saved["buffer"]]
         self.packer.load_state_dict(state["packer"])
-        self.skips.count = state["skipped"]
 
     def close(self) -> None:
         for s in self.sources:

@@ -72,7 +72,7 @@ def prepare_mixture(
             splits = {s: w.close() for s, w in writers.items()}
             if splits["train"]["tokens"] == 0:
                 raise GptkitError("the mixture gave no train tokens; add data, or lower --val-fraction")
-            meta = prepare._meta(tokenizer, dtype, splits, [], config, pipeline.skips)
+            meta = prepare._meta(tokenizer, dtype, splits, [], config, pipeline.skip_log())
             meta["sources"] = [{"source": c.path, "weight": c.weight} for c in data.stream_sources()]
             meta["mixture"] = {
                 "seed": mix_seed,
@@ -88,5 +88,5 @@ def prepare_mixture(
             raise
     shares = ", ".join(f"{name} {share:.1%}" for name, share in pipeline.shares().items())
     notice(f"token shares: {shares}")
-    prepare._report(meta, pipeline.skips, final)
+    prepare._report(meta, pipeline.skip_log(), final)
     return meta

@@ -22,6 +22,7 @@ from gptkit.errors import GptkitError
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst"}
 TABLE_SUFFIXES = {".jsonl", ".parquet"}
 BUILTIN = "builtin:pydoc"
+HF_STATE_ROWS = 64  # hf: rows between two copies of the `datasets` iterator's state
 
 # Text files are cut into about 128 chunks (between 4 KiB and 1 MiB each) so that the val
 # fraction holds for a single large file too.
@@ -328,11 +329,16 @@ def _parquet_pieces(src: Source, text_field: str, skips: SkipLog, start: Any = N
 
 def _hf_pieces(src: Source, text_field: str, skips: SkipLog, start: Any = None) -> Iterator[Piece]:
     """`hf:NAME[:CONFIG][@SPLIT]`: a HuggingFace dataset name or a local dataset folder, streamed.
-    `start`: the `datasets` iterator's `state_dict()` after a row."""
+
+    `start`: [a `datasets` iterator state (None: the dataset's start), rows after it, rows read in
+    all]. The iterator's `state_dict()` is a copy of nested dicts: it is taken every HF_STATE_ROWS rows,
+    not after each, and a resume reads past the few rows from that state to the position (not
+    tokenized). A bare state is the position after it (an earlier gptkit's)."""
     datasets = _optional("datasets", "datasets", "to read hf: sources")
     spec = src.spec[3:]
     spec, _, split = spec.partition("@")
     name, _, config = spec.partition(":")
+    state, after_state, n = start if isinstance(start, list) else (start, 0, 0)
     try:
         if _saved_dataset(name):  # a folder written by Dataset(Dict).save_to_disk
             ds = datasets.load_from_disk(name)
@@ -340,31 +346,29 @@ def _hf_pieces(src: Source, text_field: str, skips: SkipLog, start: Any = None) 
             ds = ds.to_iterable_dataset()  # in order, with a state to resume from
         else:
             ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
-        if start is not None:
-            ds.load_state_dict(start)
+        if state is not None:
+            ds.load_state_dict(state)
         rows = iter(ds)
-        first = next(rows, None)
-        first_after = ds.state_dict()
+        for _ in range(after_state):  # from the state to the position
+            next(rows, None)
+        record = next(rows, None)
     except Exception as e:  # network, missing dataset, bad config: all surface here
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise GptkitError(f"cannot load dataset {src.spec!r}: {msg}") from None
-    if first is not None and text_field not in first:
-        fields = ", ".join(first)
+    if record is not None and text_field not in record:
+        fields = ", ".join(record)
         raise GptkitError(
             f"{src.spec}: no field {text_field!r} (fields: {fields}); choose one with --text-field"
         )
-    if first is None:
-        return
-    record, after, n = first, first_after, 0
-    while True:
+    while record is not None:
         n += 1
+        after_state += 1
+        if after_state == HF_STATE_ROWS:  # the iterator stands after row n
+            state, after_state = ds.state_dict(), 0
         text = _field_text(record, text_field, f"{src.spec} row {n}", skips)
         if text:
-            yield Piece(f"{src.name}:{n}", text, last=True, after=after)
+            yield Piece(f"{src.name}:{n}", text, last=True, after=[state, after_state, n])
         record = next(rows, None)
-        if record is None:
-            return
-        after = ds.state_dict()
 
 
 def _at(piece: Piece, after: Any) -> Piece:

@@ -10,8 +10,8 @@ then exchanges the ranks' tokenized documents in lockstep and interleaves them b
 rank holds the same documents in the same order as one process would. Each document comes with the
 position after it: where reading stands (file and byte offset for jsonl, file, row group and row for
 parquet, the `datasets` iterator's state for `hf:`, shard and token offset for a prepared folder, see
-`Source.pieces`). A resumed stream starts there, reading nothing before it, with any number of
-processes.
+`Source.pieces`) and the count of bad rows skipped before it in the epoch (`data.skip_bad`). A resumed
+stream starts there, reading nothing before it, with any number of processes.
 """
 
 from __future__ import annotations
@@ -47,6 +47,11 @@ def is_prepared(path: str) -> bool:
     return not path.startswith("hf:") and (Path(path) / "meta.json").is_file()
 
 
+def skipped_before(position: Position) -> int:
+    """The bad rows skipped in an epoch before `position` (a prepared folder's have none)."""
+    return position.get("skipped", 0) if isinstance(position, dict) else 0
+
+
 class DocumentStream:
     """The documents of one source that one rank tokenizes: `epoch(start)` iterates an epoch from a
     position; `split` is a prepared folder's split (raw sources name their split in the path)."""
@@ -63,7 +68,8 @@ class DocumentStream:
     ) -> None:
         self.config, self.tokenizer, self.split = config, tokenizer, split
         self.rank, self.world_size, self.workers = rank, world_size, workers
-        self.skips = skips or SkipLog(False)
+        self.skips = skips or SkipLog(False)  # whether to skip bad rows, and the first few of them
+        self.skipped = 0  # bad rows the reader met in the epoch so far (it reads ahead of the documents)
         self.read = 0  # pieces or documents the readers gave (a resume reads none before its position)
         self.dtype = token_dtype(tokenizer.vocab_size)
         self.prepared = PreparedData.open(config.path) if is_prepared(config.path) else None
@@ -81,6 +87,7 @@ class DocumentStream:
 
     def epoch(self, start: Position = None) -> Iterator[Document]:
         """This rank's documents after `start`, each ending with end-of-text, with the position after it."""
+        self.skipped = skipped_before(start)
         if self.prepared is not None:
             return self._mine(self._prepared_documents(start))
         return self._named(self._tokenized(self._mine(self._texts(start))))
@@ -116,19 +123,23 @@ class DocumentStream:
                 yield tail, [index, len(shard)]
 
     def _texts(self, start: Position) -> Iterator[tuple[str, bool, Position]]:
-        """Pieces of text after the filter, from `start` ({"file", "at"}: the file's reader position):
-        (text, ends its document, position after it)."""
+        """Pieces of text after the filter, from `start` ({"file", "at", "skipped"}: the file's reader
+        position, and the bad rows before it): (text, ends its document, position after it)."""
         lo, hi = self.config.filter.min_chars, self.config.filter.max_chars
         first = start["file"] if start is not None else 0
+        # this epoch's count, from the start's; the first few bad rows go to the run's examples
+        log = SkipLog(self.skips.skip_bad, skipped_before(start), self.skips.examples)
         for index, src in enumerate(self.sources):
             if index < first:
                 continue
             at = start["at"] if start is not None and index == first else None
-            for piece in src.pieces(self.config.text_field, self.skips, at):
+            for piece in src.pieces(self.config.text_field, log, at):
                 self.read += 1
+                self.skipped = log.count
                 if len(piece.text) >= lo:
                     text = piece.text if hi is None else piece.text[:hi]
-                    yield text, piece.last, {"file": index, "at": piece.after}
+                    yield text, piece.last, {"file": index, "at": piece.after, "skipped": log.count}
+        self.skipped = log.count
 
     def _tokenized(self, texts: Iterator[tuple[str, bool, Position]]) -> Iterator[Document]:
         """Token arrays in input order; with workers, a few tasks per worker in flight at most."""
@@ -183,10 +194,16 @@ class GlobalDocuments:
         self.reader, self.ended = iter(self.stream.epoch(position)), False
 
     def next(self) -> Document | None:
-        """The next document of the epoch and the position after it; None at the epoch's end."""
+        """The next document of the epoch and the position after it; None at the epoch's end, where
+        this rank's reader has read the whole source (`stream.skipped` then counts all its bad rows)."""
         if not self.queue and not self.ended:
             self._exchange()
-        return self.queue.popleft() if self.queue else None
+        if self.queue:
+            return self.queue.popleft()
+        if self.reader is not None:  # past another rank's last document: only rows that give none
+            for _ in self.reader:
+                pass
+        return None
 
     def _exchange(self) -> None:
         assert self.reader is not None

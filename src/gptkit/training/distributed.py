@@ -79,6 +79,15 @@ def mean(value: Tensor, procs: Processes) -> Tensor:
     return total / procs.world_size
 
 
+def total_counts(counts: list[int], procs: Processes, device: torch.device) -> list[int]:
+    """Each count summed over the ranks, exactly (integers; every rank gets them): one all_reduce."""
+    if not procs.distributed:
+        return counts
+    t = torch.tensor(counts, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [int(v) for v in t.tolist()]
+
+
 def any_rank(flags: list[bool], procs: Processes, device: torch.device) -> list[bool]:
     """Each flag OR-ed over the ranks: decisions (stop, save) every rank must take together."""
     if not procs.distributed:

@@ -26,7 +26,7 @@ from gptkit.console import notice
 from gptkit.data.mixing import SourceExhausted
 from gptkit.device import autocast, fast_matmul
 from gptkit.errors import GptkitError
-from gptkit.fused_loss import next_token_loss
+from gptkit.fused_loss import IGNORE_INDEX, next_token_loss
 from gptkit.generate import Sampler, SampleSettings
 from gptkit.layout import CONFIG_FILE
 from gptkit.training import distributed
@@ -358,30 +358,43 @@ class Trainer:
         lr = learning_rate(self.step, tc)
         set_learning_rate(self.optimizer, lr)
         self._step_start = (self.train_source.state_dict(), rng_state())
+        # The step's micro-batches first (ids: cheap to hold): the loss is the mean over all targets
+        # of the global batch, so each micro-batch needs the count of them all. Each gives its sum
+        # of token losses / (count / world size): DDP and FSDP average the ranks' gradients, which
+        # makes the world size cancel. Padding and masked prompts (IGNORE_INDEX) count for nothing,
+        # and how the batch is cut into micro-batches and ranks changes nothing.
+        batches = [self.train_source.next_batch() for _ in range(self.accum)]
+        targets, positions = distributed.total_counts(
+            [
+                sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches),
+                sum(b.ids.numel() for b in batches),  # computed: padded batches are narrower than T
+            ],
+            self.procs,
+            self.device,
+        )
+        divisor = max(targets, 1) / self.procs.world_size
         total = torch.zeros((), device=self.device)
-        positions = 0  # what the model computed: padded batches are narrower than block_size
-        for micro in range(self.accum):
-            batch = self.train_source.next_batch().to(self.device, non_blocking=True)
-            positions += batch.ids.numel()
+        for micro, batch in enumerate(batches):
+            batch = batch.to(self.device, non_blocking=True)
             with distributed.gradient_sync(self.step_model, self.procs, sync=micro == self.accum - 1):
                 with autocast(self.device, self.precision):
                     loss = next_token_loss(  # fused with the head: no logits kept
-                        self.model, batch.ids, batch.targets, batch.layout(), step=self.step_model
+                        self.model,
+                        batch.ids,
+                        batch.targets,
+                        batch.layout(),
+                        step=self.step_model,
+                        divisor=divisor,
                     )
-                # Each micro-batch's mean loss / accum: the gradient of the mean over all of them
-                # (and DDP/FSDP average over the ranks' slices).
-                self.scaler.scale(loss / self.accum).backward()
+                self.scaler.scale(loss).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-        both = distributed.mean(
-            torch.stack([total, torch.tensor(float(positions), device=self.device)]), self.procs
-        )
-        loss = float(both[0]) / self.accum  # the global batch's loss
-        self.step_positions = round(float(both[1]) * self.procs.world_size)  # over all ranks
+        loss = float(distributed.mean(total, self.procs))  # the global batch's mean over its targets
+        self.step_positions = positions  # over all ranks
         self._step_start = None
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.scaler.step(self.optimizer)
