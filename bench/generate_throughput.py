@@ -158,6 +158,16 @@ def hf_run(hf, prompt: list[int], new: int) -> Callable[[], tuple[float, float, 
     return run
 
 
+def decoding_arguments(description: str) -> argparse.ArgumentParser:
+    """The options every batch-1 decoding bench takes: prompt and new tokens, rounds, threads."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    parser.add_argument("--new", type=int, default=256, help="new tokens")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
 def take_turns(variants: list[Variant], rounds: int, new: int) -> None:
     """One untimed run of each variant, then `rounds` rounds in turns A, B, C, ..., recorded."""
     for v in variants:
@@ -183,11 +193,7 @@ def prompt_ids(n: int) -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
-    parser.add_argument("--new", type=int, default=256, help="new tokens")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = decoding_arguments(__doc__.split("\n")[0])
     parser.add_argument("--no-hf-int8", action="store_true", help="skip HF's dynamic int8 row")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -22,13 +22,12 @@ medians and the spread (min-max) over rounds, and each row's ratio against HF's 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import statistics
 
 import torch
-from generate_throughput import VOCAB, Variant, gptkit_run, hf_run, take_turns
+from generate_throughput import VOCAB, Variant, decoding_arguments, gptkit_run, hf_run, take_turns
 from tables import markdown  # bench/tables.py: scripts run from bench/
 
 from gptkit.generate.inference import prepare
@@ -51,11 +50,7 @@ def hf_llama(model: GPT):  # -> LlamaForCausalLM
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
-    parser.add_argument("--new", type=int, default=256, help="new tokens")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = decoding_arguments(__doc__.split("\n")[0])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
