@@ -26,8 +26,9 @@ import torch
 
 from gptkit.config import DataConfig
 from gptkit.data.batch import Batch
+from gptkit.data.global_order import GlobalDocuments
 from gptkit.data.sources import SkipLog
-from gptkit.data.streams import DocumentStream, GlobalDocuments, Position, skipped_before
+from gptkit.data.streams import DocumentStream, Position, skipped_before
 from gptkit.errors import GptkitError
 from gptkit.fused_loss import IGNORE_INDEX
 from gptkit.tokenizer import Tokenizer

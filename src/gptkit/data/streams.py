@@ -5,13 +5,14 @@ jsonl or parquet files or folders, or `hf:NAME[:CONFIG][@SPLIT]`, read by `data.
 readers of `prepare`) and tokenized by worker processes running `prepare`'s tokenizer code.
 
 Under several processes, every rank reads the source but tokenizes only the documents whose index
-(counted from where the epoch resumed) is its rank modulo the number of processes; `GlobalDocuments`
-then exchanges the ranks' tokenized documents in lockstep and interleaves them back, so that every
-rank holds the same documents in the same order as one process would. Each document comes with the
-position after it: where reading stands (file and byte offset for jsonl, file, row group and row for
-parquet, the `datasets` iterator's state for `hf:`, shard and token offset for a prepared folder, see
-`Source.pieces`) and the count of bad rows skipped before it in the epoch (`data.skip_bad`). A resumed
-stream starts there, reading nothing before it, with any number of processes.
+(counted from where the epoch resumed) is its rank modulo the number of processes;
+`gptkit.data.global_order.GlobalDocuments` then exchanges the ranks' tokenized documents in lockstep
+and interleaves them back, so that every rank holds the same documents in the same order as one
+process would. Each document comes with the position after it: where reading stands (file and byte
+offset for jsonl, file, row group and row for parquet, the `datasets` iterator's state for `hf:`,
+shard and token offset for a prepared folder, see `Source.pieces`) and the count of bad rows skipped
+before it in the epoch (`data.skip_bad`). A resumed stream starts there, reading nothing before it,
+with any number of processes.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from gptkit.tokenizer import Tokenizer, from_description, gpt2_tokenizer
 
 DOCS_PER_TASK = 64  # documents sent to a tokenizing worker at a time
 SHARD_READ = 1 << 20  # tokens of a prepared shard read at a time
-EXCHANGE = 64  # documents each rank tokenizes and sends per exchange
 
 Position = Any  # where reading stands in an epoch (plain data: it goes into checkpoints); None: its start
 Document = tuple[np.ndarray, Position]  # a document's tokens and the position after it
@@ -172,68 +172,6 @@ class DocumentStream:
             finally:
                 for f, _ in inflight:
                     f.cancel()
-
-
-class GlobalDocuments:
-    """The documents of one source in their global order, the same on every rank.
-
-    Each rank tokenizes its own documents; when the queue runs dry, every rank at once (they run
-    the same logic on the same documents) sends its next `EXCHANGE` documents to all others, and
-    they are interleaved back: rank r's k-th document is the (k * N + r)-th after the start. The
-    epoch ends at the first rank that has no k-th document.
-    """
-
-    def __init__(self, stream: DocumentStream) -> None:
-        self.stream = stream
-        self.reader: Iterator[Document] | None = None
-        self.queue: deque[Document] = deque()
-        self.ended = False
-
-    def start(self, position: Position) -> None:
-        self.close()
-        self.reader, self.ended = iter(self.stream.epoch(position)), False
-
-    def next(self) -> Document | None:
-        """The next document of the epoch and the position after it; None at the epoch's end, where
-        this rank's reader has read the whole source (`stream.skipped` then counts all its bad rows)."""
-        if not self.queue and not self.ended:
-            self._exchange()
-        if self.queue:
-            return self.queue.popleft()
-        if self.reader is not None:  # past another rank's last document: only rows that give none
-            for _ in self.reader:
-                pass
-        return None
-
-    def _exchange(self) -> None:
-        assert self.reader is not None
-        if self.stream.world_size == 1:
-            parts = [list(itertools.islice(self.reader, EXCHANGE))]
-        else:  # an error on one rank is raised on every rank, rather than leaving the others waiting
-            import torch.distributed as dist  # here: `gptkit info` reads this module without torch
-
-            try:
-                mine: tuple[str, Any] = ("ok", list(itertools.islice(self.reader, EXCHANGE)))
-            except GptkitError as e:
-                mine = ("error", str(e))
-            gathered: list[Any] = [None] * self.stream.world_size
-            dist.all_gather_object(gathered, mine)
-            errors = [msg for kind, msg in gathered if kind == "error"]
-            if errors:
-                raise GptkitError(errors[0])
-            parts = [docs for _, docs in gathered]
-        for k in range(EXCHANGE):
-            for docs in parts:
-                if k >= len(docs):
-                    self.ended = True
-                    return
-                self.queue.append(docs[k])
-
-    def close(self) -> None:
-        close = getattr(self.reader, "close", None)
-        if close is not None:
-            close()
-        self.reader, self.queue, self.ended = None, deque(), False
 
 
 def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
