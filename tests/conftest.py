@@ -109,6 +109,26 @@ def tiny_gpt(
     return model.eval()
 
 
+def assert_cached_decoding_equals_full_forward(model: GPT, rows: list[list[int]], steps: int) -> None:
+    """Rows of different lengths share a left-padded cache: after the prefill and each of `steps`
+    greedy steps, each row's logits equal the full forward of that row alone (1e-5)."""
+    import torch
+
+    longest = max(map(len, rows))
+    rows = [list(r) for r in rows]
+    cache = model.new_cache(len(rows))
+    cache.set_padding(torch.tensor([longest - len(r) for r in rows]))
+    with torch.no_grad():
+        logits = model(torch.tensor([[0] * (longest - len(r)) + r for r in rows]), cache=cache)[:, -1]
+        for _ in range(steps):
+            for b, row in enumerate(rows):
+                torch.testing.assert_close(logits[b], model(torch.tensor([row]))[0, -1], atol=1e-5, rtol=1e-5)
+            nxt = logits.argmax(-1)
+            for b, row in enumerate(rows):
+                row.append(int(nxt[b]))
+            logits = model(nxt[:, None], cache=cache)[:, -1]
+
+
 def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     """Wait until a training process has logged `step` in its run folder (or fail if it exits)."""
     deadline = time.time() + timeout

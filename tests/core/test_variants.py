@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import SWITCHES, TINY_LLAMA, TINY_SHAPE, tiny_gpt
+from conftest import SWITCHES, TINY_LLAMA, TINY_SHAPE, assert_cached_decoding_equals_full_forward, tiny_gpt
 
 from gptkit.config import LLAMA_PRESETS, MODEL_PRESETS, ModelConfig, load_config
 from gptkit.errors import GptkitError
@@ -167,19 +167,7 @@ def test_cache_with_left_padding_equals_full_forward(switches: dict) -> None:
     logits equal the full forward of that row alone."""
     model = tiny_gpt(VOCAB, seed=5, random_vectors=True, **switches)
     rows = [torch.randint(0, VOCAB, (n,)).tolist() for n in (9, 4, 6)]
-    longest = max(map(len, rows))
-    pad = torch.tensor([longest - len(r) for r in rows])
-    cache = model.new_cache(len(rows))
-    cache.set_padding(pad)
-    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
-    logits = model(ids, cache=cache)[:, -1]
-    for _ in range(6):
-        for b, row in enumerate(rows):
-            torch.testing.assert_close(logits[b], model(torch.tensor([row]))[0, -1], atol=1e-5, rtol=1e-5)
-        nxt = logits.argmax(-1)
-        for b, row in enumerate(rows):
-            row.append(int(nxt[b]))
-        logits = model(nxt[:, None], cache=cache)[:, -1]
+    assert_cached_decoding_equals_full_forward(model, rows, 6)
 
 
 @pytest.mark.parametrize("switches", list(SWITCHES.values()), ids=list(SWITCHES))

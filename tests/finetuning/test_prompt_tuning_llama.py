@@ -4,7 +4,7 @@ tokens after it; cached decoding equals the full forward, and training moves onl
 from __future__ import annotations
 
 import torch
-from conftest import TINY_LLAMA, tiny_gpt
+from conftest import TINY_LLAMA, assert_cached_decoding_equals_full_forward, tiny_gpt
 
 from gptkit.finetuning.prompt_tuning import add_soft_prompt
 
@@ -15,17 +15,7 @@ VOCAB = 101
 def test_cached_decoding_equals_the_full_forward_with_left_padding() -> None:
     model = add_soft_prompt(tiny_gpt(VOCAB, seed=1, **TINY_LLAMA), 5)
     model.soft_prompt.normal_()
-    rows = [[3, 9, 27, 4], [8, 1]]
-    cache = model.new_cache(2)
-    cache.set_padding(torch.tensor([0, 2]))
-    logits = model(torch.tensor([rows[0], [0, 0, *rows[1]]]), cache=cache)[:, -1]
-    for _ in range(4):
-        for b, row in enumerate(rows):
-            torch.testing.assert_close(logits[b], model(torch.tensor([row]))[0, -1], atol=1e-5, rtol=1e-5)
-        nxt = logits.argmax(-1)
-        for b, row in enumerate(rows):
-            row.append(int(nxt[b]))
-        logits = model(nxt[:, None], cache=cache)[:, -1]
+    assert_cached_decoding_equals_full_forward(model, [[3, 9, 27, 4], [8, 1]], 4)
 
 
 def test_only_the_prompt_trains_and_the_loss_falls() -> None:
