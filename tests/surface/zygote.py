@@ -224,6 +224,7 @@ def serving(bin_dir: Path, cwd: Path, env: dict[str, str], modules: Sequence[str
     PATH) and `bin_dir`/gptkit its client. Its socket and its log (shown if it cannot start) are
     `bin_dir`/zygote.sock and zygote.log; it ends with the block, with any command still running."""
     sock, log_path = bin_dir / "zygote.sock", bin_dir / "zygote.log"
+    sock.unlink(missing_ok=True)  # an earlier zygote's: it would look ready
     client = Path(__file__).with_name("zygote_client.py")
     (bin_dir / "gptkit").write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "{client}" "{sock}" "$@"\n')
     (bin_dir / "gptkit").chmod(0o755)

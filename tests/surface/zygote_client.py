@@ -36,7 +36,8 @@ def main(path: str, argv: list[str]) -> int:
         return 70
     code = STATUS.unpack(reply)[0]
     if code < 0:  # killed by a signal: be killed by it too, so a shell sees what it would have
-        signal.signal(-code, signal.SIG_DFL)
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):  # the two whose action cannot be set
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     return code
 
