@@ -4,7 +4,8 @@ README says to train (with fewer steps), or is listed in NOT_RUN with the reason
 The commands run in a temporary folder laid out like a clone after the quick start: configs/,
 data/default and runs/tiny, and ../shared/data beside it. Commands that make things (prepare, train,
 finetune, export, import) run first, in README order, then the others in README order. A new command
-in the README is run by this test; one that cannot run here must be added to NOT_RUN.
+in the README is run by this test; one that cannot run here must be added to NOT_RUN. Each `gptkit` is
+a process of its own, forked from a zygote that imported torch and gptkit once (zygote.py).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import SHARED_DATA, shared_file
+from surface.zygote import serving
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -88,8 +90,12 @@ def test_every_command_is_run_or_listed_with_a_reason() -> None:
 
 
 @pytest.fixture(scope="module")
-def clone(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """A folder like a clone after the quick start (runs/tiny trained for 2 steps), with `gptkit` on PATH."""
+def clone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A folder like a clone after the quick start (runs/tiny trained for 2 steps), with `gptkit` on PATH.
+
+    `gptkit` there is zygote_client.py: each command line still runs under `bash -c` as written, and
+    each `gptkit` in it is a process of its own, forked from a zygote (zygote.py) that imported torch
+    and gptkit once (about 60 fresh interpreters and their imports were most of this test's time)."""
     shared_file("tinyshakespeare/input.txt")
     alpaca = shared_file("instruct/alpaca_5000.json")
     root = tmp_path_factory.mktemp("readme")
@@ -109,17 +115,16 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str
     (work / "docs" / "bread.txt").write_text("Bread rises because yeast turns sugar into gas. Bake it hot.\n")
     bin_dir = root / "bin"
     bin_dir.mkdir()
-    (bin_dir / "gptkit").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m gptkit "$@"\n')
-    (bin_dir / "gptkit").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "GPTKIT_NO_PROGRESS": "1"}
-    quick_start = [  # what scripts/quickstart.sh runs after setting up .venv
-        "gptkit prepare --out data/default --tokenizer char --overwrite --no-progress",
-        "gptkit train configs/tiny.yaml " + " ".join(FAST_TRAIN),
-    ]
-    for command in quick_start:
-        out = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True)
-        assert out.returncode == 0, f"{command}\n{out.stderr[-2000:]}"
-    return work, env
+    with serving(bin_dir, work, env):
+        quick_start = [  # what scripts/quickstart.sh runs after setting up .venv
+            "gptkit prepare --out data/default --tokenizer char --overwrite --no-progress",
+            "gptkit train configs/tiny.yaml " + " ".join(FAST_TRAIN),
+        ]
+        for command in quick_start:
+            out = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True)
+            assert out.returncode == 0, f"{command}\n{out.stderr[-2000:]}"
+        yield work, env
 
 
 @pytest.mark.slow
