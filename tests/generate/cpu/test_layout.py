@@ -39,7 +39,7 @@ def c_signature(function: str) -> tuple[list[type], type | None]:
     """A kernels.c function's (parameter ctypes, return ctype), read from its definition."""
     found = re.search(rf"\b(\w+)\s+{function}\(([^)]*)\)", c_source())
     assert found, f"{function} is not defined in {SOURCE.name}"
-    params = [" ".join(p.split()) for p in found.group(2).split(",")]
+    params = [" ".join(p.split()) for p in found.group(2).split(",") if p.strip() != "void"]
     return [ctypes.c_void_p if "*" in p else C_TYPES[p.split()[-2]] for p in params], C_TYPES[found.group(1)]
 
 

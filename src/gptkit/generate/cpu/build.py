@@ -40,6 +40,7 @@ SIGNATURES = {
         [_ptr, _ptr, _int, _int] + [_size] * 6 + [_ptr] * 5 + [_size, _ptr, _float, _int],
         _int,
     ),
+    "gptkit_int4_activation_block": ([], _int),
 }
 
 
@@ -117,11 +118,18 @@ def compile_library(path: Path, flags: list[str] = FLAGS, cc: str = "cc") -> Non
             os.remove(tmp)
 
 
+def int4_activation_block(lib: ctypes.CDLL) -> int:
+    """The inputs per int8 scale of the activations in `lib`'s int4 products (`int4.quantize_activations`),
+    or 0 where they stay fp32 (a build without AVX512-VNNI)."""
+    return lib.gptkit_int4_activation_block()
+
+
 def agrees(lib: ctypes.CDLL) -> bool:
     """The products equal F.linear's to fp32 rounding, on shapes with every kind of remainder, for
-    fp32 weights, int8 weights with row scales and int4 weights in groups (in fp32 even when called
-    under autocast)."""
+    fp32 weights, int8 weights with row scales and int4 weights in groups (with the activations as
+    the int4 products quantise them, if they do; in fp32 even when called under autocast)."""
     g = torch.Generator().manual_seed(0)
+    block = int4_activation_block(lib)
     with torch.autocast("cpu", enabled=False), torch.no_grad():
         for m, n, out, group in [(1, 768, 2304, 64), (3, 37, 13, 32), (8, 64, 9, 32), (5, 200, 17, 128)]:
             x, w, b = (torch.randn(*s, generator=g) for s in ((m, n), (out, n), (out,)))
@@ -132,7 +140,10 @@ def agrees(lib: ctypes.CDLL) -> bool:
             expected = [
                 (matvec(lib, x, w, b), F.linear(x, w, b)),
                 (matvec(lib, x, q, b, scale), F.linear(x, q.float() * scale[:, None], b)),
-                (matvec(lib, x, codes, b, scales, group), F.linear(x, w4, b)),
+                (
+                    matvec(lib, x, codes, b, scales, group),
+                    F.linear(int4.quantize_activations(x, block) if block else x, w4, b),
+                ),
             ]
             if not all(torch.allclose(got, want, rtol=1e-4, atol=1e-3) for got, want in expected):
                 return False

@@ -8,7 +8,10 @@ j + 16 in its high 4 bits, so one 16-byte load gives two vectors of 16 weights i
 ends padded to a whole block (any width works; the kernel reads the last part one weight at a time).
 
 q * scale is exact in fp32 (4 bits times bf16's 8), so `dequantize` here and the kernel compute the
-same weights bit for bit: the kernel's products differ from F.linear's only in the order of the sums.
+same weights bit for bit. Where the kernel has AVX512-VNNI it also quantises the activations, to int8
+per ACTIVATION_BLOCK inputs (`quantize_activations`, the same rounding): its products are then
+F.linear's of the dequantised activations and weights, up to the order of the sums; elsewhere the
+activations stay fp32 and the products are F.linear's of x and the dequantised weights.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import Tensor
 from gptkit.errors import GptkitError
 
 INT4_BLOCK = 32  # weights per 16 bytes; kernels.c defines the same (a test reads it there)
+ACTIVATION_BLOCK = 64  # inputs per int8 scale of the activations (kernels.c's XCHUNK, where it has VNNI)
 
 
 def check_group(group: int) -> None:
@@ -62,3 +66,15 @@ def dequantize(codes: Tensor, scales: Tensor, n: int, group: int) -> Tensor:
     q = F.pad(q, (0, groups * group - q.size(1))).view(out, groups, group)
     s = scales.float()
     return (q * s[..., :1] + s[..., 1:]).view(out, -1)[:, :n]
+
+
+def quantize_activations(x: Tensor, block: int = ACTIVATION_BLOCK) -> Tensor:
+    """x (m, n) as the kernel's int8 products see it: each row's blocks of `block` inputs rounded to
+    steps of their largest size / 127 (x * (127 / largest), to nearest even, in fp32), dequantised."""
+    m, n = x.shape
+    blocks = -(-n // block)
+    padded = F.pad(x.float(), (0, blocks * block - n)).view(m, blocks, block)
+    largest = padded.abs().amax(-1, keepdim=True)
+    inverse = torch.where(largest > 0, 127 / largest, torch.zeros_like(largest))
+    q = (padded * inverse).round_()
+    return (q * (largest / 127)).view(m, -1)[:, :n]

@@ -16,9 +16,11 @@
  * stays in the core's cache for the next TILE rows of x. Each output adds up partial sums kept in
  * vectors of LANES (GCC/Clang vector extensions become AVX-512, AVX2 or NEON code, whatever the
  * machine has). int8 weights are widened to fp32 in registers and the row's scale is applied to
- * its sum; int4 weights are looked up in a table of their group's 16 values (a vector permute on
- * AVX-512): the activations stay fp32. One thread computes each output, in an order that depends on
- * neither the number of threads nor the number of rows of x.
+ * its sum, the activations stay fp32. int4 weights: on AVX512-VNNI machines the activations are
+ * quantised to int8 (per 64 inputs) and meet the 4-bit codes in integer dot products (vpdpbusd);
+ * elsewhere the weights are looked up in a table of their group's 16 values (a vector permute on
+ * AVX-512) and the activations stay fp32. One thread computes each output, in an order that depends
+ * on neither the number of threads nor the number of rows of x.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -364,6 +366,139 @@ static inline __attribute__((always_inline)) void int4_dots(const unsigned char 
 #undef INT4
 }
 
+/* int4 with int8 activations (AVX512-VNNI), as llama.cpp multiplies its 4-bit weights: unpacking
+ * codes to fp32 (above) bound the products by the shuffle unit, not by memory. Each row of x is
+ * quantised once per product (by every thread: a few microseconds, no barrier) to int8 in chunks of
+ * XCHUNK inputs with one fp32 scale each, its largest size / 127 (x * 127 / largest, rounded to
+ * nearest even: int4.py's quantize_activations does the same), and a chunk's 64 codes (one 32-byte
+ * load) meet its 64 int8 values in one vpdpbusd (u8 x s8 -> s32). Each group's zero point is
+ * multiplied by the group's sum of the quantised values, so a product is exactly the dequantised
+ * weights times the dequantised activations, up to fp32 rounding; that sum is more accurate than
+ * the fp32 activations' sum (the error is then sum(w * dx), not sum((w - zero) * dx), and w is
+ * centred on zero where w - zero is not). */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define INT4_VNNI 1
+#define XCHUNK 64
+_Static_assert(XCHUNK == 2 * INT4_BLOCK, "a chunk is two int4 blocks");
+
+/* Row x (n values) as chunks of int8 (q: 64 a chunk, stored in the order the codes unpack: inputs
+ * 0-15, 32-47, 16-31, 48-63), their scales (sx) and each group's sum of the int8 values times their
+ * scale (gsum: groups of 32 << shift inputs). */
+static void quantise_row(const float *x, long n, int shift, signed char *q, float *sx, float *gsum,
+                         long chunks, long groups) {
+    for (long g = 0; g < groups; g++) gsum[g] = 0;
+    for (long c = 0; c < chunks; c++) {
+        float part[XCHUNK] = {0};
+        long len = n - c * XCHUNK < XCHUNK ? n - c * XCHUNK : XCHUNK;
+        memcpy(part, x + c * XCHUNK, len * sizeof(float));
+        __m512 v[4], big = _mm512_setzero_ps();
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm512_loadu_ps(part + 16 * k);
+            big = _mm512_max_ps(big, _mm512_abs_ps(v[k]));
+        }
+        float amax = _mm512_reduce_max_ps(big), inv = amax > 0 ? 127.0f / amax : 0.0f;
+        sx[c] = amax / 127.0f;
+        __m512i i[4];
+        for (int k = 0; k < 4; k++) i[k] = _mm512_cvtps_epi32(_mm512_mul_ps(v[k], _mm512_set1_ps(inv)));
+        _mm_storeu_si128((__m128i *)(q + c * XCHUNK), _mm512_cvtepi32_epi8(i[0]));
+        _mm_storeu_si128((__m128i *)(q + c * XCHUNK + 16), _mm512_cvtepi32_epi8(i[2]));
+        _mm_storeu_si128((__m128i *)(q + c * XCHUNK + 32), _mm512_cvtepi32_epi8(i[1]));
+        _mm_storeu_si128((__m128i *)(q + c * XCHUNK + 48), _mm512_cvtepi32_epi8(i[3]));
+        int s0 = _mm512_reduce_add_epi32(_mm512_add_epi32(i[0], i[1]));
+        int s1 = _mm512_reduce_add_epi32(_mm512_add_epi32(i[2], i[3]));
+        if (shift == 0) {
+            gsum[2 * c] += sx[c] * (float)s0;
+            if (2 * c + 1 < groups) gsum[2 * c + 1] += sx[c] * (float)s1;
+        } else
+            gsum[(c << 1) >> shift] += sx[c] * (float)(s0 + s1);
+    }
+}
+
+/* The scales of a chunk's 16 sums: its group's, or with groups of 32 inputs, the first group's in
+ * lanes 0-3 and 8-11 and the second's in lanes 4-7 and 12-15 (the codes' order, see below). */
+static inline __m512 vnni_scales(const unsigned short *sz, int shift, long c, long groups) {
+    float word;
+    __m512 pair;
+    if (shift == 0) {
+        long g1 = 2 * c + 1 < groups ? 2 * c + 1 : groups - 1;
+        memcpy(&word, sz + 4 * c, sizeof word);
+        pair = _mm512_set1_ps(word);
+        memcpy(&word, sz + 2 * g1, sizeof word);
+        pair = _mm512_mask_mov_ps(pair, 0xf0f0, _mm512_set1_ps(word));
+    } else {
+        memcpy(&word, sz + 2 * ((c << 1) >> shift), sizeof word);
+        pair = _mm512_set1_ps(word);
+    }
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(pair), 16));
+}
+
+/* A chunk's 64 codes from its 32 bytes: low nibbles in bytes 0-31, high nibbles times 16 in bytes
+ * 32-63 (one and: shifting them down would take another instruction per chunk; int4_vnni_tile
+ * divides their sums by 16 at the end, exactly) */
+static inline __m512i chunk_codes(__m256i raw) {
+    const __m512i nibbles = _mm512_inserti64x4(_mm512_set1_epi8(0x0f), _mm256_set1_epi8((char)0xf0), 1);
+    return _mm512_and_si512(_mm512_broadcast_i64x4(raw), nibbles);
+}
+
+/* acc[r] += chunk c's products with row r of x, times their scales */
+static inline __attribute__((always_inline)) void vnni_chunk(__m512i codes, __m512 scale,
+                                                             const signed char *xq, const float *sx,
+                                                             long chunks, long c, int T, __m512 *acc) {
+    for (int r = 0; r < T; r++) {
+        __m512i x8 = _mm512_loadu_si512(xq + (r * chunks + c) * XCHUNK);
+        __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, x8));
+        acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(sx[r * chunks + c])), acc[r]);
+    }
+}
+
+/* y[r] = w . x[r] for T rows of quantised x. Codes: a chunk's 32 bytes broadcast to both halves of a
+ * zmm, low nibbles kept in the lower half, high nibbles (times 16) in the upper, so lanes 8-15 of each
+ * sum are 16 times too large until the end. */
+static inline __attribute__((always_inline)) void int4_vnni_tile(const unsigned char *w,
+                                                                 const unsigned short *sz, int shift,
+                                                                 long stride, const signed char *xq,
+                                                                 const float *sx, const float *gsum,
+                                                                 long chunks, long groups, int T, float *y) {
+    __m512 acc0[TILE], acc1[TILE];
+    for (int r = 0; r < TILE; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    long full = stride / 32, c = 0;
+    for (; c + 2 <= full; c += 2) {
+        __builtin_prefetch(w + 32 * c + INT4_AHEAD);
+        __m512i a = chunk_codes(_mm256_loadu_si256((const __m256i *)(w + 32 * c)));
+        __m512i b = chunk_codes(_mm256_loadu_si256((const __m256i *)(w + 32 * c + 32)));
+        vnni_chunk(a, vnni_scales(sz, shift, c, groups), xq, sx, chunks, c, T, acc0);
+        vnni_chunk(b, vnni_scales(sz, shift, c + 1, groups), xq, sx, chunks, c + 1, T, acc1);
+    }
+    for (; c < chunks; c++) {
+        __m256i raw = c < full ? _mm256_loadu_si256((const __m256i *)(w + 32 * c))
+                               : _mm256_maskz_loadu_epi8(0xffff, w + 32 * c); /* a last, lone block */
+        vnni_chunk(chunk_codes(raw), vnni_scales(sz, shift, c, groups), xq, sx, chunks, c, T, acc0);
+    }
+    const __m512 unscale = _mm512_castsi512_ps(_mm512_inserti64x4(
+        _mm512_castps_si512(_mm512_set1_ps(1.0f)), _mm256_castps_si256(_mm256_set1_ps(1.0f / 16)), 1));
+    __m512 zacc[TILE];
+    for (int r = 0; r < T; r++) zacc[r] = _mm512_mul_ps(_mm512_add_ps(acc0[r], acc1[r]), unscale);
+    for (long g = 0; g < groups; g += 16) {
+        __mmask16 k = groups - g >= 16 ? 0xffff : (__mmask16)((1u << (groups - g)) - 1);
+        __m512 zero = _mm512_castsi512_ps(
+            _mm512_and_si512(_mm512_maskz_loadu_epi32(k, sz + 2 * g), _mm512_set1_epi32((int)0xffff0000u)));
+        for (int r = 0; r < T; r++)
+            zacc[r] = _mm512_fmadd_ps(zero, _mm512_maskz_loadu_ps(k, gsum + r * groups + g), zacc[r]);
+    }
+    for (int r = 0; r < T; r++) y[r] = total((vec)zacc[r]);
+}
+
+static inline __attribute__((always_inline)) void int4_vnni_dots(const unsigned char *w,
+                                                                 const unsigned short *sz, int shift,
+                                                                 long stride, const signed char *xq,
+                                                                 const float *sx, const float *gsum,
+                                                                 long chunks, long groups, long T, float *y) {
+#define INT4(t) int4_vnni_tile(w, sz, shift, stride, xq, sx, gsum, chunks, groups, t, y)
+    BY_TILE(T, INT4)
+#undef INT4
+}
+#endif
+
 /* GELU's tanh, LANES at a time: libm's tanhf, one value per call, took a tenth of an int4 step (GPT-2
  * 124M: 36,864 values). Cephes' tanhf in vectors: below 0.625 in size its odd polynomial, above it
  * 1 - 2 / (exp(2|u|) + 1), with exp from Cephes' expf (2^n times a polynomial in the rest); both
@@ -467,6 +602,16 @@ static void products(const float *x, const void *w, const void *scale, long grou
         pair_products(x, w, row_scale, b, y, m, n, out, mode);
         return;
     }
+#if INT4_VNNI
+    /* this thread's copy of x quantised (without memory for it, the fp32 lookups below) */
+    long chunks = (n + XCHUNK - 1) / XCHUNK;
+    size_t bytes = m * chunks * (XCHUNK + sizeof(float)) + m * groups * sizeof(float);
+    signed char *xq = group ? malloc(bytes) : NULL;
+    float *sx = xq ? (float *)(xq + m * chunks * XCHUNK) : NULL, *gsum = sx ? sx + m * chunks : NULL;
+    for (long r = 0; xq && r < m; r++)
+        quantise_row(x + r * n, n, shift, xq + r * chunks * XCHUNK, sx + r * chunks, gsum + r * groups, chunks,
+                     groups);
+#endif
 #pragma omp for schedule(static)
     for (long k = 0; k < blocks; k++)
         for (long o = k * BLOCK_ROWS; o < out && o < (k + 1) * BLOCK_ROWS; o++) {
@@ -475,6 +620,12 @@ static void products(const float *x, const void *w, const void *scale, long grou
             for (long row = 0; row < m; row += TILE) {
                 long rows = m - row < TILE ? m - row : TILE;
                 float part[TILE];
+#if INT4_VNNI
+                if (xq)
+                    int4_vnni_dots((const unsigned char *)wo, sz, shift, stride, xq + row * chunks * XCHUNK,
+                                   sx + row * chunks, gsum + row * groups, chunks, groups, rows, part);
+                else
+#endif
                 if (group)
                     int4_dots((const unsigned char *)wo, sz, shift, n, x + row * n, rows, part);
                 else
@@ -485,6 +636,19 @@ static void products(const float *x, const void *w, const void *scale, long grou
                 }
             }
         }
+#if INT4_VNNI
+    free(xq);
+#endif
+}
+
+/* The inputs per int8 scale of the activations in int4 products, or 0 where they stay fp32 (the
+ * tests pick their reference by it) */
+int gptkit_int4_activation_block(void) {
+#if INT4_VNNI
+    return XCHUNK;
+#else
+    return 0;
+#endif
 }
 
 /* x (m x n) @ w^T + b -> y (m x out), all contiguous: a Linear layer for a few rows; w and scale as

@@ -23,8 +23,9 @@ gptkit's CPU kernel with fp32 activations (`gptkit.generate.cpu.build`; `gptkit.
 runs a whole step of them in one call), and prompts quantise their activations per row for `torch._int_mm`
 (fbgemm's packed weights were 10-20% faster at 32 rows but cannot be read by the kernel, and a
 second copy would double the memory). int4 packs two 4-bit codes a byte with a bf16 scale and zero
-per group of INT4_GROUP inputs (`gptkit.generate.cpu.int4`), and the same kernel looks the weights
-up in registers, again with fp32 activations. The group size, measured (quality:
+per group of INT4_GROUP inputs (`gptkit.generate.cpu.int4`), and the same kernel multiplies them:
+with AVX512-VNNI as 4-bit codes times int8 activations (quantised per 64 inputs), elsewhere looking
+the weights up in registers, with fp32 activations. The group size, measured (quality:
 `bench/quantize_quality.py` on the tests' trained model; time: the best of 60 decoding steps of
 GPT-2 124M on 1 thread): 32 inputs cost 0.625 bytes a weight, +0.28% perplexity, 96.0% of greedy
 tokens equal to fp32's, and 12% more time than 64; 64: 0.5625 bytes, +0.85%, 95.1%; 128: 0.53
