@@ -67,3 +67,9 @@ def run(
     notice(f"serving {model.source or 'the model'} at http://{shown}:{port} (OpenAI API under /v1)")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     server.run(sockets=[sock])
+    if not server.started:
+        raise GptkitError("the server did not start (its error is above)")
+    if server.should_exit:
+        # Stopped by Ctrl-C or SIGTERM. uvicorn raises the signal again once it has shut down, but
+        # that has not always reached us: one CI run's server answered SIGINT by exiting 0, silently.
+        raise KeyboardInterrupt
