@@ -63,9 +63,10 @@ def check(model: GPT, step: Step, before: list[int]) -> None:
     top = torch.topk(ref, 20)
     ids = [i for i, _ in step.top_logprobs]
     assert ids[:5] == top.indices[:5].tolist()
-    torch.testing.assert_close(torch.tensor([v for _, v in step.top_logprobs]), top.values, atol=2e-4, rtol=0)
+    # fp32 sums in other orders (the kernel's, oneDNN's): up to 2.2e-4 apart in this test's 51 steps
+    torch.testing.assert_close(torch.tensor([v for _, v in step.top_logprobs]), top.values, atol=5e-4, rtol=0)
     if step.token is not None:
-        assert step.logprob == pytest.approx(float(ref[step.token]), abs=2e-4)
+        assert step.logprob == pytest.approx(float(ref[step.token]), abs=5e-4)
 
 
 def run(decoding: Decoding, model: GPT, steps: int, record: list) -> None:

@@ -16,8 +16,8 @@ from gptkit.config import ModelConfig
 from gptkit.finetuning.prompt_tuning import add_soft_prompt
 from gptkit.generate.cpu.build import kernel, matvec
 from gptkit.generate.cpu.decode import CPUDecoder
-from gptkit.generate.cpu.linear import use_cpu_linear
-from gptkit.generate.cpu.quantize import Int8Linear, quantize
+from gptkit.generate.cpu.linear import KERNEL_MAX_ROWS, use_cpu_linear
+from gptkit.generate.cpu.quantize import INT8_KERNEL_ROWS, Int8Linear, quantize
 from gptkit.generate.decoder import ForwardDecoder
 from gptkit.generate.inference import fastest_decoder
 from gptkit.model import GPT
@@ -147,8 +147,9 @@ def test_decoder_results_do_not_depend_on_the_number_of_threads() -> None:
 
 def test_decoder_only_for_prepared_fp32_and_quantised_cpu_models() -> None:
     plain, fast = pair()
-    assert CPUDecoder.of(fast) is not None and CPUDecoder.of(fast, batch_size=8) is not None
-    assert CPUDecoder.of(fast, batch_size=9) is None  # many sequences: oneDNN through GPT.forward
+    top = KERNEL_MAX_ROWS  # bench/decode_rows.py's measurements
+    assert CPUDecoder.of(fast) is not None and CPUDecoder.of(fast, batch_size=top) is not None
+    assert CPUDecoder.of(fast, batch_size=top + 1) is None  # many sequences: oneDNN through GPT.forward
     assert CPUDecoder.of(plain) is None  # not prepared: GPT.forward decodes
     onednn_only = GPT(plain.config).eval()
     use_cpu_linear(onednn_only, use_kernel=False)
@@ -158,18 +159,22 @@ def test_decoder_only_for_prepared_fp32_and_quantised_cpu_models() -> None:
         quantize(quantised, mode)
         assert CPUDecoder.of(quantised) is not None
         assert isinstance(fastest_decoder(quantised, 1), CPUDecoder)
-    # int8: torch._int_mm's products are faster from 5 sequences (int8 x int8); int4 has no such way
-    assert CPUDecoder.of(quantised, batch_size=8) is not None  # the int4 one
+    # int8: torch._int_mm's products are faster for many sequences (int8 x int8); int4 has no such way
+    assert CPUDecoder.of(quantised, batch_size=top) is not None  # the int4 one
     int8 = GPT(plain.config).eval()
     quantize(int8, "int8")
-    assert CPUDecoder.of(int8, batch_size=4) is not None and CPUDecoder.of(int8, batch_size=5) is None
+    int8_top = INT8_KERNEL_ROWS
+    assert (
+        CPUDecoder.of(int8, batch_size=int8_top) is not None
+        and CPUDecoder.of(int8, batch_size=int8_top + 1) is None
+    )
     # what TextModel's sampler gets: the kernel exactly where CPUDecoder.of serves, else GPT.forward
-    assert isinstance(fastest_decoder(fast, 8), CPUDecoder)
-    assert isinstance(fastest_decoder(fast, 9), ForwardDecoder)
+    assert isinstance(fastest_decoder(fast, top), CPUDecoder)
+    assert isinstance(fastest_decoder(fast, top + 1), ForwardDecoder)
     assert isinstance(fastest_decoder(plain, 1), ForwardDecoder)
 
 
-@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 13, 16])
 @pytest.mark.parametrize(("n", "out"), [(768, 2304), (37, 13), (64, 9), (3072, 768)])
 def test_products_equal_f_linear(m: int, n: int, out: int) -> None:
     g = torch.Generator().manual_seed(m + n + out)

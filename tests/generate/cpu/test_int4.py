@@ -32,6 +32,7 @@ from gptkit.generate.cpu.build import (
     open_library,
 )
 from gptkit.generate.cpu.decode import CPUDecoder
+from gptkit.generate.cpu.linear import KERNEL_MAX_ROWS
 from gptkit.generate.cpu.quantize import INT4_GROUP, INT4_KERNEL_ROWS, Int4Linear, Int8Linear, quantize
 from gptkit.generate.decoder import ForwardDecoder, forward_decoder
 from gptkit.generate.inference import fastest_decoder
@@ -137,7 +138,7 @@ def test_a_row_gets_the_same_numbers_whatever_the_batch(kind: str) -> None:
     last, shorter one), for every kind of weights: a sequence decodes the same tokens whether or
     not others share its steps."""
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(7, 200, generator=g), torch.randn(11, 200, generator=g)
+    x, w = torch.randn(16, 200, generator=g), torch.randn(11, 200, generator=g)
     if kind == "int4":
         weights = (*int4.pack(w, 64), 64)
     elif kind == "int8":
@@ -152,9 +153,11 @@ def test_a_row_gets_the_same_numbers_whatever_the_batch(kind: str) -> None:
         codes, *scales = weights
         return matvec(kernel(), rows.contiguous(), codes, None, *scales)
 
-    together = product(x)
-    for i in range(7):
-        assert torch.equal(product(x[i : i + 1])[0], together[i])
+    together, seven = product(x), product(x[:7])  # 16 rows: 4 whole tiles; 7: a shorter last one
+    for i in range(16):
+        alone = product(x[i : i + 1])[0]
+        assert torch.equal(alone, together[i])
+        assert i >= 7 or torch.equal(alone, seven[i])
 
 
 @needs_kernel
@@ -305,7 +308,7 @@ def test_greedy_decoding_through_the_kernel_equals_forward() -> None:
 @needs_kernel
 def test_the_decoder_takes_int4_models_of_one_group_size() -> None:
     _, q = model_pair()
-    assert CPUDecoder.of(q) is not None and CPUDecoder.of(q, batch_size=9) is None
+    assert CPUDecoder.of(q) is not None and CPUDecoder.of(q, batch_size=KERNEL_MAX_ROWS + 1) is None
     q.transformer.h[0].attn.c_attn = Int4Linear(q.transformer.h[0].attn.c_attn.dequantized_weight(), None, 32)
     assert CPUDecoder.of(q) is None  # one group size per step: GPT.forward decodes instead
     assert isinstance(fastest_decoder(q, 1), ForwardDecoder)

@@ -99,9 +99,9 @@ class CPUDecoder:
         `use_cpu_linear` (fp32) or quantised (`gptkit.generate.cpu.quantize`), and gptkit's kernels
         are built. Not for more sequences than MAX_ROWS gives the kind of weights: there the
         products through GPT.forward are faster, although the kernel reads each weight once for all
-        rows (GPT-2 124M, 2 threads, `bench/decode_rows.py`, medians: fp32 8 sequences 45-52 ms
-        against oneDNN's 48-59, 16 sequences 84 against 78; int8 4 sequences 21 against
-        `torch._int_mm`'s 26, 8 sequences 27-34 against 23-28)."""
+        rows (GPT-2 124M, 2 threads, `bench/decode_rows.py`, medians: fp32 16 sequences 52 ms
+        against oneDNN's 71; int8 8 sequences 24 against `torch._int_mm`'s 32, 12 sequences 35
+        against 32)."""
         linears = [m for m in model.modules() if isinstance(m, LINEAR_LAYERS)]
         kinds = {type(m) for m in linears}
         groups = {getattr(m, "group", 0) for m in linears}

@@ -52,9 +52,10 @@ INT4_GROUP = 64  # inputs sharing one scale and zero point (the choice: see abov
 # block matrices, 2 threads: 2.5 / 3.2 ms against 3.4 / 12.2 at 64 rows, 5.0 / 7.9 against 8.2 / 14.2 at 128)
 INT4_KERNEL_ROWS = 128
 # rows of x (sequences) up to which gptkit's kernel beats torch._int_mm for int8 weights: a decoding
-# step of GPT-2 124M, 2 threads (bench/decode_rows.py, medians): 4 sequences 21 ms against 26, 5 and
-# 6 even, 8 sequences 27-34 ms against 23-28 (_int_mm's int8 x int8 products need half the loads)
-INT8_KERNEL_ROWS = 4
+# step of GPT-2 124M, 2 threads (bench/decode_rows.py, medians): 8 sequences 24.4 ms against 31.8
+# (1.02-1.35x per round), 10 even (0.95-1.16x), 12 and 16 slower (_int_mm's int8 x int8 products
+# need half the loads)
+INT8_KERNEL_ROWS = 8
 
 
 @dataclass
