@@ -84,9 +84,10 @@ def test_decoder_equals_forward_for_100_steps() -> None:
     assert_close_steps(decode_both(plain, fast, prompts, None, 100))
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_decoder_with_left_padding_and_several_sequences(bias: bool) -> None:
-    plain, fast = pair(bias=bias)
+@pytest.mark.parametrize(("bias", "n_head"), [(True, 4), (False, 4), (True, 1)])
+def test_decoder_with_left_padding_and_several_sequences(bias: bool, n_head: int) -> None:
+    """Heads of 16 values (one vector each) and of 64 (GPT-2's: four), unevenly padded sequences."""
+    plain, fast = pair(bias=bias, n_head=n_head)
     prompts = torch.randint(0, 301, (3, 12))
     pad = torch.tensor([0, 5, 11])  # the last sequence has a single real token
     assert_close_steps(decode_both(plain, fast, prompts, pad, 40))

@@ -538,7 +538,7 @@ static inline vec pick(ivec mask, vec a, vec b) { /* a where mask is set, else b
     return (vec)(((ivec)a & mask) | ((ivec)b & ~mask));
 }
 
-static inline vec exp_small(vec x) { /* e^x for 0 <= x <= 18 */
+static inline vec exp_vec(vec x) { /* e^x for -80 <= x <= 88 (2^n times the rest stays a normal float) */
     vec n = (x * splat(1.44269504088896341f) + splat(0x1.8p23f)) - splat(0x1.8p23f); /* round(x / ln 2) */
     x = x - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
     vec p = splat(1.9875691500e-4f);
@@ -561,7 +561,7 @@ static inline vec tanh_vec(vec u) {
     small = small * z - splat(3.33332819422e-1f);
     small = small * z * u + u;
     a = pick(a > splat(9.0f), splat(9.0f), a);
-    vec large = (vec)((ivec)(splat(1.0f) - splat(2.0f) / (exp_small(a + a) + splat(1.0f))) | sign);
+    vec large = (vec)((ivec)(splat(1.0f) - splat(2.0f) / (exp_vec(a + a) + splat(1.0f))) | sign);
     return pick(a < splat(0.625f), small, large);
 }
 
@@ -699,11 +699,22 @@ static void layer_norm(const float *x, const float *w, const float *b, float *y,
     }
 }
 
+/* q . k over a head's D values: in vectors where D is whole vectors (GPT-2's 64), else one by one
+ * (a float sum in C's order is one chain of dependent additions, 4 cycles each) */
+static inline float head_dot(const float *k, const float *q, long D) {
+    if (D % LANES) return dot(k, q, D);
+    vec acc = (vec){0};
+    for (long i = 0; i < D; i += LANES) acc += load(k + i) * load(q + i);
+    return total(acc);
+}
+
+#define HEAD_VECTORS 8 /* heads up to 8 vectors wide sum the values in registers */
+
 /* One query per sequence and head: store its key and value at `pos` in the cache (B x H x L x D),
  * then attend over keys pad[b] .. pos (the padding in front of sequence b is never seen). */
 static void attend(const float *qkv, float *kc, float *vc, float *y, float *scores, long B, long C,
                    long H, long L, long pos, const long long *pad) {
-    long D = C / H;
+    long D = C / H, chunks = D % LANES || D > HEAD_VECTORS * LANES ? 0 : D / LANES;
     float scale = 1.0f / sqrtf((float)D);
 #pragma omp for schedule(static)
     for (long bh = 0; bh < B * H; bh++) {
@@ -712,19 +723,41 @@ static void attend(const float *qkv, float *kc, float *vc, float *y, float *scor
         float *k = kc + bh * L * D, *v = vc + bh * L * D, *s = scores + bh * L, *out = y + b * C + h * D;
         memcpy(k + pos * D, qkv + b * 3 * C + C + h * D, D * sizeof(float));
         memcpy(v + pos * D, qkv + b * 3 * C + 2 * C + h * D, D * sizeof(float));
-        float top = -INFINITY, sum = 0;
+        float top = -INFINITY;
         for (long j = first; j <= pos; j++) {
-            s[j] = dot(k + j * D, q, D) * scale;
+            s[j] = head_dot(k + j * D, q, D) * scale;
             top = s[j] > top ? s[j] : top;
         }
-        for (long j = first; j <= pos; j++) {
+        /* e^(s - top) in vectors from the first key on (so the same whatever the padding in front),
+         * the rest one by one; e^-80 (1.8e-35) stands in for anything smaller, invisible beside e^0 */
+        vec sums = (vec){0};
+        long j = first;
+        for (; j + LANES <= pos + 1; j += LANES) {
+            vec e = load(s + j) - splat(top);
+            e = exp_vec(pick(e < splat(-80.0f), splat(-80.0f), e));
+            memcpy(s + j, &e, sizeof e);
+            sums += e;
+        }
+        float sum = total(sums);
+        for (; j <= pos; j++) {
             s[j] = expf(s[j] - top);
             sum += s[j];
         }
-        for (long d = 0; d < D; d++) out[d] = 0;
-        for (long j = first; j <= pos; j++) {
-            float p = s[j] / sum;
-            for (long d = 0; d < D; d++) out[d] += p * v[j * D + d];
+        float inv = 1.0f / sum;
+        if (chunks) {
+            vec acc[HEAD_VECTORS];
+            for (long c = 0; c < chunks; c++) acc[c] = (vec){0};
+            for (j = first; j <= pos; j++) {
+                vec p = splat(s[j] * inv);
+                for (long c = 0; c < chunks; c++) acc[c] += p * load(v + j * D + c * LANES);
+            }
+            memcpy(out, acc, D * sizeof(float));
+        } else {
+            for (long d = 0; d < D; d++) out[d] = 0;
+            for (j = first; j <= pos; j++) {
+                float p = s[j] * inv;
+                for (long d = 0; d < D; d++) out[d] += p * v[j * D + d];
+            }
         }
     }
 }
