@@ -112,6 +112,13 @@ static float dot(const float *w, const float *x, long n) {
  * memory, needs 4 to keep up with memory from one row of x. */
 #define PARTS(int8) ((int8) ? 4 : 2)
 
+/* The sum of a row's `parts` partial sums, in the one order every tile uses */
+static inline float total_of(const vec *acc, int parts) {
+    vec sum = acc[0];
+    for (int a = 1; a < parts; a++) sum += acc[a];
+    return total(sum);
+}
+
 /* y[r] = w . x[r] for the T (a constant where inlined) rows of x (n apart) and one weight row w (int8
  * without its scale); each row of x is summed in the same order whatever T is. */
 static inline __attribute__((always_inline)) void dense_tile(const void *w, int int8, long n, const float *x,
@@ -131,9 +138,7 @@ static inline __attribute__((always_inline)) void dense_tile(const void *w, int 
         for (int r = 0; r < T; r++) acc[r][0] += v * load(x + r * n + i);
     }
     for (int r = 0; r < T; r++) {
-        vec sum = acc[r][0];
-        for (int a = 1; a < parts; a++) sum += acc[r][a];
-        float s = total(sum);
+        float s = total_of(acc[r], parts);
         for (long j = i; j < n; j++) s += weight(w, int8, j) * x[r * n + j];
         y[r] = s;
     }
@@ -199,9 +204,7 @@ static inline __attribute__((always_inline)) void pair_tile(const char *w, long 
     }
     for (int k = 0; k < 2; k++)
         for (int r = 0; r < T; r++) {
-            vec sum = acc[k][r][0];
-            for (int a = 1; a < parts; a++) sum += acc[k][r][a];
-            float s = total(sum);
+            float s = total_of(acc[k][r], parts);
             for (long j = i; j < n; j++) s += weight(w + k * stride, int8, j) * x[r * n + j];
             y[k * TILE + r] = s;
         }
