@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from gptkit.errors import GptkitError
+from gptkit.generate.cpu.threads import release_workers
 from gptkit.generate.decoding import Decoding, Sequence, Step, row_seeds
 from gptkit.generate.sampler import Sampler
 from gptkit.generate.settings import SampleSettings
@@ -89,6 +90,9 @@ class Engine:
         return self.sampler.decoding(self.max_batch, chunk=PREFILL_CHUNK)
 
     def start(self) -> None:
+        """Start the engine's thread (call from the thread that loaded the model: its OpenMP workers
+        go, so that the engine's are the only ones; see `gptkit.generate.cpu.threads`)."""
+        release_workers()
         self._thread.start()
 
     def stop(self) -> None:
