@@ -4,14 +4,16 @@ GPT-2 124M shape with random weights (seeded), written once as a gptkit checkpoi
 `gptkit export gguf` (f32 and q8_0). Pairs: gptkit fp32 against llama-cpp-python on the f32 GGUF,
 gptkit int8 (`--quantize int8`) against the q8_0 GGUF. Both servers of a pair run at once (an idle
 server costs nothing) and take turns, A, B, A, B: for each number of concurrent clients (1, 4, 8, 16)
-every client sends one streaming `/v1/completions` request (a 32-token prompt, 128 new tokens,
+every client sends one streaming `/v1/completions` request (a 32-token prompt of its own, 128 new tokens,
 greedy), and the round's wall time runs from the first request to the last byte.
 
 Reported per server and client count: aggregate output tokens/s (median over rounds, with the
 range), time to first token p50/p99 and inter-token latency p50/p99 over every request of every
 round, errors (any non-200 answer, broken stream or timeout) and short answers (fewer tokens than
 asked: an end-of-text drawn, or a server that cut the stream). Output tokens are the usage counts
-when the server sends them, else the content chunks. llama-cpp-python's server runs with
+when the server sends them; llama-cpp-python's stream has none, and one of its chunks may carry
+several tokens (it holds back text that may end in a cut character), so an answer that ended for
+length counts max_tokens and any other its content chunks. llama-cpp-python's server runs with
 `--interrupt_requests False`: by default each new request cuts the streaming one short. Bounded: a
 request times out after `--timeout` seconds and no round starts after `--max-minutes`.
 
@@ -74,17 +76,23 @@ def write_model(folder: Path) -> Path:
     )
 
 
-def prompt_text(n: int) -> str:
-    """The first `n` GPT-2 tokens of tiny Shakespeare (or of a fixed sentence), as text."""
+def prompt_texts(n: int, count: int) -> list[str]:
+    """`count` different prompts of `n` GPT-2 tokens: consecutive stretches of tiny Shakespeare (or
+    numbered sentences), as text. Different, because llama-cpp-python's server keeps the last prompt's
+    cache and reuses the longest prefix a new prompt shares with it: one prompt sent again and again
+    would time its cache, not its prefill (its TTFT for a repeated 32-token prompt was ~40 ms)."""
     from gptkit.tokenizer import gpt2_tokenizer
 
     tok = gpt2_tokenizer()
-    text = (
-        SHAKESPEARE.read_text(encoding="utf-8")[:2000]
-        if SHAKESPEARE.exists()
-        else "To be, or not to be. " * 20
-    )
-    return tok.decode(tok.encode(text)[:n])
+    if SHAKESPEARE.exists():
+        ids = tok.encode(SHAKESPEARE.read_text(encoding="utf-8")[: 8 * n * count])
+    else:
+        ids = tok.encode(
+            " ".join(f"Line {k}: to be, or not to be, that is the question." for k in range(n * count))
+        )
+    if len(ids) < n * count:
+        raise SystemExit(f"not enough text for {count} prompts of {n} tokens")
+    return [tok.decode(ids[k * n : (k + 1) * n]) for k in range(count)]
 
 
 @dataclass
@@ -146,6 +154,7 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, timeout: 
     t0 = time.perf_counter()
     last = None
     chunks = 0
+    finish = None
     try:
         async with client.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as response:
             if response.status_code != 200:
@@ -157,6 +166,9 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, timeout: 
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     result.tokens = chunk["usage"].get("completion_tokens", 0)
+                finish = next(
+                    (c["finish_reason"] for c in chunk.get("choices", []) if c.get("finish_reason")), finish
+                )
                 if any(c.get("text") for c in chunk.get("choices", [])):
                     now = time.perf_counter()
                     if last is None:
@@ -167,17 +179,21 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, timeout: 
                     chunks += 1
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         result.error = type(e).__name__
-    result.tokens = result.tokens or chunks
+    if not result.tokens:  # no usage in the stream (llama-cpp-python sends none)
+        # a chunk may carry several tokens (llama-cpp-python holds back text that may be cut UTF-8):
+        # an answer that ran to max_tokens has them all
+        result.tokens = body["max_tokens"] if finish == "length" else chunks
     if result.error is None and result.ttft is None:
         result.error = "no tokens"
     return result
 
 
-async def one_round(url: str, clients: int, body: dict, timeout: float) -> tuple[float, list[Result]]:
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+async def one_round(url: str, bodies: list[dict], timeout: float) -> tuple[float, list[Result]]:
+    """One request per body, all at once (a client each)."""
+    limits = httpx.Limits(max_connections=len(bodies) + 4, max_keepalive_connections=len(bodies) + 4)
     async with httpx.AsyncClient(limits=limits) as client:
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(one_request(client, url, body, timeout) for _ in range(clients)))
+        results = await asyncio.gather(*(one_request(client, url, body, timeout) for body in bodies))
         return time.perf_counter() - t0, list(results)
 
 
@@ -218,8 +234,11 @@ def main() -> None:
                 [*GPTKIT, "export", "gguf", str(checkpoint), str(out), "--type", gguf_type], check=True
             )
             ggufs[pair] = (gguf_type, out)
+    # every request of a server gets a prompt of its own; both servers of a pair get the same ones
+    rounds = [(2, -1)] + [(n, r) for n in clients for r in range(args.rounds)]  # -1: the warm-up
+    prompts = iter(prompt_texts(args.prompt, sum(n for n, _ in rounds)))
+    prompt_sets = {(n, r): [next(prompts) for _ in range(n)] for n, r in rounds}
     body = {
-        "prompt": prompt_text(args.prompt),
         "max_tokens": args.new,
         "temperature": 0,
         "stream": True,
@@ -259,7 +278,8 @@ def main() -> None:
                 progress(f"starting {server.name}")
                 server.start(work)
                 server.body = {**body, "model": server.model_id()}
-                _, warm = asyncio.run(one_round(server.url, 2, server.body, args.timeout))  # warm-up
+                warm_up = [{**server.body, "prompt": prompt} for prompt in prompt_sets[2, -1]]
+                _, warm = asyncio.run(one_round(server.url, warm_up, args.timeout))
                 if any(x.error for x in warm):
                     raise SystemExit(f"{server.name} failed a request: {warm[0].error}; see {server.log}")
             for n in clients:
@@ -270,7 +290,8 @@ def main() -> None:
                         progress("--max-minutes reached: no more rounds")
                         break
                     for server in servers:
-                        wall, res = asyncio.run(one_round(server.url, n, server.body, args.timeout))
+                        bodies = [{**server.body, "prompt": prompt} for prompt in prompt_sets[n, r]]
+                        wall, res = asyncio.run(one_round(server.url, bodies, args.timeout))
                         walls[server.name].append(sum(x.tokens for x in res) / wall)
                         results[server.name] += res
                         errors = sum(x.error is not None for x in res)
@@ -314,7 +335,8 @@ def main() -> None:
     print(
         f"\n{args.rounds} rounds per client count, turns A, B, A, B; tok/s = all clients' output tokens "
         "over the round's wall time (median over rounds, range min-max); x llama-cpp = against the other "
-        f"server of the pair at the same client count. Prompt {args.prompt} tokens, {args.new} new, greedy. "
+        f"server of the pair at the same client count. Prompts of {args.prompt} tokens, a different one per "
+        f"request (the same ones for both servers), {args.new} new tokens, greedy. "
         f"load at end {os.getloadavg()[0]:.2f}; {time.time() - started:.0f} s in all"
     )
     shutil.rmtree(work, ignore_errors=True)
