@@ -18,7 +18,7 @@ length counts max_tokens and any other its content chunks. llama-cpp-python's se
 request times out after `--timeout` seconds and no round starts after `--max-minutes`.
 
     .venv/bin/pip install -e '.[serve]' 'llama-cpp-python[server]'   # llama.cpp builds ~6 minutes
-    .venv/bin/python bench/serve_load.py                                # about 15 minutes on 2 cores
+    .venv/bin/python bench/serve_load.py                                # about 11 minutes on 2 cores
 """
 
 from __future__ import annotations
