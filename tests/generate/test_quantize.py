@@ -1,6 +1,6 @@
 """Quantised inference on a small GPT trained for real on tiny Shakespeare (character tokens).
 
-The model (4 layers, width 128, 64 characters of context) trains for 400 AdamW steps, about 30 s
+The model (4 layers, width 128, 64 characters of context) trains for 400 AdamW steps of 16 windows, about 30 s
 on 2 cores, once per test session. Bounds: int8 validation perplexity within 2% of fp32 and at
 least 95% of the greedy tokens equal, for the forward pass and for decoding token by token; int4
 (group 64) within 10% and at least 85%. Greedy tokens are compared where both models see the same
@@ -53,7 +53,7 @@ def trained() -> tuple[GPT, CharTokenizer, torch.Tensor]:
     model = GPT(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     for _ in range(400):
-        starts = torch.randint(0, len(train) - BLOCK - 1, (32,))
+        starts = torch.randint(0, len(train) - BLOCK - 1, (16,))
         x = torch.stack([train[s : s + BLOCK] for s in starts])
         y = torch.stack([train[s + 1 : s + BLOCK + 1] for s in starts])
         loss = next_token_loss(model, x, y)
@@ -93,7 +93,7 @@ def test_quantized_quality(trained, mode: str, ppl_bound: float, agreement: floa
     q = copy.deepcopy(model)
     report = quantize(q, mode)
     base, quant = perplexity(model, val), perplexity(q, val)
-    assert base < 20  # it did learn (a uniform guess over 65 characters: 65; trained here: about 11.7)
+    assert base < 20  # it did learn (a uniform guess over 65 characters: 65; trained here: about 13.2)
     assert abs(quant - base) / base <= ppl_bound, (mode, base, quant)
     same = float((greedy_tokens(model, val) == greedy_tokens(q, val)).float().mean())
     assert same >= agreement, (mode, same)
