@@ -140,3 +140,10 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float =
             pytest.fail(f"training exited early: {proc.stderr.read() if proc.stderr else ''}")
         time.sleep(0.05)
     pytest.fail(f"step {step} never came")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """End the zygote of the tests' `gptkit` commands (tests/cli.py), if one started."""
+    import cli
+
+    cli.stop()

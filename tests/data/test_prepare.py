@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from cli import gptkit_cli
 
 from gptkit.api import prepare
 from gptkit.data.prepare import is_val
@@ -357,12 +358,6 @@ def test_workers_run_from_a_script_on_standard_input(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert PreparedData.open(tmp_path / "out").tokenizer().describe() == gpt2_tokenizer().describe()
-
-
-def gptkit_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gptkit", *args], capture_output=True, text=True, timeout=120
-    )
 
 
 def test_shards_carry_a_sha256_and_edited_meta_is_refused(tmp_path: Path) -> None:

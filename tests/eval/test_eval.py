@@ -8,14 +8,15 @@ import copy
 import functools
 import json
 import math
+import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli import gptkit_cli as run_gptkit
 from conftest import SHARED_DATA, shared_file, tiny_gpt
 
 from gptkit.checkpoint import save_checkpoint
@@ -391,13 +392,7 @@ def test_all_checkpoints_writes_results_and_plot_once(tmp_path: Path) -> None:
 
 
 def gptkit_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gptkit", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**__import__("os").environ, "GPTKIT_NO_PROGRESS": "1"},
-    )
+    return run_gptkit(*args, env={**os.environ, "GPTKIT_NO_PROGRESS": "1"})
 
 
 def test_eval_command_prints_a_table_and_reports_bad_input(tmp_path: Path) -> None:

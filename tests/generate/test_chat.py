@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli import gptkit_cli
 
 import gptkit
 from gptkit.checkpoint import load_checkpoint, save_checkpoint
@@ -124,12 +125,6 @@ def chat_ckpt(trained: tuple[GPT, CharTokenizer], tmp_path_factory: pytest.TempP
 @pytest.fixture(scope="module")
 def base_ckpt(trained: tuple[GPT, CharTokenizer], tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save(tmp_path_factory.mktemp("base") / "base.pt", *trained, None)
-
-
-def gptkit_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gptkit", *args], input=stdin, capture_output=True, text=True, timeout=300
-    )
 
 
 def small_chat(system: str, block_size: int = 64) -> Chat:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli import gptkit_cli
 from conftest import tiny_gpt
 
 import gptkit
@@ -290,12 +291,6 @@ def test_load_api_from_checkpoint_and_run_folder(
         m.generate("x", top_p=2)
 
 
-def gptkit_cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gptkit", *args], input=input, capture_output=True, text=True, timeout=300
-    )
-
-
 def test_sample_command(tmp_path: Path, sampler: Sampler, char: CharTokenizer) -> None:
     run = tmp_path / "run"
     write_checkpoint(run / "checkpoints" / "step_00000001.pt", sampler.model, char)
@@ -312,7 +307,7 @@ def test_sample_command(tmp_path: Path, sampler: Sampler, char: CharTokenizer) -
     both = gptkit_cli("sample", str(run), "--prompt-file", str(tmp_path / "prompts.txt"), *greedy_args)
     assert both.returncode == 0, both.stderr
     assert both.stdout.count("--- sample") == 2 and "the" + expected in both.stdout
-    piped = gptkit_cli("sample", str(run), *greedy_args, input="the")
+    piped = gptkit_cli("sample", str(run), *greedy_args, stdin="the")
     assert piped.stdout == out.stdout
 
     seeded = ["--prompt", "fox", "--num-samples", "2", "--seed", "5", "--max-new-tokens", "20"]

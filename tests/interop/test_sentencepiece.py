@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli import gptkit_cli
 
 transformers = pytest.importorskip("transformers", reason="transformers is a dev dependency")
 pytest.importorskip("safetensors.torch", reason="needs the export extra: pip install -e .[export]")
@@ -104,9 +104,7 @@ def test_a_llama_with_it_samples_what_transformers_generates(tmp_path: Path) -> 
 
 
 def gptkit(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "GPTKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "gptkit", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return gptkit_cli(*args, env={**os.environ, "GPTKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"})
 
 
 def one_line_error(result: subprocess.CompletedProcess[str]) -> str:

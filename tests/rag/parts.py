@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
+from cli import gptkit_cli
 from conftest import shared_file, tiny_gpt
 
 __all__ = ["gptkit_cli", "save_model", "shared_file"]
-
-
-def gptkit_cli(*args: str, stdin: str = "", timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gptkit", *args], input=stdin, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def save_model(path: Path, block_size: int, template: dict | None) -> Path:

@@ -10,15 +10,10 @@ import sys
 from pathlib import Path
 
 import httpx
+from cli import gptkit_cli
 from serve.servers import char_checkpoint
 
 from gptkit.serve.server import listen
-
-
-def gptkit_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gptkit", *args], capture_output=True, text=True, timeout=120
-    )
 
 
 def test_serve_help_lists_the_options() -> None:

@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli import gptkit_cli
 
 from gptkit.cli import COMMANDS, Formatter, build_parser
 
 
 def gptkit(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gptkit", *args], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
+    return gptkit_cli(*args, cwd=cwd)
 
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli import gptkit_cli
 from conftest import TINY_RUN, wait_for_step
-from surface.zygote import serving
 
 from gptkit.api import export_model, train
 from gptkit.checkpoint import load_checkpoint, step_files
@@ -27,12 +27,8 @@ ENV = {**os.environ, "GPTKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
 TEXT = "To be, or not to be, that is the question.\n" * 40
 
 
-GPTKIT = [sys.executable, "-m", "gptkit"]  # the zygote's client while this module's tests run
-
-
-def gptkit(*args: str | Path, **kwargs) -> subprocess.CompletedProcess[str]:
-    kwargs.setdefault("timeout", 300)
-    return subprocess.run([*GPTKIT, *map(str, args)], capture_output=True, text=True, env=ENV, **kwargs)
+def gptkit(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return gptkit_cli(*args, env=ENV, timeout=timeout)
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], *expected: str) -> str:
@@ -60,19 +56,6 @@ def immutable(path: Path) -> Iterator[None]:
         yield
     finally:
         subprocess.run(["chattr", "-i", str(path)], check=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Each `gptkit` command of `gptkit()` is a process forked from a zygote that imported torch and
-    gptkit once (surface/zygote.py), not a fresh interpreter paying for its imports."""
-    bin_dir = tmp_path_factory.mktemp("bin")
-    with serving(bin_dir, bin_dir, {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}"}):
-        GPTKIT[:] = [str(bin_dir / "gptkit")]
-        try:
-            yield
-        finally:
-            GPTKIT[:] = [sys.executable, "-m", "gptkit"]
 
 
 @pytest.fixture(autouse=True)

@@ -23,6 +23,7 @@ environment the commands get (they run under `bash -c`, which adds only PWD, SHL
 from __future__ import annotations
 
 import atexit
+import ctypes
 import gc
 import importlib
 import json
@@ -203,7 +204,17 @@ def exit_code(code: object) -> int:
     return 1
 
 
+def end_with_parent() -> None:
+    """Be ended (SIGTERM) when the test process that started this zygote ends, even by SIGKILL, so that
+    no zygote outlives its test session (Linux's PR_SET_PDEATHSIG; forked commands do not inherit it)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent ended before the call
+        sys.exit("zygote: the test process that started it has ended")
+
+
 def main(path: str, modules: list[str]) -> None:
+    end_with_parent()
     missing = preload(modules)
     if missing:
         print(f"zygote: not preloaded (not installed): {', '.join(missing)}", file=sys.stderr)

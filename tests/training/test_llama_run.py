@@ -5,11 +5,12 @@ names, and is evaluated and sampled."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli import gptkit_cli
 from conftest import TINY_RUN
 
 from gptkit.config import load_config
@@ -27,12 +28,7 @@ LLAMA_RUN = [
 
 
 def gptkit(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {"GPTKIT_NO_PROGRESS": "1"}
-    import os
-
-    run = subprocess.run(
-        [sys.executable, "-m", "gptkit", *args], capture_output=True, text=True, env={**os.environ, **env}
-    )
+    run = gptkit_cli(*args, env={**os.environ, "GPTKIT_NO_PROGRESS": "1"}, timeout=900)
     assert run.returncode == 0, run.stderr
     return run
 
